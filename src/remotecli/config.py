@@ -1,0 +1,130 @@
+"""Settings: the one place the controller's configuration is read.
+
+Every setting comes from a ``REMOTECLI_*`` environment variable or from an optional TOML config
+file (``REMOTECLI_CONFIG_FILE``, default ``<data_dir>/config.toml``). Every path derives from
+``data_dir``. Defaults that are secrets (the encryption key) are generated on first run in the data
+directory with mode 0600, never hard-coded here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "remotecli"
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the optional config file; environment variables win over it."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path_text = os.environ.get("REMOTECLI_CONFIG_FILE")
+        if path_text:
+            path = Path(path_text)
+        else:
+            data_dir = Path(os.environ.get("REMOTECLI_DATA_DIR") or _default_data_dir())
+            path = data_dir / "config.toml"
+        self._data: dict[str, Any] = {}
+        if path.is_file():
+            with path.open("rb") as handle:
+                self._data = tomllib.load(handle)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: value for key, value in self._data.items() if key in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """All configuration of one controller process."""
+
+    model_config = SettingsConfigDict(env_prefix="REMOTECLI_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default is a SQLite file in the data directory"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    public_url: str | None = Field(default=None, description="URL users reach the dashboard at")
+
+    driver: Literal["auto", "qemu", "firecracker", "fake"] = "auto"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+    cli_vm_memory_mib: int = Field(default=2048, ge=128)
+    cli_vm_vcpus: int = Field(default=2, ge=1)
+    browser_vm_memory_mib: int = Field(default=1536, ge=128)
+    browser_vm_vcpus: int = Field(default=2, ge=1)
+    max_vm_memory_mib: int = Field(default=16384, ge=128)
+    max_vm_vcpus: int = Field(default=8, ge=1)
+
+    vm_boot_timeout_s: float = Field(default=120.0, gt=0)
+    vm_stop_timeout_s: float = Field(default=20.0, gt=0)
+    agent_request_timeout_s: float = Field(default=30.0, gt=0)
+
+    log_level: str = "INFO"
+    log_to_stderr: bool = True
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+    # Paths: all derived from data_dir.
+    @property
+    def vms_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / "secret.key"
+
+    @cached_property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'remotecli.db'}"
+
+    def ensure_dirs(self) -> None:
+        """Create the data directory tree (mode 0700: it holds keys and VM secrets)."""
+        for path in (self.data_dir, self.vms_dir, self.images_dir, self.logs_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        os.chmod(self.vms_dir, 0o700)
+
+    def vm_defaults(self, vm_type: str) -> tuple[int, int]:
+        """(vcpus, memory_mib) for a VM type."""
+        if vm_type == "browser":
+            return self.browser_vm_vcpus, self.browser_vm_memory_mib
+        return self.cli_vm_vcpus, self.cli_vm_memory_mib

@@ -1,0 +1,196 @@
+"""The VM driver interface: the only way remotecli touches a hypervisor.
+
+Contract, for every implementation (``qemu``, ``firecracker``, ``fake``):
+
+* **Synchronous and blocking.** Every call may block (spawning a process, QMP round trips, a
+  graceful shutdown waits up to ``timeout``). Callers must not hold a database transaction open
+  across a driver call; the services run them outside any session/transaction.
+* **Idempotent.** Calling ``create``/``start`` for a VM whose hypervisor is already up returns its
+  current ``BootInfo``; ``stop`` on a stopped VM, ``destroy`` on a destroyed or never-created VM,
+  ``pause`` on a paused VM and ``resume`` on a running VM all succeed and do nothing.
+* **The host is the truth.** ``inspect`` answers from the host (process, directory, control
+  socket), never from the database. ``Liveness.DEAD`` means "certainly not running": the process
+  is gone, or the directory is gone. ``Liveness.UNKNOWN`` means the driver could not tell (for
+  example the control socket timed out while the process exists); callers treat it as "not proven
+  alive" when selecting a VM for work, but the reconciler does not kill on a single UNKNOWN.
+* **"Not found"** (no directory, no process for that VM id) is not an error for ``stop``,
+  ``destroy`` and ``inspect``: it means there is nothing to do / ``DEAD`` with reason ``missing``.
+  ``pause``, ``resume`` and ``start`` on a missing VM raise ``VmGone``.
+* **Resources.** Everything a VM owns on the host lives in ``spec.directory`` (console log,
+  control socket, pid file, disk overlay, config) plus the processes and loopback ports recorded
+  there. ``destroy`` removes all of it. ``list_host_vms`` reports every VM the driver finds on the
+  host, so the reconciler can find orphans that no database row owns.
+* **Optional abilities** are declared in ``capabilities``; callers check them instead of guessing
+  (``pause`` on a driver without it raises ``NotSupported``).
+* **Secrets.** ``spec.agent_secret`` reaches the guest through a channel that other local users and
+  other VMs cannot read (a 0600 file in the VM directory, never a command-line argument). It must
+  never appear in ``BootInfo``, ``Inspection`` details, exceptions or logs.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remotecli.errors import DriverError
+
+
+class Liveness(enum.StrEnum):
+    ALIVE = "alive"
+    DEAD = "dead"
+    UNKNOWN = "unknown"
+
+
+class PowerState(enum.StrEnum):
+    """What the hypervisor says the guest CPU is doing (only meaningful when ALIVE)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A built guest image: what the driver boots. Paths are read-only shared files."""
+
+    vm_type: str
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    recipe_hash: str
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything a driver needs to create, boot, inspect or remove one VM."""
+
+    vm_id: str
+    vm_type: str
+    vcpus: int
+    memory_mib: int
+    directory: Path
+    agent_secret: str = field(repr=False)
+    image: ImageRef | None = None
+    # Guest port the agent listens on; the driver forwards a host loopback port to it.
+    agent_guest_port: int = 7000
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"VmSpec(vm_id={self.vm_id!r}, vm_type={self.vm_type!r}, directory={str(self.directory)!r})"
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    """What the controller records after a successful create/start."""
+
+    endpoint: str  # how to reach the guest agent, e.g. "tcp://127.0.0.1:40123"
+    pid: int | None = None
+    accel: str | None = None  # "kvm", "tcg", or None when not applicable
+
+
+@dataclass(frozen=True)
+class Inspection:
+    liveness: Liveness
+    reason: str = ""  # short words: "process exited", "directory missing", ...
+    power: PowerState = PowerState.UNKNOWN
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.liveness is Liveness.ALIVE
+
+
+@dataclass(frozen=True)
+class HostVm:
+    """A VM the driver found on the host (directory and/or process), for orphan detection."""
+
+    vm_id: str
+    directory: Path | None
+    pid: int | None
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    pause: bool = False
+    snapshot: bool = False
+    restart: bool = True  # stop then start again on the same disk
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    detail: str
+    facts: dict[str, str] = field(default_factory=dict)  # e.g. {"accel": "tcg", "qemu": "7.2.0"}
+
+
+class VmGone(DriverError):
+    code = "vm_gone"
+    default_message = "The VM's resources on the host are gone."
+
+
+class NotSupported(DriverError):
+    code = "not_supported"
+    http_status = 409
+    default_message = "This VM driver does not support that action."
+
+
+class VmDriver(abc.ABC):
+    """One hypervisor backend. See the module docstring for the contract."""
+
+    name: str = "abstract"
+    capabilities: Capabilities = Capabilities()
+
+    @abc.abstractmethod
+    def availability(self) -> Availability:
+        """Can this driver run VMs on this host? Cheap after the first call (cached probes)."""
+
+    @abc.abstractmethod
+    def create(self, spec: VmSpec) -> BootInfo:
+        """Prepare ``spec.directory`` and boot the VM. Returns once the hypervisor process runs.
+
+        Does not wait for the guest agent (the caller polls it). Raises ``VmBootFailed`` when the
+        hypervisor exits during start-up, with the console's last lines in ``log_detail``.
+        Idempotent: if the VM already runs, returns its BootInfo.
+        """
+
+    @abc.abstractmethod
+    def start(self, spec: VmSpec) -> BootInfo:
+        """Boot a stopped VM again on its existing disk. Raises ``VmGone`` if the directory is gone."""
+
+    @abc.abstractmethod
+    def stop(self, spec: VmSpec, timeout: float) -> None:
+        """Graceful power-down, then kill after ``timeout`` seconds. Keeps the directory/disk."""
+
+    @abc.abstractmethod
+    def pause(self, spec: VmSpec) -> None:
+        """Freeze the guest's CPUs (QMP ``stop``). Requires ``capabilities.pause``."""
+
+    @abc.abstractmethod
+    def resume(self, spec: VmSpec) -> None:
+        """Unfreeze a paused guest (QMP ``cont``). Requires ``capabilities.pause``."""
+
+    @abc.abstractmethod
+    def destroy(self, spec: VmSpec) -> None:
+        """Kill the hypervisor, release ports, remove the directory. Never fails on 'not found'."""
+
+    @abc.abstractmethod
+    def inspect(self, spec: VmSpec) -> Inspection:
+        """Liveness from the host: process, directory, control socket. Never raises for 'not found'."""
+
+    @abc.abstractmethod
+    def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
+        """Every VM of this driver present on the host (directories under ``vms_dir``, processes)."""
+
+    def console_tail(self, spec: VmSpec, lines: int = 40) -> str:
+        """The last lines of the guest console, or '' when there is none."""
+        path = spec.directory / "console.log"
+        try:
+            data = path.read_bytes()[-64 * 1024 :]
+        except OSError:
+            return ""
+        text = data.decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])

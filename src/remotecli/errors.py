@@ -1,0 +1,187 @@
+"""The one error hierarchy of remotecli.
+
+Services raise these; one place (``api.errors``) maps them to an HTTP status and a JSON body
+``{"code": ..., "message": ...}``; the CLI prints ``message`` and exits non-zero. ``code`` is
+stable (clients and tests rely on it); ``message`` is for people and says what happened and what
+to do. Neither ever contains a secret: pass details worth logging in ``log_detail``, which goes to
+the log (after redaction) and never to a client.
+
+::
+
+    RemotecliError                      500 internal_error
+    ├── InvalidInput                    422 invalid_input
+    │   └── UnknownVmType               422 unknown_vm_type
+    ├── AuthenticationRequired          401 authentication_required
+    ├── PermissionDenied                403 permission_denied
+    ├── NotFound                        404 not_found
+    │   ├── VmNotFound                  404 vm_not_found
+    │   ├── UserNotFound                404 user_not_found
+    │   └── AuthSessionNotFound         404 auth_session_not_found
+    ├── Conflict                        409 conflict
+    │   ├── InvalidTransition           409 invalid_transition
+    │   ├── VmTerminal                  409 vm_terminal
+    │   ├── VmNotRunning                409 vm_not_running
+    │   └── AlreadyExists               409 already_exists
+    ├── LimitExceeded                   429 limit_exceeded
+    ├── Unavailable                     503 unavailable
+    │   ├── DriverUnavailable           503 driver_unavailable
+    │   └── ImageMissing                503 image_missing
+    ├── VmError                         502 vm_error
+    │   ├── VmBootFailed                502 vm_boot_failed
+    │   └── DriverError                 502 driver_error
+    └── AgentError                      502 agent_error
+        ├── AgentUnreachable            502 agent_unreachable
+        ├── AgentTimeout                504 agent_timeout
+        └── AgentRejected               502 agent_rejected
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RemotecliError(Exception):
+    """Base of every domain error. ``code`` is stable, ``message`` is for people."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "Something went wrong inside remotecli; the operator can see details in the log."
+
+    def __init__(self, message: str | None = None, *, log_detail: str | None = None, **context: Any) -> None:
+        self.message = message or self.default_message
+        self.log_detail = log_detail
+        self.context = context
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidInput(RemotecliError):
+    code = "invalid_input"
+    http_status = 422
+    default_message = "The request is not valid."
+
+
+class UnknownVmType(InvalidInput):
+    code = "unknown_vm_type"
+    default_message = "Unknown VM type; use 'cli' or 'browser'."
+
+
+class AuthenticationRequired(RemotecliError):
+    code = "authentication_required"
+    http_status = 401
+    default_message = "Sign in first: send 'Authorization: Bearer <token>' (create one with 'remotecli tokens create')."
+
+
+class PermissionDenied(RemotecliError):
+    code = "permission_denied"
+    http_status = 403
+    default_message = "You are not allowed to do that."
+
+
+class NotFound(RemotecliError):
+    code = "not_found"
+    http_status = 404
+    default_message = "Not found."
+
+
+class VmNotFound(NotFound):
+    code = "vm_not_found"
+    default_message = "No such VM."
+
+
+class UserNotFound(NotFound):
+    code = "user_not_found"
+    default_message = "No such user."
+
+
+class AuthSessionNotFound(NotFound):
+    code = "auth_session_not_found"
+    default_message = "No such authentication session."
+
+
+class Conflict(RemotecliError):
+    code = "conflict"
+    http_status = 409
+    default_message = "The request conflicts with the current state."
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+    default_message = "That action is not possible in the VM's current state."
+
+
+class VmTerminal(Conflict):
+    code = "vm_terminal"
+    default_message = "This VM has ended (failed or destroyed) and cannot be used again; create a new one."
+
+
+class VmNotRunning(Conflict):
+    code = "vm_not_running"
+    default_message = "The VM is not running; resume or start it first."
+
+
+class AlreadyExists(Conflict):
+    code = "already_exists"
+    default_message = "That already exists."
+
+
+class LimitExceeded(RemotecliError):
+    code = "limit_exceeded"
+    http_status = 429
+    default_message = "Too many requests; wait a moment and try again."
+
+
+class Unavailable(RemotecliError):
+    code = "unavailable"
+    http_status = 503
+    default_message = "The service is not available right now; try again shortly."
+
+
+class DriverUnavailable(Unavailable):
+    code = "driver_unavailable"
+    default_message = "No VM driver can run on this host; 'remotecli doctor' says why."
+
+
+class ImageMissing(Unavailable):
+    code = "image_missing"
+    default_message = "The guest image is not built yet; run 'remotecli images build'."
+
+
+class VmError(RemotecliError):
+    code = "vm_error"
+    http_status = 502
+    default_message = "The VM did not behave as expected."
+
+
+class VmBootFailed(VmError):
+    code = "vm_boot_failed"
+    default_message = "The VM did not start; its console log is in the VM's timeline."
+
+
+class DriverError(VmError):
+    code = "driver_error"
+    default_message = "The hypervisor refused the request; the operator can see details in the log."
+
+
+class AgentError(RemotecliError):
+    code = "agent_error"
+    http_status = 502
+    default_message = "The VM's guest agent returned an error."
+
+
+class AgentUnreachable(AgentError):
+    code = "agent_unreachable"
+    default_message = "The VM's guest agent does not answer; the VM may be paused, stopped or dead."
+
+
+class AgentTimeout(AgentError):
+    code = "agent_timeout"
+    http_status = 504
+    default_message = "The VM's guest agent did not answer in time."
+
+
+class AgentRejected(AgentError):
+    code = "agent_rejected"
+    default_message = "The VM's guest agent refused the request."
