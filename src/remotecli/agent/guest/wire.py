@@ -1,0 +1,23 @@
+"""Wire constants of the guest agent protocol.
+
+DUPLICATED on the host side in ``remotecli/agent/protocol.py`` (the guest cannot import it). Keep
+the two in step; ``tests/unit/test_agent_protocol.py`` checks that they match.
+"""
+
+API_PREFIX = "/v1"
+
+UPGRADE_PTY = "remotecli-pty"
+UPGRADE_TCP = "remotecli-tcp"
+
+# PTY stream framing: type (1 byte) + payload length (4 bytes, big endian) + payload.
+FRAME_HEADER_SIZE = 5
+FRAME_DATA = 0x01  # both directions: raw terminal bytes
+FRAME_RESIZE = 0x02  # host -> guest: JSON {"cols": int, "rows": int}
+FRAME_EXIT = 0x03  # guest -> host: JSON {"code": int, "signal": int | null}; last frame
+MAX_FRAME_PAYLOAD = 1024 * 1024
+
+# Limits.
+MAX_OUTPUT_BYTES = 8 * 1024 * 1024  # per stream (stdout, stderr) of an exec
+MAX_FILE_BYTES = 32 * 1024 * 1024  # PUT/GET /v1/files content
+MAX_BODY_BYTES = 48 * 1024 * 1024  # any request body (base64 of MAX_FILE_BYTES fits)
+MAX_EXEC_TIMEOUT_S = 24 * 3600.0
