@@ -1,0 +1,67 @@
+"""The one place domain errors become HTTP responses ``{"code", "message"}``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from remotecli.errors import RemotecliError
+from remotecli.logging import get_logger
+
+log = get_logger("api")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "authentication_required",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "limit_exceeded",
+}
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
+    errors = exc.errors()
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return "malformed_json", "The request body is not valid JSON."
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
+        parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
+    return "invalid_input", "The request is not valid: " + "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RemotecliError)
+    async def _domain(request: Request, exc: RemotecliError) -> JSONResponse:
+        level = log.error if exc.http_status >= 500 else log.info
+        level("%s %s -> %s %s%s", request.method, request.url.path, exc.http_status, exc.code,
+              f" ({exc.log_detail})" if exc.log_detail else "")
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        code, message = _describe_validation(exc)
+        return JSONResponse({"code": code, "message": message}, status_code=400 if code == "malformed_json" else 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        if exc.status_code == 404 and message == "Not Found":
+            message = "There is nothing at this address."
+        return JSONResponse({"code": code, "message": message}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"code": "internal_error", "message": "Something went wrong inside remotecli; the operator can see details in the log."},
+            status_code=500,
+        )

@@ -1,0 +1,174 @@
+"""``remotecli up``, ``serve``, ``doctor`` and ``images``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from remotecli.cli.common import app_context, handle_errors, print_json, print_table, settings_from_env
+from remotecli.config import Settings
+from remotecli.context import AppContext
+from remotecli.errors import RemotecliError
+from remotecli.logging import configure_logging
+
+
+def _serve(ctx: AppContext, host: str, port: int) -> None:
+    import uvicorn
+
+    from remotecli.api.app import create_app
+
+    app = create_app(ctx)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+    uvicorn.Server(config).run()
+
+
+def _needs_images(ctx: AppContext) -> bool:
+    return ctx.driver.name in ("qemu", "firecracker")
+
+
+class _Progress:
+    """Renders the image builder's progress callbacks as one updating line per stage."""
+
+    def __init__(self) -> None:
+        self._last = ""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        parts = [str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items() if v is not None]
+        line = " ".join(parts)
+        if line != self._last:
+            click.echo(f"  {line}", err=True)
+            self._last = line
+
+
+def build_images(settings: Settings, vm_types: list[str], force: bool = False) -> list[Any]:
+    from remotecli import images
+
+    results = images.build(settings, vm_types, progress=_Progress(), force=force)
+    for result in results:
+        click.echo(f"  {result}", err=True)
+    return list(results)
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address (default from settings: 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default from settings: 8080).")
+@click.option("--skip-images", is_flag=True, help="Do not build missing guest images before serving.")
+@handle_errors
+def up(host: str | None, port: int | None, skip_images: bool) -> None:
+    """First run and every run: migrate, build missing images, create an admin, serve."""
+    settings = settings_from_env()
+    settings.ensure_dirs()
+    configure_logging(settings.log_level, settings.logs_dir / "controller.log", stderr=False)
+    click.echo(f"remotecli: data directory {settings.data_dir}", err=True)
+    ctx = AppContext.create(settings)
+    click.echo(f"remotecli: database ready ({ctx.db.dialect}, schema {ctx.db.current_revision()})", err=True)
+    availability = ctx.driver.availability()
+    click.echo(f"remotecli: driver {ctx.driver.name}: {availability.detail}", err=True)
+    if _needs_images(ctx) and not skip_images:
+        click.echo("remotecli: checking guest images (the first build takes a few minutes)…", err=True)
+        build_images(settings, ["cli", "browser"])
+    from remotecli.services import users as users_service
+
+    if not users_service.list_users(ctx.db):
+        admin = users_service.create_user(ctx.db, "admin", is_admin=True)
+        _row, token = users_service.create_token(ctx.db, admin, name="first-run")
+        click.echo("remotecli: created the first admin user 'admin'. Its API token (shown once):", err=True)
+        click.echo(f"  {token}", err=True)
+    bind_host = host or settings.host
+    bind_port = port or settings.port
+    url = settings.public_url or f"http://{bind_host}:{bind_port}"
+    click.echo(f"remotecli: serving on {url}  (dashboard: {url}/dashboard, API: {url}/api/v1, docs: {url}/docs)",
+               err=True)
+    configure_logging(settings.log_level, settings.logs_dir / "controller.log", stderr=settings.log_to_stderr)
+    _serve(ctx, bind_host, bind_port)
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address (default from settings).")
+@click.option("--port", type=int, default=None, help="Port (default from settings).")
+@handle_errors
+def serve(host: str | None, port: int | None) -> None:
+    """Run the controller (API, dashboard, background loops) in the foreground."""
+    settings = settings_from_env()
+    settings.ensure_dirs()
+    configure_logging(settings.log_level, settings.logs_dir / "controller.log", stderr=settings.log_to_stderr)
+    ctx = AppContext.create(settings)
+    _serve(ctx, host or settings.host, port or settings.port)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def doctor(as_json: bool) -> None:
+    """Check the host: database, migrations, driver (KVM or TCG), QEMU, images."""
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        with app_context() as ctx:
+            from sqlalchemy import text
+
+            with ctx.db.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks.append(("database", True, f"{ctx.db.dialect} reachable"))
+            current, head = ctx.db.current_revision(), ctx.db.head_revision()
+            checks.append(("migrations", current == head, f"at {current} (head {head})"))
+            availability = ctx.driver.availability()
+            facts = ", ".join(f"{k} {v}" for k, v in availability.facts.items())
+            checks.append((f"driver {ctx.driver.name}", availability.ok,
+                           availability.detail + (f" ({facts})" if facts else "")))
+            if _needs_images(ctx):
+                from remotecli import images
+
+                for item in images.status(ctx.settings):
+                    ok = bool(getattr(item, "built", False))
+                    checks.append((f"image {getattr(item, 'vm_type', '?')}", ok, str(item)))
+    except RemotecliError as exc:
+        checks.append(("controller", False, exc.message))
+    except Exception as exc:
+        checks.append(("controller", False, f"{type(exc).__name__}: {exc}"))
+    if as_json:
+        print_json([{"check": name, "ok": ok, "detail": detail} for name, ok, detail in checks])
+    else:
+        print_table(["check", "ok", "detail"], [[n, "yes" if ok else "NO", d] for n, ok, d in checks])
+    sys.exit(0 if all(ok for _, ok, _ in checks) else 1)
+
+
+@click.group()
+def images() -> None:
+    """Build and inspect guest images (kernel, initramfs, root filesystems)."""
+
+
+@images.command("build")
+@click.argument("which", type=click.Choice(["cli", "browser", "all"]), default="all")
+@click.option("--force", is_flag=True, help="Rebuild even when the recipe is unchanged.")
+@handle_errors
+def images_build(which: str, force: bool) -> None:
+    """Build the guest images (cached by recipe hash: unchanged recipes are not rebuilt)."""
+    settings = settings_from_env()
+    settings.ensure_dirs()
+    started = time.monotonic()
+    build_images(settings, ["cli", "browser"] if which == "all" else [which], force=force)
+    click.echo(f"done in {time.monotonic() - started:.1f} s", err=True)
+
+
+@images.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@handle_errors
+def images_status(as_json: bool) -> None:
+    """Show which images are built for the current recipes."""
+    from remotecli import images as images_module
+
+    items = images_module.status(settings_from_env())
+    if as_json:
+        print_json([getattr(i, "__dict__", str(i)) for i in items])
+    else:
+        for item in items:
+            click.echo(str(item))
+
+
+def register(main: click.Group) -> None:
+    main.add_command(up)
+    main.add_command(serve)
+    main.add_command(doctor)
+    main.add_command(images)

@@ -1,0 +1,75 @@
+"""``remotecli users ...`` and ``remotecli tokens ...``."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import click
+
+from remotecli.cli.common import app_context, fmt_time, handle_errors, print_json, print_table
+from remotecli.services import users as users_service
+
+
+@click.group()
+def users() -> None:
+    """Manage dashboard and API users."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="Give the user the admin role (sees every VM and session).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def users_create(name: str, admin: bool, as_json: bool) -> None:
+    """Create user NAME (lower-case letters, digits, '.', '_', '-')."""
+    with app_context() as ctx:
+        user = users_service.create_user(ctx.db, name, is_admin=admin)
+    if as_json:
+        print_json({"id": user.id, "name": user.name, "is_admin": user.is_admin})
+    else:
+        click.echo(f"Created {'admin' if admin else 'user'} {user.name} ({user.id}).")
+        click.echo(f"Give them an API token with: remotecli tokens create {user.name}")
+
+
+@users.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@handle_errors
+def users_list(as_json: bool) -> None:
+    """List users."""
+    with app_context() as ctx:
+        rows = users_service.list_users(ctx.db)
+    if as_json:
+        print_json([{"id": u.id, "name": u.name, "is_admin": u.is_admin, "created_at": u.created_at} for u in rows])
+        return
+    print_table(["name", "role", "id", "created"],
+                [[u.name, "admin" if u.is_admin else "user", u.id, fmt_time(u.created_at)] for u in rows])
+
+
+@click.group()
+def tokens() -> None:
+    """Manage API tokens (shown once, stored only as hashes)."""
+
+
+@tokens.command("create")
+@click.argument("user")
+@click.option("--name", default="", help="A label for the token.")
+@click.option("--ttl-days", type=click.IntRange(min=1), default=None, help="Expire after this many days.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@handle_errors
+def tokens_create(user: str, name: str, ttl_days: int | None, as_json: bool) -> None:
+    """Create an API token for USER and print it (this is the only time it is shown)."""
+    with app_context() as ctx:
+        owner = users_service.get_user_by_name(ctx.db, user)
+        row, token = users_service.create_token(
+            ctx.db, owner, name=name, ttl=dt.timedelta(days=ttl_days) if ttl_days else None
+        )
+    if as_json:
+        print_json({"id": row.id, "user": owner.name, "token": token, "expires_at": row.expires_at})
+    else:
+        click.echo(token)
+        click.echo(f"(token for {owner.name}; store it now, it is not shown again)", err=True)
+
+
+def register(main: click.Group) -> None:
+    main.add_command(users)
+    main.add_command(tokens)

@@ -1,0 +1,196 @@
+"""An in-process fake driver (and fake guest agent) for unit tests of the control logic.
+
+It keeps the same contract as the real drivers (idempotent calls, liveness from "the host"), where
+"the host" is a dictionary plus a real directory per VM, so tests can delete the directory (the
+seed's case), kill a VM (``kill``), hang its agent (``hang_agent``) or make boots fail
+(``fail_next_boot``). It is never the proof that a capability works with real VMs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remotecli.drivers.base import (
+    Availability,
+    BootInfo,
+    Capabilities,
+    HostVm,
+    Inspection,
+    Liveness,
+    PowerState,
+    VmDriver,
+    VmGone,
+    VmSpec,
+)
+from remotecli.errors import AgentRejected, AgentTimeout, AgentUnreachable, VmBootFailed
+
+
+@dataclass
+class _FakeVm:
+    spec: VmSpec
+    power: PowerState = PowerState.RUNNING
+    process_alive: bool = True
+    agent_hung: bool = False
+    files: dict[str, tuple[bytes, int, str | None]] = field(default_factory=dict)
+    boots: int = 1
+
+
+class FakeDriver(VmDriver):
+    name = "fake"
+    capabilities = Capabilities(pause=True, snapshot=False, restart=True)
+
+    def __init__(self, boot_delay_s: float = 0.0) -> None:
+        self.boot_delay_s = boot_delay_s
+        self._vms: dict[str, _FakeVm] = {}
+        self._lock = threading.RLock()
+        self._fail_next_boots = 0
+        self.calls: list[tuple[str, str]] = []
+
+    # --- test controls -------------------------------------------------------------------
+    def kill(self, vm_id: str) -> None:
+        with self._lock:
+            if vm_id in self._vms:
+                self._vms[vm_id].process_alive = False
+
+    def hang_agent(self, vm_id: str, hung: bool = True) -> None:
+        with self._lock:
+            self._vms[vm_id].agent_hung = hung
+
+    def fail_next_boot(self, count: int = 1) -> None:
+        self._fail_next_boots += count
+
+    def running_ids(self) -> set[str]:
+        with self._lock:
+            return {vm_id for vm_id, vm in self._vms.items() if vm.process_alive}
+
+    # --- contract ------------------------------------------------------------------------
+    def availability(self) -> Availability:
+        return Availability(ok=True, detail="fake driver (tests only)", facts={"accel": "none"})
+
+    def create(self, spec: VmSpec) -> BootInfo:
+        self.calls.append(("create", spec.vm_id))
+        with self._lock:
+            existing = self._vms.get(spec.vm_id)
+            if existing and existing.process_alive:
+                return BootInfo(endpoint=f"fake://{spec.vm_id}", pid=None, accel="none")
+            if self._fail_next_boots > 0:
+                self._fail_next_boots -= 1
+                spec.directory.mkdir(parents=True, exist_ok=True)
+                (spec.directory / "console.log").write_text("fake: kernel panic - not syncing\n")
+                raise VmBootFailed(log_detail="fake: kernel panic - not syncing")
+            spec.directory.mkdir(parents=True, exist_ok=True)
+            (spec.directory / "console.log").write_text("fake: booted\n")
+            self._vms[spec.vm_id] = _FakeVm(spec=spec)
+        if self.boot_delay_s:
+            time.sleep(self.boot_delay_s)
+        return BootInfo(endpoint=f"fake://{spec.vm_id}", pid=None, accel="none")
+
+    def start(self, spec: VmSpec) -> BootInfo:
+        self.calls.append(("start", spec.vm_id))
+        with self._lock:
+            vm = self._vms.get(spec.vm_id)
+            if vm is None or not spec.directory.is_dir():
+                raise VmGone(log_detail=f"{spec.vm_id}: directory missing")
+            vm.process_alive = True
+            vm.power = PowerState.RUNNING
+            vm.boots += 1
+        return BootInfo(endpoint=f"fake://{spec.vm_id}", pid=None, accel="none")
+
+    def stop(self, spec: VmSpec, timeout: float) -> None:
+        self.calls.append(("stop", spec.vm_id))
+        with self._lock:
+            vm = self._vms.get(spec.vm_id)
+            if vm is not None:
+                vm.process_alive = False
+                vm.power = PowerState.SHUTDOWN
+
+    def _require(self, spec: VmSpec) -> _FakeVm:
+        vm = self._vms.get(spec.vm_id)
+        if vm is None or not vm.process_alive or not spec.directory.is_dir():
+            raise VmGone(log_detail=f"{spec.vm_id}: not running on the host")
+        return vm
+
+    def pause(self, spec: VmSpec) -> None:
+        self.calls.append(("pause", spec.vm_id))
+        with self._lock:
+            self._require(spec).power = PowerState.PAUSED
+
+    def resume(self, spec: VmSpec) -> None:
+        self.calls.append(("resume", spec.vm_id))
+        with self._lock:
+            self._require(spec).power = PowerState.RUNNING
+
+    def destroy(self, spec: VmSpec) -> None:
+        self.calls.append(("destroy", spec.vm_id))
+        with self._lock:
+            self._vms.pop(spec.vm_id, None)
+        shutil.rmtree(spec.directory, ignore_errors=True)
+
+    def inspect(self, spec: VmSpec) -> Inspection:
+        with self._lock:
+            vm = self._vms.get(spec.vm_id)
+            if not spec.directory.is_dir():
+                return Inspection(Liveness.DEAD, "directory missing")
+            if vm is None or not vm.process_alive:
+                return Inspection(Liveness.DEAD, "process exited")
+            return Inspection(Liveness.ALIVE, "", power=vm.power)
+
+    def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
+        with self._lock:
+            found = {vm_id: HostVm(vm_id, vm.spec.directory, None) for vm_id, vm in self._vms.items() if vm.process_alive}
+        if vms_dir.is_dir():
+            for path in vms_dir.iterdir():
+                if path.is_dir() and path.name.startswith("vm-") and path.name not in found:
+                    found[path.name] = HostVm(path.name, path, None)
+        return list(found.values())
+
+    # --- fake guest agent ----------------------------------------------------------------
+    def agent_client(self, endpoint: str, secret: str) -> FakeAgent:
+        return FakeAgent(self, endpoint.removeprefix("fake://"), secret)
+
+
+class FakeAgent:
+    """Answers like a guest agent when its fake VM is running; refuses a wrong secret."""
+
+    def __init__(self, driver: FakeDriver, vm_id: str, secret: str) -> None:
+        self._driver = driver
+        self._vm_id = vm_id
+        self._secret = secret
+
+    def _vm(self) -> _FakeVm:
+        vm = self._driver._vms.get(self._vm_id)
+        if vm is None or not vm.process_alive or not vm.spec.directory.is_dir():
+            raise AgentUnreachable()
+        if vm.agent_hung or vm.power is PowerState.PAUSED:
+            raise AgentTimeout()
+        if not hmac.compare_digest(vm.spec.agent_secret, self._secret):
+            raise AgentRejected()
+        return vm
+
+    def health(self) -> dict[str, object]:
+        vm = self._vm()
+        return {"vm_id": vm.spec.vm_id, "vm_type": vm.spec.vm_type, "boots": vm.boots}
+
+    def wait_ready(self, deadline_s: float, poll_interval: float = 0.05) -> dict[str, object]:
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                return self.health()
+            except (AgentUnreachable, AgentTimeout):
+                if time.monotonic() >= end:
+                    raise AgentTimeout() from None
+                time.sleep(poll_interval)
+
+    def write_file(self, path: str, data: bytes, *, mode: int, owner: str | None = None) -> None:
+        self._vm().files[path] = (data, mode, owner)
+
+    def read_file(self, path: str) -> tuple[bytes, int, str | None]:
+        return self._vm().files[path]
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,106 @@
+"""Users, API tokens and the principal a request acts as."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from remotecli.db.models import ApiToken, User, utcnow
+from remotecli.db.session import Database
+from remotecli.errors import AlreadyExists, AuthenticationRequired, InvalidInput, UserNotFound
+from remotecli.services.transitions import record_event
+
+TOKEN_PREFIX = "rcli_"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as."""
+
+    user_id: str
+    name: str
+    is_admin: bool
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_user(db: Database, name: str, *, is_admin: bool = False) -> User:
+    if not _NAME_RE.match(name):
+        raise InvalidInput("A user name is 1-64 characters: lower-case letters, digits, '.', '_' or '-'.")
+    user = User(id=str(uuid.uuid4()), name=name, is_admin=is_admin, created_at=utcnow())
+    try:
+        with db.transaction() as session:
+            session.add(user)
+            session.flush()
+            record_event(session, module="users", kind="user.created", message=f"User {name} created",
+                         user_id=user.id, details={"admin": is_admin})
+    except IntegrityError:
+        raise AlreadyExists(f"A user named {name!r} already exists.") from None
+    return user
+
+
+def get_user_by_name(db: Database, name: str) -> User:
+    with db.transaction() as session:
+        user = session.scalars(select(User).where(User.name == name)).one_or_none()
+    if user is None:
+        raise UserNotFound(f"No user named {name!r}; create one with 'remotecli users create {name}'.")
+    return user
+
+
+def list_users(db: Database) -> list[User]:
+    with db.transaction() as session:
+        return list(session.scalars(select(User).order_by(User.created_at)))
+
+
+def create_token(db: Database, user: User, *, name: str = "", ttl: dt.timedelta | None = None) -> tuple[ApiToken, str]:
+    """Create an API token; returns the row and the token itself, which is shown only once."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(
+        id=str(uuid.uuid4()),
+        user_id=user.id,
+        name=name,
+        token_hash=hash_token(token),
+        prefix=token[: len(TOKEN_PREFIX) + 4],
+        created_at=utcnow(),
+        expires_at=utcnow() + ttl if ttl else None,
+    )
+    with db.transaction() as session:
+        session.add(row)
+        record_event(session, module="users", kind="token.created", message=f"API token {row.prefix}… created",
+                     user_id=user.id)
+    return row, token
+
+
+def authenticate_token(db: Database, token: str) -> Principal:
+    """The principal for a bearer token; ``AuthenticationRequired`` for unknown, expired or revoked ones."""
+    if not token.startswith(TOKEN_PREFIX):
+        raise AuthenticationRequired("That API token is not valid.")
+    digest = hash_token(token)
+    now = utcnow()
+    with db.transaction() as session:
+        row = session.execute(
+            select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(ApiToken.token_hash == digest)
+        ).one_or_none()
+        if row is None:
+            raise AuthenticationRequired("That API token is not valid.")
+        api_token, user = row.tuple()
+        if api_token.revoked_at is not None:
+            raise AuthenticationRequired("That API token was revoked; create a new one.")
+        if api_token.expires_at is not None and api_token.expires_at <= now:
+            raise AuthenticationRequired("That API token has expired; create a new one.")
+        if user.disabled:
+            raise AuthenticationRequired("This account is disabled.")
+        # Write last_used_at at most once a minute: a write per request would serialize reads on SQLite.
+        if api_token.last_used_at is None or now - api_token.last_used_at > dt.timedelta(minutes=1):
+            api_token.last_used_at = now
+        return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)

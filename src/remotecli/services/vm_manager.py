@@ -1,0 +1,559 @@
+"""VM lifecycle: create, select, stop, pause, resume, start, destroy, exec.
+
+Every function follows load → act → apply: read rows in a short transaction, call the driver or
+the guest agent with no transaction open, then write the result with a conditional status change
+(``services.transitions.set_vm_status``). A row that changed meanwhile makes the write fail with
+``StatusChanged`` instead of silently overwriting someone else's decision.
+
+``ensure_cli_vm`` is the seed's lookup done right: it only selects a live VM, proves it alive on the
+host and through its guest agent before returning it, and marks anything that fails the proof
+``failed`` (with the reason, in the timeline) before creating a new one. The database's partial
+unique index guarantees one live CLI VM per user, even under concurrent calls.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from remotecli.context import AppContext
+from remotecli.db.models import Vm, utcnow
+from remotecli.domain.states import VM_TERMINAL, VmStatus, VmType
+from remotecli.drivers.base import ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
+from remotecli.errors import (
+    AgentError,
+    AlreadyExists,
+    DriverError,
+    ImageMissing,
+    InvalidInput,
+    InvalidTransition,
+    RemotecliError,
+    UnknownVmType,
+    VmBootFailed,
+    VmNotFound,
+    VmNotRunning,
+    VmTerminal,
+)
+from remotecli.logging import get_logger, log_context
+from remotecli.services.guest import vm_agent_aad
+from remotecli.services.transitions import StatusChanged, load_vm, record_event, set_vm_status
+from remotecli.services.users import Principal
+
+MODULE = "vm-manager"
+log = get_logger(MODULE)
+
+# How often a caller waiting on another caller's boot looks at the row again.
+_WAIT_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class VmView:
+    """A VM as the API and CLI show it (no secrets)."""
+
+    id: str
+    user_id: str
+    vm_type: str
+    status: str
+    status_reason: str | None
+    driver: str
+    vcpus: int
+    memory_mib: int
+    endpoint: str | None
+    generation: int
+    created_at: Any
+    updated_at: Any
+    last_seen_at: Any
+    expires_at: Any
+
+    @classmethod
+    def of(cls, vm: Vm) -> VmView:
+        return cls(
+            id=vm.id,
+            user_id=vm.user_id,
+            vm_type=vm.vm_type,
+            status=vm.status,
+            status_reason=vm.status_reason,
+            driver=vm.driver,
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            endpoint=vm.endpoint,
+            generation=vm.generation,
+            created_at=vm.created_at,
+            updated_at=vm.updated_at,
+            last_seen_at=vm.last_seen_at,
+            expires_at=vm.expires_at,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def _visible(vm: Vm | None, principal: Principal | None) -> Vm:
+    # Another user's VM answers exactly like a missing one, so ids do not leak.
+    if vm is None or (principal is not None and not principal.is_admin and vm.user_id != principal.user_id):
+        raise VmNotFound()
+    return vm
+
+
+def get_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+    with ctx.db.transaction() as session:
+        return _visible(session.get(Vm, vm_id), principal)
+
+
+def list_vms(
+    ctx: AppContext,
+    principal: Principal | None,
+    *,
+    all_users: bool = False,
+    include_ended: bool = True,
+    vm_type: str | None = None,
+    status: str | None = None,
+) -> list[Vm]:
+    stmt = select(Vm).order_by(Vm.created_at.desc())
+    if principal is not None and not (principal.is_admin and all_users):
+        stmt = stmt.where(Vm.user_id == principal.user_id)
+    if not include_ended:
+        stmt = stmt.where(Vm.status.not_in([s.value for s in VM_TERMINAL]))
+    if vm_type:
+        stmt = stmt.where(Vm.vm_type == vm_type)
+    if status:
+        stmt = stmt.where(Vm.status == status)
+    with ctx.db.transaction() as session:
+        return list(session.scalars(stmt))
+
+
+def spec_of(ctx: AppContext, vm: Vm, image: ImageRef | None = None) -> VmSpec:
+    from pathlib import Path
+
+    return VmSpec(
+        vm_id=vm.id,
+        vm_type=vm.vm_type,
+        vcpus=vm.vcpus,
+        memory_mib=vm.memory_mib,
+        directory=Path(vm.directory),
+        agent_secret=ctx.agent_secret(vm),
+        image=image,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Creating
+
+
+def _validate_type(vm_type: str) -> VmType:
+    try:
+        return VmType(vm_type)
+    except ValueError:
+        raise UnknownVmType(f"Unknown VM type {vm_type!r}; use 'cli' or 'browser'.") from None
+
+
+def _resolve_image(ctx: AppContext, vm_type: VmType) -> ImageRef | None:
+    if ctx.driver.name == "fake":
+        return None
+    from remotecli import images
+
+    image = images.resolve(ctx.settings, vm_type.value)
+    if image is None:
+        raise ImageMissing(
+            f"The {vm_type.value} guest image is not built yet; run 'remotecli images build {vm_type.value}'."
+        )
+    return image
+
+
+def create_vm(
+    ctx: AppContext,
+    principal: Principal,
+    vm_type: str,
+    *,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    session_id: str | None = None,
+) -> Vm:
+    """Create and boot a VM; returns it ``running`` once its guest agent answers.
+
+    A CLI VM when the user already has a live one raises ``AlreadyExists`` (the database refuses
+    it); use ``ensure_cli_vm`` to get-or-create. A boot that fails leaves the row ``failed`` with
+    the console's last lines as the reason, and raises ``VmBootFailed``.
+    """
+    kind = _validate_type(vm_type)
+    default_vcpus, default_memory = ctx.settings.vm_defaults(kind.value)
+    vcpus = default_vcpus if vcpus is None else vcpus
+    memory_mib = default_memory if memory_mib is None else memory_mib
+    if not 1 <= vcpus <= ctx.settings.max_vm_vcpus:
+        raise InvalidInput(f"vcpus must be between 1 and {ctx.settings.max_vm_vcpus}.")
+    if not 128 <= memory_mib <= ctx.settings.max_vm_memory_mib:
+        raise InvalidInput(f"memory_mib must be between 128 and {ctx.settings.max_vm_memory_mib}.")
+    image = _resolve_image(ctx, kind)
+
+    vm_id = f"vm-{uuid.uuid4()}"
+    secret = secrets.token_urlsafe(32)
+    now = utcnow()
+    vm = Vm(
+        id=vm_id,
+        user_id=principal.user_id,
+        vm_type=kind.value,
+        status=VmStatus.CREATING.value,
+        driver=ctx.driver.name,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        directory=str(ctx.settings.vms_dir / vm_id),
+        agent_secret_enc=ctx.box.encrypt_text(secret, vm_agent_aad(vm_id)),
+        image_hash=image.recipe_hash if image else None,
+        generation=0,
+        created_at=now,
+        updated_at=now,
+        status_changed_at=now,
+    )
+    try:
+        with ctx.db.transaction() as session:
+            session.add(vm)
+            session.flush()
+            record_event(
+                session, module=MODULE, kind="vm.status", message=f"{kind.value} VM requested",
+                user_id=principal.user_id, vm_id=vm_id, session_id=session_id, to_status=VmStatus.CREATING.value,
+                details={"vcpus": vcpus, "memory_mib": memory_mib, "driver": ctx.driver.name},
+            )
+    except IntegrityError:
+        raise AlreadyExists(
+            "You already have a CLI workspace; use it, or destroy it before creating another.",
+            log_detail=f"live CLI VM exists for user {principal.user_id}",
+        ) from None
+    with log_context(vm_id=vm_id, user_id=principal.user_id, session_id=session_id):
+        _boot(ctx, vm, image, first_boot=True, session_id=session_id)
+    return vm
+
+
+def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, session_id: str | None) -> None:
+    """creating/stopped → starting → (driver) → wait for agent → running; or → failed."""
+    with ctx.db.transaction() as session:
+        set_vm_status(session, vm, VmStatus.STARTING, module=MODULE,
+                      message="Booting the VM" if first_boot else "Starting the VM again", session_id=session_id)
+    spec = spec_of(ctx, vm, image)
+    started = time.monotonic()
+    try:
+        boot = ctx.driver.create(spec) if first_boot else ctx.driver.start(spec)
+    except RemotecliError as exc:
+        console = ctx.driver.console_tail(spec, 20)
+        _fail_quietly(ctx, vm, f"the hypervisor did not start: {exc.message}", console=console, session_id=session_id)
+        raise VmBootFailed(
+            "The VM did not start; its console log is in the VM's timeline.",
+            log_detail=exc.log_detail or exc.message,
+        ) from exc
+    except Exception as exc:
+        _fail_quietly(ctx, vm, f"the hypervisor did not start: {type(exc).__name__}", session_id=session_id)
+        raise VmBootFailed(log_detail=repr(exc)) from exc
+    with ctx.db.transaction() as session:
+        fresh = load_vm(session, vm.id)
+        if fresh.status != VmStatus.STARTING.value:
+            # Someone (the reconciler, a destroy) took the VM over while it booted.
+            raise StatusChanged(log_detail=f"{vm.id} became {fresh.status} while booting")
+        fresh.endpoint = boot.endpoint
+        fresh.updated_at = utcnow()
+        record_event(session, module=MODULE, kind="vm.booted", message="Hypervisor running; waiting for the guest agent",
+                     user_id=vm.user_id, vm_id=vm.id, session_id=session_id,
+                     details={"accel": boot.accel, "driver": ctx.driver.name})
+    vm.endpoint = boot.endpoint
+    remaining = max(1.0, ctx.settings.vm_boot_timeout_s - (time.monotonic() - started))
+    try:
+        agent = ctx.agent(vm, timeout=min(5.0, remaining))
+        try:
+            agent.wait_ready(remaining)
+        finally:
+            agent.close()
+    except AgentError as exc:
+        console = ctx.driver.console_tail(spec, 20)
+        try:
+            ctx.driver.stop(spec, timeout=1.0)
+        except Exception:
+            log.exception("could not stop a VM whose agent never answered", extra={"vm_id": vm.id})
+        _fail_quietly(ctx, vm, f"the guest agent did not answer within {ctx.settings.vm_boot_timeout_s:.0f} s",
+                      console=console, session_id=session_id)
+        raise VmBootFailed(log_detail=exc.log_detail or exc.message) from exc
+    elapsed = time.monotonic() - started
+    with ctx.db.transaction() as session:
+        set_vm_status(session, vm, VmStatus.RUNNING, module=MODULE, message="Guest agent ready",
+                      session_id=session_id, last_seen_at=utcnow(), details={"boot_s": round(elapsed, 3)})
+
+
+def _fail_quietly(ctx: AppContext, vm: Vm, reason: str, *, console: str = "", session_id: str | None = None) -> None:
+    try:
+        fail_vm(ctx, vm.id, reason, console=console, session_id=session_id)
+    except Exception:
+        log.exception("could not mark VM failed", extra={"vm_id": vm.id})
+
+
+def fail_vm(
+    ctx: AppContext, vm_id: str, reason: str, *, console: str = "", session_id: str | None = None,
+    module: str = MODULE,
+) -> Vm | None:
+    """Mark a VM ``failed`` from whatever non-terminal status it has now. No-op if already terminal."""
+    for _ in range(5):
+        with ctx.db.transaction() as session:
+            vm = load_vm(session, vm_id)
+            if VmStatus(vm.status) in VM_TERMINAL:
+                return vm
+            try:
+                status_reason = reason if not console else f"{reason}\n--- console (last lines) ---\n{console}"
+                return set_vm_status(session, vm, VmStatus.FAILED, module=module, message="VM failed",
+                                     reason=status_reason, session_id=session_id)
+            except StatusChanged:
+                continue
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Selecting a VM for work
+
+
+def prove_alive(ctx: AppContext, vm: Vm) -> str | None:
+    """None when ``vm`` is proven alive (host process, directory, guest agent); else the reason."""
+    spec = spec_of(ctx, vm)
+    if not spec.directory.is_dir():
+        return "its directory is gone"
+    inspection = ctx.driver.inspect(spec)
+    if inspection.liveness is Liveness.DEAD:
+        return f"the hypervisor says it is dead ({inspection.reason})"
+    if inspection.liveness is Liveness.UNKNOWN:
+        return f"the hypervisor could not confirm it is alive ({inspection.reason})"
+    if vm.status == VmStatus.RUNNING.value and inspection.power not in (PowerState.RUNNING, PowerState.UNKNOWN):
+        return f"its CPUs are {inspection.power.value}, not running"
+    if vm.status == VmStatus.RUNNING.value:
+        try:
+            agent = ctx.agent(vm, timeout=min(5.0, ctx.settings.agent_request_timeout_s))
+            try:
+                agent.health()
+            finally:
+                agent.close()
+        except AgentError as exc:
+            return f"its guest agent does not answer ({exc.code})"
+    return None
+
+
+def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | None = None) -> tuple[Vm, bool]:
+    """The user's live CLI VM, proven alive; or a new one. Returns ``(vm, created)``.
+
+    Selection takes only ``running`` (proven alive) or ``creating``/``starting`` (waited for) VMs.
+    A ``paused`` VM is resumed and a ``stopped`` one started again, after proving its host
+    resources exist (see docs/decisions/0005-selecting-a-cli-vm.md). Anything that fails a proof is
+    marked ``failed`` with the reason and a new VM is created. ``failed`` and ``destroyed`` rows
+    are never looked at.
+    """
+    deadline = time.monotonic() + ctx.settings.vm_boot_timeout_s * 2 + 30
+    with log_context(user_id=principal.user_id, session_id=session_id):
+        while time.monotonic() < deadline:
+            with ctx.db.transaction() as session:
+                vm = session.scalars(
+                    select(Vm).where(
+                        Vm.user_id == principal.user_id,
+                        Vm.vm_type == VmType.CLI.value,
+                        Vm.status.not_in([s.value for s in VM_TERMINAL]),
+                    )
+                ).one_or_none()
+            if vm is None:
+                try:
+                    return create_vm(ctx, principal, VmType.CLI.value, session_id=session_id), True
+                except AlreadyExists:
+                    continue  # another caller created it first: take theirs
+                except StatusChanged:
+                    continue
+            status = VmStatus(vm.status)
+            if status in (VmStatus.CREATING, VmStatus.STARTING, VmStatus.STOPPING, VmStatus.DESTROYING):
+                _wait_while(ctx, vm, status, session_id=session_id)
+                continue
+            if status is VmStatus.RUNNING:
+                reason = prove_alive(ctx, vm)
+                if reason is None:
+                    with ctx.db.transaction() as session:
+                        fresh = load_vm(session, vm.id)
+                        fresh.last_seen_at = utcnow()
+                    vm.last_seen_at = fresh.last_seen_at
+                    return vm, False
+                _skip_stale(ctx, vm, reason, session_id)
+                continue
+            if status is VmStatus.PAUSED:
+                reason = prove_alive(ctx, vm)
+                if reason is None:
+                    try:
+                        resume_vm(ctx, None, vm.id, session_id=session_id)
+                    except (StatusChanged, InvalidTransition, VmTerminal):
+                        pass
+                    except RemotecliError as exc:
+                        _skip_stale(ctx, vm, f"it could not be resumed ({exc.code})", session_id)
+                    continue
+                _skip_stale(ctx, vm, reason, session_id)
+                continue
+            if status is VmStatus.STOPPED:
+                if not spec_of(ctx, vm).directory.is_dir():
+                    _skip_stale(ctx, vm, "its directory is gone", session_id)
+                    continue
+                try:
+                    start_vm(ctx, None, vm.id, session_id=session_id)
+                except (StatusChanged, InvalidTransition, VmTerminal):
+                    pass
+                except VmBootFailed:
+                    pass  # _boot marked it failed; the next pass creates a new one
+                continue
+        raise VmBootFailed("Your CLI workspace could not be prepared in time; try again in a minute.")
+
+
+def _skip_stale(ctx: AppContext, vm: Vm, reason: str, session_id: str | None) -> None:
+    log.warning("Skipping stale CLI VM: %s", reason, extra={"vm_id": vm.id, "user_id": vm.user_id})
+    fail_vm(ctx, vm.id, f"not usable: {reason}", session_id=session_id)
+    # A failed VM must not keep burning memory until garbage collection: stop its process now,
+    # keeping the directory (console log) for the post-mortem.
+    try:
+        ctx.driver.stop(spec_of(ctx, vm), timeout=2.0)
+    except Exception:
+        log.warning("could not stop the stale VM's process; the reconciler will", extra={"vm_id": vm.id})
+    with ctx.db.transaction() as session:
+        record_event(session, module=MODULE, kind="vm.skipped",
+                     message=f"Stale CLI VM skipped ({reason}); a new one will be prepared",
+                     user_id=vm.user_id, vm_id=vm.id, session_id=session_id)
+
+
+def _wait_while(ctx: AppContext, vm: Vm, status: VmStatus, *, session_id: str | None) -> None:
+    """Wait for another caller to move ``vm`` out of a transient ``status``; fail it if wedged."""
+    limit = ctx.settings.vm_boot_timeout_s + 15
+    while True:
+        with ctx.db.transaction() as session:
+            fresh = session.get(Vm, vm.id)
+        if fresh is None or fresh.status != status.value:
+            return
+        age = (utcnow() - fresh.status_changed_at).total_seconds()
+        if age > limit:
+            fail_vm(ctx, vm.id, f"wedged in {status.value} for {age:.0f} s", session_id=session_id)
+            return
+        time.sleep(_WAIT_POLL_S)
+
+
+# ----------------------------------------------------------------------------------------------
+# Actions on one VM
+
+
+def _load_for_action(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+    vm = get_vm(ctx, principal, vm_id)
+    if VmStatus(vm.status) in VM_TERMINAL:
+        raise VmTerminal()
+    return vm
+
+
+def _driver_failed(ctx: AppContext, vm: Vm, action: str, exc: Exception, session_id: str | None = None) -> None:
+    reason = f"{action} failed: {exc.message if isinstance(exc, RemotecliError) else type(exc).__name__}"
+    log.warning("%s", reason, extra={"vm_id": vm.id})
+    fail_vm(ctx, vm.id, reason, session_id=session_id)
+
+
+def stop_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+    vm = _load_for_action(ctx, principal, vm_id)
+    if vm.status == VmStatus.STOPPED.value:
+        return vm
+    with ctx.db.transaction() as session:
+        set_vm_status(session, vm, VmStatus.STOPPING, module=MODULE, message="Stopping the VM")
+    try:
+        ctx.driver.stop(spec_of(ctx, vm), ctx.settings.vm_stop_timeout_s)
+    except Exception as exc:
+        _driver_failed(ctx, vm, "stop", exc)
+        raise DriverError(log_detail=repr(exc)) from exc
+    with ctx.db.transaction() as session:
+        return set_vm_status(session, vm, VmStatus.STOPPED, module=MODULE, message="VM stopped", endpoint=None)
+
+
+def start_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, session_id: str | None = None) -> Vm:
+    vm = _load_for_action(ctx, principal, vm_id)
+    if vm.status == VmStatus.RUNNING.value:
+        return vm
+    if vm.status != VmStatus.STOPPED.value:
+        raise InvalidTransition(f"Only a stopped VM can be started; this one is {vm.status}.")
+    image = _resolve_image(ctx, VmType(vm.vm_type))
+    with log_context(vm_id=vm.id, user_id=vm.user_id):
+        _boot(ctx, vm, image, first_boot=False, session_id=session_id)
+    return vm
+
+
+def pause_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+    vm = _load_for_action(ctx, principal, vm_id)
+    if not ctx.driver.capabilities.pause:
+        raise NotSupported(f"The {ctx.driver.name} driver cannot pause VMs.")
+    if vm.status == VmStatus.PAUSED.value:
+        return vm
+    if vm.status != VmStatus.RUNNING.value:
+        raise VmNotRunning(f"Only a running VM can be paused; this one is {vm.status}.")
+    try:
+        ctx.driver.pause(spec_of(ctx, vm))
+    except VmGone as exc:
+        _driver_failed(ctx, vm, "pause", exc)
+        raise VmTerminal("The VM stopped unexpectedly and was marked failed.") from exc
+    with ctx.db.transaction() as session:
+        return set_vm_status(session, vm, VmStatus.PAUSED, module=MODULE, message="VM paused", expected=VmStatus.RUNNING)
+
+
+def resume_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, session_id: str | None = None) -> Vm:
+    vm = _load_for_action(ctx, principal, vm_id)
+    if not ctx.driver.capabilities.pause:
+        raise NotSupported(f"The {ctx.driver.name} driver cannot pause or resume VMs.")
+    if vm.status == VmStatus.RUNNING.value:
+        return vm
+    if vm.status != VmStatus.PAUSED.value:
+        raise InvalidTransition(f"Only a paused VM can be resumed; this one is {vm.status}.")
+    try:
+        ctx.driver.resume(spec_of(ctx, vm))
+    except VmGone as exc:
+        _driver_failed(ctx, vm, "resume", exc, session_id)
+        raise VmTerminal("The VM stopped unexpectedly and was marked failed.") from exc
+    with ctx.db.transaction() as session:
+        return set_vm_status(session, vm, VmStatus.RUNNING, module=MODULE, message="VM resumed",
+                             expected=VmStatus.PAUSED, session_id=session_id, last_seen_at=utcnow())
+
+
+def destroy_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, reason: str = "destroyed on request",
+               module: str = MODULE, session_id: str | None = None) -> Vm:
+    """Remove a VM and everything it owns on the host. Idempotent: a destroyed VM stays destroyed."""
+    vm = get_vm(ctx, principal, vm_id)
+    if vm.status == VmStatus.DESTROYED.value:
+        return vm
+    if vm.status != VmStatus.DESTROYING.value:
+        with ctx.db.transaction() as session:
+            set_vm_status(session, vm, VmStatus.DESTROYING, module=module, message=f"Destroying the VM ({reason})",
+                          session_id=session_id, details={"reason": reason})
+    try:
+        ctx.driver.destroy(spec_of(ctx, vm))
+    except Exception as exc:
+        log.exception("destroy failed; the reconciler will retry", extra={"vm_id": vm.id})
+        raise DriverError(log_detail=repr(exc)) from exc
+    with ctx.db.transaction() as session:
+        return set_vm_status(session, vm, VmStatus.DESTROYED, module=module, message="VM destroyed",
+                             expected=VmStatus.DESTROYING, session_id=session_id, endpoint=None)
+
+
+def require_running(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+    vm = _load_for_action(ctx, principal, vm_id)
+    if vm.status != VmStatus.RUNNING.value:
+        raise VmNotRunning(f"The VM is {vm.status}; it must be running for that.")
+    return vm
+
+
+def exec_in_vm(
+    ctx: AppContext,
+    principal: Principal | None,
+    vm_id: str,
+    argv: list[str],
+    *,
+    timeout_s: float = 60.0,
+    user: str | None = None,
+) -> Any:
+    """Run ``argv`` in the guest through its agent; returns the agent's ``ExecResult``."""
+    if not argv:
+        raise InvalidInput("Give a command to run.")
+    vm = require_running(ctx, principal, vm_id)
+    agent = ctx.agent(vm, timeout=timeout_s + 10)
+    try:
+        return agent.exec(argv, timeout_s=timeout_s, user=user)
+    finally:
+        agent.close()

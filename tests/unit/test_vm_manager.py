@@ -1,0 +1,215 @@
+"""vm_manager on a real database with the fake driver: selection, the seed's bug, concurrency."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from remotecli.context import AppContext
+from remotecli.db.models import Event, Vm
+from remotecli.domain.states import VmStatus
+from remotecli.drivers.fake import FakeDriver
+from remotecli.errors import AlreadyExists, InvalidInput, UnknownVmType, VmBootFailed, VmNotFound, VmTerminal
+from remotecli.services import users as users_service
+from remotecli.services import vm_manager
+from remotecli.services.transitions import set_vm_status
+from remotecli.services.users import Principal
+
+
+@pytest.fixture
+def alice(ctx: AppContext) -> Principal:
+    user = users_service.create_user(ctx.db, "alice")
+    return Principal(user.id, user.name, False)
+
+
+@pytest.fixture
+def bob(ctx: AppContext) -> Principal:
+    user = users_service.create_user(ctx.db, "bob")
+    return Principal(user.id, user.name, False)
+
+
+def _live_cli_vms(ctx: AppContext, principal: Principal) -> list[Vm]:
+    return vm_manager.list_vms(ctx, principal, include_ended=False, vm_type="cli")
+
+
+def _events(ctx: AppContext, vm_id: str) -> list[Event]:
+    with ctx.db.transaction() as session:
+        return list(session.scalars(select(Event).where(Event.vm_id == vm_id).order_by(Event.id)))
+
+
+def test_create_boots_to_running_with_timeline(ctx: AppContext, alice: Principal) -> None:
+    vm = vm_manager.create_vm(ctx, alice, "cli")
+    assert vm.status == "running"
+    assert Path(vm.directory).is_dir()
+    assert [e.to_status for e in _events(ctx, vm.id) if e.kind == "vm.status"] == ["creating", "starting", "running"]
+
+
+def test_create_validates_input_without_rows(ctx: AppContext, alice: Principal) -> None:
+    with pytest.raises(UnknownVmType):
+        vm_manager.create_vm(ctx, alice, "gpu")
+    with pytest.raises(InvalidInput):
+        vm_manager.create_vm(ctx, alice, "cli", memory_mib=-5)
+    with pytest.raises(InvalidInput):
+        vm_manager.create_vm(ctx, alice, "cli", vcpus=0)
+    assert vm_manager.list_vms(ctx, alice) == []
+
+
+def test_second_live_cli_vm_is_refused_by_the_database(ctx: AppContext, alice: Principal) -> None:
+    vm_manager.create_vm(ctx, alice, "cli")
+    with pytest.raises(AlreadyExists):
+        vm_manager.create_vm(ctx, alice, "cli")
+    assert len(_live_cli_vms(ctx, alice)) == 1
+    # Browser VMs are not limited to one.
+    vm_manager.create_vm(ctx, alice, "browser")
+    vm_manager.create_vm(ctx, alice, "browser")
+
+
+def test_ensure_returns_the_live_vm(ctx: AppContext, alice: Principal) -> None:
+    first, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created
+    again, created_again = vm_manager.ensure_cli_vm(ctx, alice)
+    assert not created_again and again.id == first.id
+
+
+def test_seed_failed_vm_with_directory_gone_is_never_picked(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
+    """The seed: the only CLI VM row is `failed` and its directory is gone."""
+    old = vm_manager.create_vm(ctx, alice, "cli")
+    with ctx.db.transaction() as session:
+        set_vm_status(session, old, VmStatus.FAILED, module="test", message="died earlier", reason="test")
+    shutil.rmtree(old.directory)
+    fake_driver.calls.clear()
+
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and new.id != old.id and new.status == "running"
+    # The failed VM was never resumed, started or otherwise touched.
+    assert all(vm_id != old.id for _, vm_id in fake_driver.calls)
+    assert vm_manager.get_vm(ctx, alice, old.id).status == "failed"
+
+
+def test_running_row_whose_driver_says_dead_becomes_failed(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
+    old = vm_manager.create_vm(ctx, alice, "cli")
+    fake_driver.kill(old.id)
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and new.id != old.id
+    stale = vm_manager.get_vm(ctx, alice, old.id)
+    assert stale.status == "failed"
+    assert "dead" in (stale.status_reason or "")
+    kinds = [e.kind for e in _events(ctx, old.id)]
+    assert "vm.skipped" in kinds
+
+
+def test_running_row_whose_directory_is_gone_becomes_failed(ctx: AppContext, alice: Principal) -> None:
+    old = vm_manager.create_vm(ctx, alice, "cli")
+    shutil.rmtree(old.directory)
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and new.id != old.id
+    stale = vm_manager.get_vm(ctx, alice, old.id)
+    assert stale.status == "failed" and "directory" in (stale.status_reason or "")
+
+
+def test_hung_agent_fails_the_proof(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    old = vm_manager.create_vm(ctx, alice, "cli")
+    fake_driver.hang_agent(old.id)
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and new.id != old.id
+    assert "agent" in (vm_manager.get_vm(ctx, alice, old.id).status_reason or "")
+    assert old.id not in fake_driver.running_ids()  # the failed VM's process was stopped
+
+
+def test_paused_vm_is_resumed_and_stopped_vm_started(ctx: AppContext, alice: Principal) -> None:
+    vm = vm_manager.create_vm(ctx, alice, "cli")
+    vm_manager.pause_vm(ctx, alice, vm.id)
+    same, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert not created and same.id == vm.id and same.status == "running"
+    vm_manager.stop_vm(ctx, alice, vm.id)
+    same, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert not created and same.id == vm.id and same.status == "running"
+
+
+def test_stopped_vm_with_directory_gone_is_replaced(ctx: AppContext, alice: Principal) -> None:
+    vm = vm_manager.create_vm(ctx, alice, "cli")
+    vm_manager.stop_vm(ctx, alice, vm.id)
+    shutil.rmtree(vm.directory)
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and new.id != vm.id
+
+
+def test_boot_failure_marks_failed_with_console(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    fake_driver.fail_next_boot()
+    with pytest.raises(VmBootFailed):
+        vm_manager.create_vm(ctx, alice, "cli")
+    [vm] = vm_manager.list_vms(ctx, alice)
+    assert vm.status == "failed" and "kernel panic" in (vm.status_reason or "")
+    # ...and the user simply gets a new one next time.
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and new.status == "running"
+
+
+def test_lifecycle_actions(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    vm = vm_manager.create_vm(ctx, alice, "browser")
+    assert vm_manager.pause_vm(ctx, alice, vm.id).status == "paused"
+    assert vm_manager.pause_vm(ctx, alice, vm.id).status == "paused"  # idempotent
+    assert vm_manager.resume_vm(ctx, alice, vm.id).status == "running"
+    assert vm_manager.stop_vm(ctx, alice, vm.id).status == "stopped"
+    assert vm_manager.start_vm(ctx, alice, vm.id).status == "running"
+    assert vm_manager.destroy_vm(ctx, alice, vm.id).status == "destroyed"
+    assert vm_manager.destroy_vm(ctx, alice, vm.id).status == "destroyed"  # idempotent
+    assert not Path(vm.directory).exists()
+    with pytest.raises(VmTerminal):
+        vm_manager.resume_vm(ctx, alice, vm.id)
+
+
+def test_failed_vm_cannot_be_resumed_or_started(ctx: AppContext, alice: Principal) -> None:
+    vm = vm_manager.create_vm(ctx, alice, "cli")
+    vm_manager.fail_vm(ctx, vm.id, "test")
+    for action in (vm_manager.resume_vm, vm_manager.start_vm, vm_manager.pause_vm, vm_manager.stop_vm):
+        with pytest.raises(VmTerminal):
+            action(ctx, alice, vm.id)
+    assert vm_manager.get_vm(ctx, alice, vm.id).status == "failed"
+    # Destroying a failed VM (garbage collection) is allowed.
+    assert vm_manager.destroy_vm(ctx, alice, vm.id).status == "destroyed"
+
+
+def test_users_see_only_their_own_vms(ctx: AppContext, alice: Principal, bob: Principal) -> None:
+    vm = vm_manager.create_vm(ctx, alice, "cli")
+    with pytest.raises(VmNotFound):
+        vm_manager.get_vm(ctx, bob, vm.id)
+    with pytest.raises(VmNotFound):
+        vm_manager.destroy_vm(ctx, bob, vm.id)
+    assert vm_manager.list_vms(ctx, bob) == []
+    assert vm_manager.get_vm(ctx, alice, vm.id).status == "running"
+
+
+def test_twenty_concurrent_ensure_calls_share_one_vm(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    fake_driver.boot_delay_s = 0.3  # widen the race window
+    results: list[str] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(20)
+
+    def call() -> None:
+        try:
+            barrier.wait()
+            vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+            results.append(vm.id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(results) == 20 and len(set(results)) == 1
+    live = _live_cli_vms(ctx, alice)
+    assert [vm.id for vm in live] == [results[0]]
+    assert len(vm_manager.list_vms(ctx, alice)) == 1  # no failed leftovers either
+    assert sum(1 for call, _ in fake_driver.calls if call == "create") == 1
