@@ -154,7 +154,9 @@ class Agent:
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             return
         except asyncio.CancelledError:
-            raise
+            # The agent is stopping. Returning (not re-raising) keeps Python 3.11's start_server
+            # callback from logging the cancelled task as an error.
+            return
         except Exception as exc:  # a bug: answer 500 if we still can, keep serving others
             log("handler_crashed", level="error", error=type(exc).__name__, detail=str(exc)[:300])
             with contextlib.suppress(Exception):
@@ -396,8 +398,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _loop_exception(loop, context):
+    exc = context.get("exception")
+    log(
+        "loop_error",
+        level="error",
+        detail=str(context.get("message", ""))[:300],
+        error=type(exc).__name__ if exc is not None else None,
+    )
+
+
 async def serve(agent, host, port):
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_exception)
     stop = loop.create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -417,9 +430,15 @@ async def serve(agent, host, port):
     )
     async with server:
         signum = await stop
-    log("stopping", signal=signum)
-    for task in list(agent.connections):
-        task.cancel()
+        log("stopping", signal=signum)
+        server.close()
+        # Close live connections ourselves: from Python 3.12 on, leaving ``async with server``
+        # waits for every connection to end.
+        tasks = list(agent.connections)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
 
 def main(argv=None):
