@@ -1,0 +1,743 @@
+"""The QEMU ``microvm`` driver (see docs/decisions/0001 and 0003).
+
+Per VM directory ``<vms_dir>/<vm-id>/`` (mode 0700)::
+
+    config.img    0600 config disk (vdb): JSON + NUL padding to 64 KiB, holds the agent secret
+    disk.qcow2    writable overlay (vda); backing file base.ext4 (raw)
+    base.ext4     hard link to the image's rootfs.ext4 (falls back to the image path itself when
+                  the images live on another filesystem), so rebuilding or pruning images never
+                  pulls the backing file from under an existing VM
+    console.log   guest ttyS0 (the previous boot's is kept as console.log.1)
+    qemu.log      QEMU's own stderr during start-up
+    qemu.pid      written by QEMU (-pidfile)
+    qmp.sock      QMP control socket
+    vm.json       this driver's record: port, pid, accel, image paths and hash, argv (no secrets)
+
+QEMU runs with ``-daemonize``: when the launching command returns 0, the QMP socket and the port
+forward are set up, and the QEMU process belongs to no controller process (it survives a
+controller restart and is reaped by init, never left a zombie in the controller).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from remotecli.config import Settings
+from remotecli.drivers.base import (
+    Availability,
+    BootInfo,
+    Capabilities,
+    HostVm,
+    ImageRef,
+    Inspection,
+    Liveness,
+    PowerState,
+    VmDriver,
+    VmGone,
+    VmSpec,
+)
+from remotecli.drivers.qemu import kvm_probe
+from remotecli.drivers.qemu.qmp import QmpError, QmpUnavailable, qmp_execute
+from remotecli.errors import DriverError, DriverUnavailable, ImageMissing, VmBootFailed
+
+CONFIG_DISK_SIZE = 64 * 1024
+MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=on,pcie=off"
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+PORT_ATTEMPTS = 6
+
+_POWER = {
+    "running": PowerState.RUNNING,
+    "paused": PowerState.PAUSED,
+    "suspended": PowerState.PAUSED,
+    "shutdown": PowerState.SHUTDOWN,
+    "guest-panicked": PowerState.SHUTDOWN,
+}
+
+
+@dataclass(frozen=True)
+class _Paths:
+    directory: Path
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "config.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.qcow2"
+
+    @property
+    def base(self) -> Path:
+        return self.directory / "base.ext4"
+
+    @property
+    def console(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.directory / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def record(self) -> Path:
+        return self.directory / "vm.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.directory / ".lock"
+
+
+def _qemu_opt(value: str | Path) -> str:
+    """Escape a value inside a QEMU ``key=value,...`` option string."""
+    return str(value).replace(",", ",,")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def config_document(spec: VmSpec) -> dict[str, Any]:
+    """The config disk's JSON (contract 0001). Contains the agent secret: never log it."""
+    from remotecli.images.recipes import RECIPES
+
+    recipe = RECIPES.get(spec.vm_type)
+    return {
+        "vm_id": spec.vm_id,
+        "vm_type": spec.vm_type,
+        "agent_secret": spec.agent_secret,
+        "agent_port": spec.agent_guest_port,
+        "hostname": hostname_for(spec.vm_id),
+        "cli_user": recipe.primary_user.name if recipe else "cli",
+    }
+
+
+def hostname_for(vm_id: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", vm_id.lower()).strip("-")[:63].strip("-")
+    return name or "remotecli"
+
+
+def encode_config_disk(document: dict[str, Any]) -> bytes:
+    data = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\x00"
+    if len(data) > CONFIG_DISK_SIZE:
+        raise DriverError("The VM's config document is larger than the 64 KiB config disk.")
+    return data.ljust(CONFIG_DISK_SIZE, b"\x00")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        data = path.read_bytes()[-64 * 1024 :]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def _proc_cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode("utf-8", errors="replace") for part in raw.split(b"\x00") if part]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # "pid (comm) S ..." — comm may contain spaces/parentheses: take the field after the last ')'.
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _reap(pid: int) -> None:
+    """If the process happens to be our child (e.g. the controller runs as PID 1), reap it."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _is_vm_process(pid: int, directory: Path) -> bool:
+    """Is ``pid`` a live QEMU whose command line references this VM directory?"""
+    argv = _proc_cmdline(pid)
+    if not argv or "qemu-system" not in Path(argv[0]).name:
+        return False
+    marker = f"{directory}/"
+    if not any(marker in arg for arg in argv):
+        return False
+    if _is_zombie(pid):
+        _reap(pid)
+        return False
+    return True
+
+
+def _qemu_processes() -> Iterator[tuple[int, list[str]]]:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = _proc_cmdline(int(entry.name))
+        if argv and "qemu-system" in Path(argv[0]).name:
+            yield int(entry.name), argv
+
+
+class QemuDriver(VmDriver):
+    name = "qemu"
+    capabilities = Capabilities(pause=True, snapshot=False, restart=True)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._availability: Availability | None = None
+        self._accel: str | None = None
+
+    # ---------------------------------------------------------------- host facts
+
+    def _qemu_binary(self) -> str:
+        path = shutil.which("qemu-system-x86_64")
+        if path is None:
+            raise DriverUnavailable(
+                "qemu-system-x86_64 is not installed; install it with 'apt-get install qemu-system-x86' "
+                "(or run scripts/install-system-deps.sh)."
+            )
+        return path
+
+    def _qemu_img(self) -> str:
+        path = shutil.which("qemu-img")
+        if path is None:
+            raise DriverUnavailable(
+                "qemu-img is not installed; install it with 'apt-get install qemu-utils'."
+            )
+        return path
+
+    def _probe_kernel(self) -> Path | None:
+        from remotecli.images import builder, hashing
+        from remotecli.images.recipes import KERNEL
+
+        kernel = builder.kernel_dir(self.settings, hashing.kernel_hash(KERNEL)) / "vmlinuz"
+        return kernel if kernel.is_file() else None
+
+    def accel(self, kernel: Path | None = None) -> str:
+        """'kvm' or 'tcg': the setting, or with 'auto' the (cached) KVM boot probe."""
+        if self.settings.accel != "auto":
+            return self.settings.accel
+        if self._accel is None:
+            result = kvm_probe.probe(
+                self.settings.data_dir, self._qemu_binary(), kernel or self._probe_kernel()
+            )
+            if not result.usable and not result.cached and (kernel or self._probe_kernel()) is None:
+                return "tcg"  # not conclusive yet: probe again once a kernel exists
+            self._accel = "kvm" if result.usable else "tcg"
+        return self._accel
+
+    def availability(self) -> Availability:
+        if self._availability is not None:
+            return self._availability
+        try:
+            qemu = self._qemu_binary()
+            self._qemu_img()
+        except DriverUnavailable as exc:
+            return Availability(ok=False, detail=exc.message)
+        facts = {"qemu": kvm_probe.qemu_version(qemu)}
+        if self.settings.accel == "auto":
+            kernel = self._probe_kernel()
+            probe = kvm_probe.probe(self.settings.data_dir, qemu, kernel)
+            facts["kvm"] = probe.detail
+            accel = "kvm" if probe.usable else "tcg"
+            if kernel is not None:
+                self._accel = accel
+        else:
+            accel = self.settings.accel
+        facts["accel"] = accel
+        result = Availability(ok=True, detail=f"QEMU {facts['qemu']} microvm, accel {accel}", facts=facts)
+        if self.settings.accel != "auto" or self._probe_kernel() is not None:
+            self._availability = result
+        return result
+
+    # ---------------------------------------------------------------- process helpers
+
+    def _live_pid(self, paths: _Paths) -> int | None:
+        candidates: list[int] = []
+        with contextlib.suppress(OSError, ValueError):
+            candidates.append(int(paths.pidfile.read_text().strip()))
+        recorded = _read_json(paths.record).get("pid")
+        if isinstance(recorded, int):
+            candidates.append(recorded)
+        for pid in candidates:
+            if _is_vm_process(pid, paths.directory):
+                return pid
+        return None
+
+    def _find_pids(self, directory: Path) -> list[int]:
+        """Every live QEMU process that references ``directory`` (e.g. after the directory is gone)."""
+        marker = f"{directory}/"
+        return [
+            pid
+            for pid, argv in _qemu_processes()
+            if any(marker in arg for arg in argv) and not _is_zombie(pid)
+        ]
+
+    def _wait_gone(self, pid: int, directory: Path, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _is_vm_process(pid, directory):
+                return True
+            time.sleep(0.05)
+        return not _is_vm_process(pid, directory)
+
+    def _kill(self, pid: int, directory: Path) -> None:
+        if not _is_vm_process(pid, directory):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # QEMU -daemonize calls setsid(): pgid == pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not self._wait_gone(pid, directory, 10.0):
+            raise DriverError(log_detail=f"QEMU pid {pid} survived SIGKILL")
+
+    @contextlib.contextmanager
+    def _locked(self, paths: _Paths) -> Iterator[None]:
+        """Serialise operations on one VM directory (create/start/stop/destroy)."""
+        try:
+            handle = open(paths.lock, "a+")  # noqa: SIM115
+        except FileNotFoundError:
+            yield
+            return
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _boot_info(self, paths: _Paths, pid: int) -> BootInfo:
+        record = _read_json(paths.record)
+        port = record.get("port")
+        accel = record.get("accel")
+        return BootInfo(
+            endpoint=f"tcp://127.0.0.1:{port}",
+            pid=pid,
+            accel=accel if isinstance(accel, str) else None,
+        )
+
+    # ---------------------------------------------------------------- boot
+
+    def _argv(
+        self, spec: VmSpec, paths: _Paths, kernel: Path, initrd: Path, accel: str, port: int
+    ) -> list[str]:
+        cmdline = f"console=ttyS0 root=/dev/vda rw panic=-1 quiet remotecli.vm_type={spec.vm_type}"
+        accel_args = (
+            ["-accel", "kvm", "-cpu", "host"]
+            if accel == "kvm"
+            else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        )
+        return [
+            self._qemu_binary(),
+            "-name",
+            f"guest={_qemu_opt(spec.vm_id)}",
+            "-M",
+            MACHINE,
+            *accel_args,
+            "-smp",
+            str(spec.vcpus),
+            "-m",
+            f"{spec.memory_mib}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            cmdline,
+            "-drive",
+            f"id=vda,file={_qemu_opt(paths.disk)},format=qcow2,if=none,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-device,drive=vda",
+            "-drive",
+            f"id=vdb,file={_qemu_opt(paths.config)},format=raw,if=none,readonly=on",
+            "-device",
+            "virtio-blk-device,drive=vdb",
+            "-netdev",
+            f"user,id=n0,ipv6=off,hostfwd=tcp:127.0.0.1:{port}-:{spec.agent_guest_port}",
+            "-device",
+            "virtio-net-device,netdev=n0",
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-device,rng=rng0",
+            "-chardev",
+            f"file,id=con0,path={_qemu_opt(paths.console)}",
+            "-serial",
+            "chardev:con0",
+            "-qmp",
+            f"unix:{_qemu_opt(paths.qmp)},server=on,wait=off",
+            "-pidfile",
+            str(paths.pidfile),
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-daemonize",
+        ]
+
+    def _prepare_disk(self, paths: _Paths, image: ImageRef) -> str:
+        """Create disk.qcow2 over a hard link of the image's rootfs. Returns the backing path used."""
+        backing = image.rootfs
+        if not paths.base.exists():
+            try:
+                os.link(image.rootfs, paths.base)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise DriverError(log_detail=f"link {image.rootfs} -> {paths.base}: {exc}") from exc
+        if paths.base.exists():
+            backing = Path(paths.base.name)  # relative: resolved next to disk.qcow2
+        tmp = paths.directory / ".disk.qcow2.tmp"
+        proc = subprocess.run(
+            [self._qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(tmp)],
+            capture_output=True,
+            text=True,
+            cwd=paths.directory,
+            check=False,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            raise DriverError(log_detail=f"qemu-img create failed: {proc.stderr.strip()}")
+        os.replace(tmp, paths.disk)
+        return str(backing)
+
+    def _launch(
+        self, spec: VmSpec, paths: _Paths, kernel: Path, initrd: Path, image_info: dict[str, Any]
+    ) -> BootInfo:
+        if len(str(paths.qmp)) > MAX_SOCKET_PATH:
+            raise DriverError(
+                "The VM directory path is too long for QEMU's control socket; use a shorter data directory.",
+                log_detail=str(paths.qmp),
+            )
+        for path in (kernel, initrd):
+            if not path.is_file():
+                raise ImageMissing(
+                    f"The guest kernel file {path.name} is missing; run 'remotecli images build'."
+                )
+        accel = self.accel(kernel)
+        record = _read_json(paths.record)
+        previous = record.get("port")
+        _write_file_atomic(paths.config, encode_config_disk(config_document(spec)), 0o600)
+        last_error = ""
+        for attempt in range(PORT_ATTEMPTS):
+            if attempt == 0 and isinstance(previous, int) and _port_free(previous):
+                port = previous
+            else:
+                port = _free_port()
+            argv = self._argv(spec, paths, kernel, initrd, accel, port)
+            for stale in (paths.qmp, paths.pidfile):
+                stale.unlink(missing_ok=True)
+            if paths.console.exists():
+                os.replace(paths.console, paths.directory / "console.log.1")
+            with open(paths.qemu_log, "wb") as log:
+                try:
+                    proc = subprocess.run(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        cwd=paths.directory,
+                        start_new_session=True,
+                        timeout=60,
+                        check=False,
+                    )
+                except subprocess.TimeoutExpired as exc:
+                    raise VmBootFailed(
+                        "QEMU did not finish starting within 60 seconds.", log_detail=_tail(paths.qemu_log)
+                    ) from exc
+            errors = _tail(paths.qemu_log)
+            if proc.returncode == 0:
+                break
+            last_error = errors
+            if "forwarding" in errors or "in use" in errors:
+                continue  # another process took the port between our check and QEMU's bind
+            raise VmBootFailed(
+                f"QEMU exited during start-up (exit {proc.returncode}).",
+                log_detail=f"{errors}\n--- console ---\n{_tail(paths.console)}",
+            )
+        else:
+            raise VmBootFailed("No free loopback port for the VM's agent.", log_detail=last_error)
+        pid = self._wait_qmp(paths)
+        new_record = {
+            "vm_id": spec.vm_id,
+            "vm_type": spec.vm_type,
+            "driver": self.name,
+            "pid": pid,
+            "port": port,
+            "endpoint": f"tcp://127.0.0.1:{port}",
+            "accel": accel,
+            "vcpus": spec.vcpus,
+            "memory_mib": spec.memory_mib,
+            "image": image_info,
+            "argv": argv,  # no secret: the secret is only in config.img
+            "created_at": record.get("created_at", time.time()),
+            "started_at": time.time(),
+        }
+        _write_file_atomic(paths.record, (json.dumps(new_record, indent=2) + "\n").encode(), 0o600)
+        return BootInfo(endpoint=new_record["endpoint"], pid=pid, accel=accel)
+
+    def _wait_qmp(self, paths: _Paths, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            pid = self._live_pid(paths)
+            if pid is None and paths.pidfile.exists():
+                raise VmBootFailed(
+                    "QEMU exited right after start-up.",
+                    log_detail=f"{_tail(paths.qemu_log)}\n--- console ---\n{_tail(paths.console)}",
+                )
+            if pid is not None:
+                try:
+                    qmp_execute(paths.qmp, "query-status", timeout=2.0)
+                    return pid
+                except (QmpUnavailable, QmpError) as exc:
+                    last = str(exc)
+            if time.monotonic() > deadline:
+                if pid is not None:
+                    self._kill(pid, paths.directory)
+                raise VmBootFailed(
+                    "QEMU started but its control socket did not answer.",
+                    log_detail=f"{last}\n{_tail(paths.qemu_log)}\n--- console ---\n{_tail(paths.console)}",
+                )
+            time.sleep(0.05)
+
+    def _image_for(self, spec: VmSpec) -> ImageRef:
+        if spec.image is not None:
+            return spec.image
+        from remotecli import images
+
+        return images.require(self.settings, spec.vm_type)
+
+    def create(self, spec: VmSpec) -> BootInfo:
+        paths = _Paths(spec.directory)
+        if paths.directory.is_dir():
+            pid = self._live_pid(paths)
+            if pid is not None:
+                return self._boot_info(paths, pid)
+        image = self._image_for(spec)
+        self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(paths.directory, 0o700)
+        with self._locked(paths):
+            pid = self._live_pid(paths)
+            if pid is not None:
+                return self._boot_info(paths, pid)
+            backing = str(image.rootfs)
+            if not paths.disk.exists():
+                backing = self._prepare_disk(paths, image)
+            info = {
+                "kernel": str(image.kernel),
+                "initrd": str(image.initrd),
+                "rootfs": str(image.rootfs),
+                "backing": backing,
+                "hash": image.recipe_hash,
+            }
+            return self._launch(spec, paths, image.kernel, image.initrd, info)
+
+    def start(self, spec: VmSpec) -> BootInfo:
+        paths = _Paths(spec.directory)
+        if not paths.directory.is_dir():
+            raise VmGone("The VM's directory is gone; it cannot be started again.")
+        with self._locked(paths):
+            pid = self._live_pid(paths)
+            if pid is not None:
+                return self._boot_info(paths, pid)
+            if not paths.disk.exists():
+                raise VmGone("The VM's disk is gone; it cannot be started again.")
+            info = _read_json(paths.record).get("image", {})
+            info = dict(info) if isinstance(info, dict) else {}
+            # Any kernel boots any rootfs (the modules live in the initramfs): prefer the current one.
+            if spec.image is not None and spec.image.kernel.is_file() and spec.image.initrd.is_file():
+                kernel, initrd = spec.image.kernel, spec.image.initrd
+            elif info.get("kernel") and Path(str(info["kernel"])).is_file():
+                kernel, initrd = Path(str(info["kernel"])), Path(str(info.get("initrd", "")))
+            else:
+                from remotecli import images
+
+                ref = images.require(self.settings, spec.vm_type)
+                kernel, initrd = ref.kernel, ref.initrd
+            info.update({"kernel": str(kernel), "initrd": str(initrd)})
+            return self._launch(spec, paths, kernel, initrd, info)
+
+    # ---------------------------------------------------------------- control
+
+    def stop(self, spec: VmSpec, timeout: float) -> None:
+        paths = _Paths(spec.directory)
+        if not paths.directory.is_dir():
+            for orphan in self._find_pids(paths.directory):
+                self._kill(orphan, paths.directory)
+            return
+        with self._locked(paths):
+            pid = self._live_pid(paths)
+            if pid is None:
+                return
+            try:
+                status = qmp_execute(paths.qmp, "query-status", timeout=2.0)
+                if isinstance(status, dict) and status.get("status") in ("paused", "suspended"):
+                    qmp_execute(paths.qmp, "cont", timeout=2.0)
+                # ACPI power button: /sbin/remotecli-init shuts the guest down and it powers off.
+                qmp_execute(paths.qmp, "system_powerdown", timeout=2.0)
+            except (QmpUnavailable, QmpError):
+                pass
+            if not self._wait_gone(pid, paths.directory, max(timeout, 0.0)):
+                with contextlib.suppress(QmpUnavailable, QmpError):
+                    qmp_execute(paths.qmp, "quit", timeout=2.0)
+                if not self._wait_gone(pid, paths.directory, 3.0):
+                    self._kill(pid, paths.directory)
+            for stale in (paths.qmp, paths.pidfile):
+                stale.unlink(missing_ok=True)
+
+    def _qmp_control(self, spec: VmSpec, command: str) -> None:
+        paths = _Paths(spec.directory)
+        if not paths.directory.is_dir() or self._live_pid(paths) is None:
+            raise VmGone("The VM is not running on this host.")
+        try:
+            qmp_execute(paths.qmp, command, timeout=5.0)
+        except QmpError as exc:
+            raise DriverError(log_detail=f"QMP {command}: {exc}") from exc
+        except QmpUnavailable as exc:
+            raise DriverError(
+                "The VM's hypervisor did not answer; try again.", log_detail=f"QMP {command}: {exc}"
+            ) from exc
+
+    def pause(self, spec: VmSpec) -> None:
+        self._qmp_control(spec, "stop")  # idempotent in QEMU: stopping a paused VM is a no-op
+
+    def resume(self, spec: VmSpec) -> None:
+        self._qmp_control(spec, "cont")
+
+    def destroy(self, spec: VmSpec) -> None:
+        paths = _Paths(spec.directory)
+        pids = set(self._find_pids(paths.directory))
+        if paths.directory.is_dir():
+            with self._locked(paths):
+                live = self._live_pid(paths)
+                if live is not None:
+                    pids.add(live)
+                for pid in pids:
+                    self._kill(pid, paths.directory)
+                shutil.rmtree(paths.directory, ignore_errors=True)
+        else:
+            for pid in pids:
+                self._kill(pid, paths.directory)
+        if paths.directory.exists():
+            shutil.rmtree(paths.directory)
+
+    def inspect(self, spec: VmSpec) -> Inspection:
+        paths = _Paths(spec.directory)
+        if not paths.directory.is_dir():
+            return Inspection(Liveness.DEAD, reason="directory missing")
+        pid = self._live_pid(paths)
+        record = _read_json(paths.record)
+        details: dict[str, Any] = {
+            "pid": pid,
+            "port": record.get("port"),
+            "accel": record.get("accel"),
+            "image_hash": (record.get("image") or {}).get("hash")
+            if isinstance(record.get("image"), dict)
+            else None,
+        }
+        if pid is None:
+            return Inspection(Liveness.DEAD, reason="process exited", details=details)
+        try:
+            status = qmp_execute(paths.qmp, "query-status", timeout=3.0)
+        except QmpUnavailable as exc:
+            details["error"] = str(exc)
+            return Inspection(Liveness.UNKNOWN, reason="control socket unresponsive", details=details)
+        except QmpError as exc:
+            details["error"] = str(exc)
+            return Inspection(Liveness.UNKNOWN, reason="control socket error", details=details)
+        qmp_status = str(status.get("status", "")) if isinstance(status, dict) else ""
+        details["qmp_status"] = qmp_status
+        power = _POWER.get(qmp_status, PowerState.UNKNOWN)
+        return Inspection(Liveness.ALIVE, reason=qmp_status or "running", power=power, details=details)
+
+    def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
+        found: dict[str, HostVm] = {}
+        if vms_dir.is_dir():
+            for directory in sorted(p for p in vms_dir.iterdir() if p.is_dir()):
+                paths = _Paths(directory)
+                record = _read_json(paths.record)
+                port = record.get("port")
+                found[directory.name] = HostVm(
+                    vm_id=directory.name,
+                    directory=directory,
+                    pid=self._live_pid(paths),
+                    ports=(port,) if isinstance(port, int) else (),
+                )
+        prefix = f"{vms_dir}/"
+        for pid, argv in _qemu_processes():
+            if _is_zombie(pid):
+                continue
+            for arg in argv:
+                index = arg.find(prefix)
+                if index < 0:
+                    continue
+                vm_id = arg[index + len(prefix) :].split("/", 1)[0].split(",", 1)[0]
+                if not vm_id:
+                    continue
+                existing = found.get(vm_id)
+                if existing is None:
+                    found[vm_id] = HostVm(vm_id=vm_id, directory=None, pid=pid)
+                elif existing.pid is None:
+                    found[vm_id] = HostVm(vm_id, existing.directory, pid, existing.ports)
+                break
+        return sorted(found.values(), key=lambda vm: vm.vm_id)
