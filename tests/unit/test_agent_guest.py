@@ -537,6 +537,17 @@ def test_agent_stops_cleanly_with_live_streams(tmp_path: Path, echo_server: int)
     assert _wait_until(lambda: not _pid_alive(pid), 3), "the shell outlived the agent"
 
 
+@needs_root
+def test_pty_as_another_user(client: AgentClient) -> None:
+    async def scenario() -> tuple[bytes, PtyExit | None]:
+        async with await client.open_pty("nobody", 80, 24, cmd='echo "uid=$(id -u) home=$HOME"') as stream:
+            return await _collect(stream)
+
+    output, exit_event = asyncio.run(scenario())
+    assert b"uid=65534 home=/nonexistent" in output
+    assert exit_event is not None and exit_event.code == 0
+
+
 def test_pty_unknown_user(client: AgentClient) -> None:
     with pytest.raises(AgentCallError) as caught:
         asyncio.run(client.open_pty("no-such-user-here", 80, 24))

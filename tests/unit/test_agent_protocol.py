@@ -1,0 +1,136 @@
+"""The agent protocol's static guarantees: host/guest constants agree, the guest package is
+standard-library only, the config disk format, framing and endpoint parsing."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import remotecli.agent.guest as guest_package
+from remotecli.agent import protocol
+from remotecli.agent.client import AgentClient
+from remotecli.agent.guest import config as guest_config
+from remotecli.agent.guest import wire
+
+GUEST_DIR = Path(guest_package.__file__).parent
+
+DUPLICATED = [
+    "API_PREFIX",
+    "UPGRADE_PTY",
+    "UPGRADE_TCP",
+    "FRAME_HEADER_SIZE",
+    "FRAME_DATA",
+    "FRAME_RESIZE",
+    "FRAME_EXIT",
+    "MAX_FRAME_PAYLOAD",
+    "MAX_OUTPUT_BYTES",
+    "MAX_FILE_BYTES",
+    "MAX_BODY_BYTES",
+    "MAX_EXEC_TIMEOUT_S",
+]
+
+
+@pytest.mark.parametrize("name", DUPLICATED)
+def test_guest_and_host_constants_match(name: str) -> None:
+    assert getattr(wire, name) == getattr(protocol, name)
+
+
+def test_every_guest_wire_constant_is_mirrored() -> None:
+    public = {name for name in vars(wire) if name.isupper()}
+    assert public == set(DUPLICATED)
+
+
+def test_guest_package_is_stdlib_only() -> None:
+    files = sorted(GUEST_DIR.glob("*.py"))
+    assert {path.name for path in files} >= {"__init__.py", "__main__.py"}
+    for path in files:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level > 0:
+                    continue  # relative import inside the package
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in sys.stdlib_module_names, f"{path.name} imports {root!r}"
+
+
+def _write_config(path: Path, doc: object, pad: int = 4096) -> Path:
+    path.write_bytes(json.dumps(doc).encode().ljust(pad, b"\0"))
+    return path
+
+
+def _doc(**overrides: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "vm_id": "vm-1",
+        "vm_type": "cli",
+        "agent_secret": "s" * 40,
+        "agent_port": 7000,
+        "hostname": "vm-1",
+        "cli_user": "cli",
+    }
+    doc.update(overrides)
+    return doc
+
+
+def test_config_reads_until_the_first_nul(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "config.img", _doc())
+    with path.open("ab") as handle:
+        handle.write(b"garbage after the padding")
+    config = guest_config.load_config(str(path), wait_s=0)
+    assert (config.vm_id, config.agent_port, config.cli_user) == ("vm-1", 7000, "cli")
+    assert "s" * 40 not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        _doc(agent_secret="short"),
+        _doc(agent_port="7000"),
+        {key: value for key, value in _doc().items() if key != "vm_id"},
+        ["not", "an", "object"],
+    ],
+)
+def test_config_rejects_bad_documents_without_echoing_the_secret(tmp_path: Path, doc: object) -> None:
+    path = _write_config(tmp_path / "config.img", doc)
+    with pytest.raises(guest_config.ConfigError) as caught:
+        guest_config.load_config(str(path), wait_s=0)
+    assert "s" * 40 not in str(caught.value)
+
+
+def test_config_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(guest_config.ConfigError):
+        guest_config.load_config(str(tmp_path / "absent"), wait_s=0)
+
+
+def test_frame_round_trip() -> None:
+    frame = protocol.encode_frame(protocol.FRAME_DATA, b"hello")
+    assert len(frame) == protocol.FRAME_HEADER_SIZE + 5
+    assert protocol.decode_frame_header(frame[: protocol.FRAME_HEADER_SIZE]) == (protocol.FRAME_DATA, 5)
+    resize = protocol.encode_resize(120, 40)
+    kind, length = protocol.decode_frame_header(resize[:5])
+    assert kind == protocol.FRAME_RESIZE
+    assert json.loads(resize[5 : 5 + length]) == {"cols": 120, "rows": 40}
+    with pytest.raises(ValueError):
+        protocol.encode_frame(protocol.FRAME_DATA, b"x" * (protocol.MAX_FRAME_PAYLOAD + 1))
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:7000", "unix:///run/agent.sock", "http://127.0.0.1:1"])
+def test_client_accepts_endpoints(endpoint: str) -> None:
+    with AgentClient(endpoint, "secret-" * 5) as client:
+        assert client.endpoint == endpoint
+        assert "secret-" not in repr(client)
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:7000", "tcp://127.0.0.1", "ftp://x:1", "unix://relative"])
+def test_client_rejects_bad_endpoints(endpoint: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        AgentClient(endpoint, "secret-" * 5)
+    assert "secret-" not in str(caught.value)
