@@ -22,13 +22,29 @@ OUTPUT_DRAIN_S = 1.0  # after the shell exits, keep forwarding its last output t
 HANGUP_GRACE_S = 2.0  # after the host hangs up, SIGHUP then (this much later) SIGKILL
 SPLICE_CHUNK = 65536
 
-# Make the pty slave the controlling terminal of the new session, then exec the shell. Runs as a
-# tiny child program because the agent is multi-threaded (no preexec_fn, no bare fork).
-_CTTY_HELPER = (
-    "import fcntl,os,sys,termios\n"
-    "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
-    "os.execvp(sys.argv[1], sys.argv[1:])\n"
-)
+# The pty child: make the slave its controlling terminal, drop to the target user, exec the shell.
+# It runs as a tiny child program, started as the agent's own user (so the agent's interpreter is
+# always executable) because the agent is multi-threaded: no preexec_fn, no bare fork.
+# argv: IDENTITY ("-" or "uid:gid:g1,g2,...") CWD PROGRAM ARGS...
+_PTY_HELPER = """
+import fcntl, os, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+identity, cwd, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+if identity != "-":
+    uid, gid, groups = identity.split(":")
+    os.setgroups([int(g) for g in groups.split(",") if g])
+    os.setgid(int(gid))
+    os.setuid(int(uid))
+try:
+    os.chdir(cwd)
+except OSError:
+    os.chdir("/")
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write("remotecli: cannot start %s: %s\\r\\n" % (argv[0], exc.strerror))
+    os._exit(127)
+"""
 
 
 def encode_frame(kind, payload):
@@ -58,17 +74,21 @@ def spawn_pty(cmd, cols, rows, env, cwd, identity):
         shell = login_shell()
         argv = [shell, "-l", "-c", cmd] if cmd else [shell, "-l"]
         python = sys.executable or "python3"
+        if identity:
+            groups = ",".join(str(gid) for gid in identity["extra_groups"])
+            spec = f"{identity['user']}:{identity['group']}:{groups}"
+        else:
+            spec = "-"
         try:
             proc = subprocess.Popen(
-                [python, "-I", "-S", "-c", _CTTY_HELPER, *argv],
+                [python, "-I", "-S", "-c", _PTY_HELPER, spec, cwd, *argv],
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
-                cwd=cwd,
+                cwd="/",
                 env=env,
                 start_new_session=True,
                 close_fds=True,
-                **identity,
             )
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
