@@ -24,11 +24,26 @@ POSTGRES_URL = os.environ.get("REMOTECLI_TEST_POSTGRES_URL")
 REQUIRE_POSTGRES = os.environ.get("REMOTECLI_REQUIRE_POSTGRES") == "1"
 
 
-def _create_pg_database(base_url: str) -> tuple[str, str]:
+_template: dict[str, str] = {}
+
+
+def _migrated_template(base_url: str) -> str:
+    """A database migrated to head once per test run; tests copy it (much faster than migrating)."""
+    if "name" not in _template:
+        url, name = _create_pg_database(base_url)
+        template_db = Database(url)
+        template_db.migrate()
+        template_db.dispose()
+        _template["name"] = name
+    return _template["name"]
+
+
+def _create_pg_database(base_url: str, template: str | None = None) -> tuple[str, str]:
     name = f"rcli_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(normalize_url(base_url), isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
+        suffix = f' TEMPLATE "{template}"' if template else ""
+        connection.execute(text(f'CREATE DATABASE "{name}"{suffix}'))
     admin.dispose()
     url = make_url(normalize_url(base_url)).set(database=name)
     return url.render_as_string(hide_password=False), name
@@ -41,21 +56,37 @@ def _drop_pg_database(base_url: str, name: str) -> None:
     admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
+def _database(kind: str, tmp_path: Path, *, migrated: bool) -> Iterator[str]:
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'test.db'}"
         return
     if not POSTGRES_URL:
         if REQUIRE_POSTGRES:
             pytest.fail("REMOTECLI_REQUIRE_POSTGRES=1 but REMOTECLI_TEST_POSTGRES_URL is not set")
         pytest.skip("no PostgreSQL server (set REMOTECLI_TEST_POSTGRES_URL)")
-    url, name = _create_pg_database(POSTGRES_URL)
+    template = _migrated_template(POSTGRES_URL) if migrated else None
+    url, name = _create_pg_database(POSTGRES_URL, template)
     try:
         yield url
     finally:
         _drop_pg_database(POSTGRES_URL, name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database of each kind (PostgreSQL ones come migrated from a template)."""
+    yield from _database(request.param, tmp_path, migrated=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind (for migration tests)."""
+    yield from _database(request.param, tmp_path, migrated=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if POSTGRES_URL and "name" in _template:
+        _drop_pg_database(POSTGRES_URL, _template.pop("name"))
 
 
 @pytest.fixture

@@ -91,20 +91,21 @@ def _snapshot(ctx: AppContext, vm_id: str) -> tuple[str, int, int]:
         return vm.status, vm.generation, int(events or 0)
 
 
-@pytest.mark.parametrize("current,new", list(itertools.product(VmStatus, VmStatus)))
-def test_set_vm_status_on_database(ctx: AppContext, current: VmStatus, new: VmStatus) -> None:
-    vm = _make_vm(ctx, current)
-    before = _snapshot(ctx, vm.id)
-    if (current.value, new.value) in EXPECTED_VM_EDGES:
-        with ctx.db.transaction() as session:
-            set_vm_status(session, vm, new, module="test", message="t")
-        status, generation, events = _snapshot(ctx, vm.id)
-        assert (status, generation, events) == (new.value, before[1] + 1, before[2] + 1)
-        assert vm.status == new.value
-    else:
-        with pytest.raises((InvalidTransition, VmTerminal)), ctx.db.transaction() as session:
-            set_vm_status(session, vm, new, module="test", message="t")
-        assert _snapshot(ctx, vm.id) == before  # a refused transition changes nothing
+def test_set_vm_status_on_database_every_pair(ctx: AppContext) -> None:
+    """All 81 (current, new) pairs through the database: allowed ones move, refused ones change nothing."""
+    for current, new in itertools.product(VmStatus, VmStatus):
+        vm = _make_vm(ctx, current)
+        before = _snapshot(ctx, vm.id)
+        if (current.value, new.value) in EXPECTED_VM_EDGES:
+            with ctx.db.transaction() as session:
+                set_vm_status(session, vm, new, module="test", message="t")
+            status, generation, events = _snapshot(ctx, vm.id)
+            assert (status, generation, events) == (new.value, before[1] + 1, before[2] + 1)
+            assert vm.status == new.value
+        else:
+            with pytest.raises((InvalidTransition, VmTerminal)), ctx.db.transaction() as session:
+                set_vm_status(session, vm, new, module="test", message="t")
+            assert _snapshot(ctx, vm.id) == before, (current, new)  # a refused transition changes nothing
 
 
 def test_lost_race_changes_nothing(ctx: AppContext) -> None:
@@ -118,22 +119,25 @@ def test_lost_race_changes_nothing(ctx: AppContext) -> None:
     assert _snapshot(ctx, vm.id) == before
 
 
-@pytest.mark.parametrize("current,new", list(itertools.product(AuthStatus, AuthStatus)))
-def test_set_auth_status_on_database(ctx: AppContext, current: AuthStatus, new: AuthStatus) -> None:
+def test_set_auth_status_on_database_every_pair(ctx: AppContext) -> None:
     _make_vm(ctx, VmStatus.CREATING)  # creates the user
-    now = utcnow()
-    auth = AuthSession(id=f"s-{current.value}-{new.value}", user_id="00000000-0000-0000-0000-000000000001",
-                       provider="claude_code", status=current.value, generation=0, created_at=now, updated_at=now)
-    with ctx.db.transaction() as session:
-        session.add(auth)
-    if auth_transition_allowed(current, new):
+    for current, new in itertools.product(AuthStatus, AuthStatus):
+        now = utcnow()
+        auth = AuthSession(id=f"s-{current.value}-{new.value}", user_id="00000000-0000-0000-0000-000000000001",
+                           provider="claude_code", status=current.value, generation=0, created_at=now,
+                           updated_at=now)
         with ctx.db.transaction() as session:
-            set_auth_status(session, auth, new, module="test", message="t")
-        assert auth.status == new.value
-    else:
-        with pytest.raises(InvalidTransition), ctx.db.transaction() as session:
-            set_auth_status(session, auth, new, module="test", message="t")
-        with ctx.db.transaction() as session:
-            row = session.get(AuthSession, auth.id)
-            assert row is not None and row.status == current.value and row.generation == 0
-            assert session.scalar(select(func.count()).select_from(Event).where(Event.session_id == auth.id)) == 0
+            session.add(auth)
+        if auth_transition_allowed(current, new):
+            with ctx.db.transaction() as session:
+                set_auth_status(session, auth, new, module="test", message="t")
+            assert auth.status == new.value
+        else:
+            with pytest.raises(InvalidTransition), ctx.db.transaction() as session:
+                set_auth_status(session, auth, new, module="test", message="t")
+            with ctx.db.transaction() as session:
+                row = session.get(AuthSession, auth.id)
+                assert row is not None and row.status == current.value and row.generation == 0
+                assert session.scalar(
+                    select(func.count()).select_from(Event).where(Event.session_id == auth.id)
+                ) == 0

@@ -93,7 +93,7 @@ def authenticate_token(db: Database, token: str) -> Principal:
         ).one_or_none()
         if row is None:
             raise AuthenticationRequired("That API token is not valid.")
-        api_token, user = row.tuple()
+        api_token, user = row
         if api_token.revoked_at is not None:
             raise AuthenticationRequired("That API token was revoked; create a new one.")
         if api_token.expires_at is not None and api_token.expires_at <= now:
