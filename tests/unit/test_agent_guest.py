@@ -8,6 +8,7 @@ site-packages, so an accidental non-stdlib or ``remotecli`` import fails here to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,13 +189,13 @@ def _pid_alive(pid: int) -> bool:
     return state[state.rindex(")") + 2] not in ("Z", "X")
 
 
-def _wait_until(predicate: object, timeout: float) -> bool:
+def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return True
         time.sleep(0.05)
-    return bool(predicate())  # type: ignore[operator]
+    return predicate()
 
 
 # --- health and authentication ------------------------------------------------------------------
@@ -639,3 +640,76 @@ def test_tcp_client_disconnect_mid_stream(client: AgentClient, echo_server: int)
 
     asyncio.run(scenario())
     assert client.health().vm_id == "vm-a"
+
+
+# --- Firecracker-style hybrid vsock endpoint ------------------------------------------------------
+
+
+@pytest.fixture
+def fake_vsock(agent: RunningAgent, tmp_path: Path) -> Iterator[Path]:
+    """A Unix socket that answers ``CONNECT <port>\\n`` with ``OK``, then splices to the agent,
+    like Firecracker's vsock device does to the guest's AF_VSOCK listener."""
+    path = tmp_path / "vsock.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def handle(conn: socket.socket) -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = conn.recv(1)
+            if not chunk:
+                conn.close()
+                return
+            line += chunk
+        assert line == b"CONNECT 7000\n"
+        upstream = socket.create_connection(("127.0.0.1", agent.port))
+        conn.sendall(b"OK 1073741824\n")
+        threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+
+    def accept_loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept_loop, daemon=True)
+    thread.start()
+    yield path
+    stop.set()
+    thread.join(2)
+    server.close()
+
+
+def test_vsock_endpoint(fake_vsock: Path) -> None:
+    endpoint = f"unix+vsock://{fake_vsock}?port=7000"
+    with AgentClient(endpoint, SECRET, timeout=5) as c:
+        assert c.health().vm_id == "vm-a"
+        assert c.exec(["echo", "over-vsock"], timeout_s=5).stdout == b"over-vsock\n"
+
+        async def scenario() -> PtyExit | None:
+            async with await c.open_pty(_current_user(), 80, 24, cmd="exit 5") as stream:
+                return (await _collect(stream))[1]
+
+        assert asyncio.run(scenario()) == PtyExit(code=5, signal=None)
+    with AgentClient(endpoint, OTHER_SECRET, timeout=5) as wrong, pytest.raises(AgentRejected):
+        wrong.health()

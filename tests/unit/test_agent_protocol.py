@@ -134,3 +134,20 @@ def test_client_rejects_bad_endpoints(endpoint: str) -> None:
     with pytest.raises(ValueError) as caught:
         AgentClient(endpoint, "secret-" * 5)
     assert "secret-" not in str(caught.value)
+
+
+def test_config_optional_vsock_port(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "config.img", _doc(agent_vsock_port=7000))
+    assert guest_config.load_config(str(path), wait_s=0).agent_vsock_port == 7000
+    path = _write_config(tmp_path / "config.img", _doc())
+    assert guest_config.load_config(str(path), wait_s=0).agent_vsock_port is None
+    path = _write_config(tmp_path / "config.img", _doc(agent_vsock_port=0))
+    with pytest.raises(guest_config.ConfigError):
+        guest_config.load_config(str(path), wait_s=0)
+
+
+def test_client_parses_firecracker_vsock_endpoint() -> None:
+    with AgentClient("unix+vsock:///var/lib/remotecli/vms/x/vsock.sock?port=7000", "s" * 40) as client:
+        assert "s" * 40 not in repr(client)
+    with pytest.raises(ValueError):
+        AgentClient("unix+vsock:///var/lib/vsock.sock", "s" * 40)

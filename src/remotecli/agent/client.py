@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, Self
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
+import httpcore
 import httpx
 from pydantic import ValidationError
 
@@ -124,10 +125,21 @@ class _Endpoint:
     host: str | None = None
     port: int | None = None
     uds: str | None = None
+    vsock_port: int | None = None  # Firecracker hybrid vsock: CONNECT <port> on the host UDS first
+
+
+VSOCK_SCHEME = "unix+vsock"
+_MAX_VSOCK_ACK = 64
 
 
 def _parse_endpoint(endpoint: str) -> _Endpoint:
     parts = urlsplit(endpoint)
+    if parts.scheme == VSOCK_SCHEME:
+        path = unquote(parts.path)
+        ports = parse_qs(parts.query).get("port")
+        if not path.startswith("/") or not ports or not ports[0].isdigit():
+            raise ValueError(f"vsock endpoint needs unix+vsock:///PATH?port=N: {endpoint!r}")
+        return _Endpoint(text=endpoint, uds=path, vsock_port=int(ports[0]))
     if parts.scheme == "unix":
         path = (parts.netloc + parts.path) if parts.netloc else parts.path
         if not path.startswith("/"):
@@ -137,7 +149,9 @@ def _parse_endpoint(endpoint: str) -> _Endpoint:
         if not parts.hostname or parts.port is None:
             raise ValueError(f"agent endpoint needs a host and a port: {endpoint!r}")
         return _Endpoint(text=endpoint, host=parts.hostname, port=parts.port)
-    raise ValueError(f"unsupported agent endpoint {endpoint!r}: use tcp://HOST:PORT or unix:///PATH")
+    raise ValueError(
+        f"unsupported agent endpoint {endpoint!r}: use tcp://HOST:PORT, unix:///PATH or unix+vsock:///PATH?port=N"
+    )
 
 
 def _b64decode(value: str) -> bytes:
@@ -145,6 +159,46 @@ def _b64decode(value: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise AgentError(log_detail="agent answered invalid base64") from None
+
+
+class _VsockBackend(httpcore.SyncBackend):
+    """Every "TCP" connection goes to Firecracker's vsock UDS, then ``CONNECT <port>``."""
+
+    def __init__(self, uds: str, port: int) -> None:
+        self._uds = uds
+        self._port = port
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        stream = self.connect_unix_socket(self._uds, timeout=timeout, socket_options=socket_options)
+        try:
+            stream.write(f"CONNECT {self._port}\n".encode("ascii"), timeout=timeout)
+            ack = b""
+            while not ack.endswith(b"\n"):
+                chunk = stream.read(1, timeout=timeout)
+                if not chunk or len(ack) > _MAX_VSOCK_ACK:
+                    break
+                ack += chunk
+            if not ack.startswith(b"OK "):
+                raise httpcore.ConnectError(f"vsock handshake answered {ack[:_MAX_VSOCK_ACK]!r}")
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+
+async def _vsock_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+    writer.write(f"CONNECT {port}\n".encode("ascii"))
+    await writer.drain()
+    ack = await reader.readline()
+    if not ack.startswith(b"OK "):
+        raise ConnectionError(f"vsock handshake answered {ack[:_MAX_VSOCK_ACK]!r}")
 
 
 class PtyStream:
@@ -232,7 +286,11 @@ class PtyStream:
 
 
 class AgentClient:
-    """Client of one VM's guest agent. ``endpoint``: ``tcp://127.0.0.1:PORT`` or ``unix:///path``."""
+    """Client of one VM's guest agent.
+
+    ``endpoint``: ``tcp://127.0.0.1:PORT`` (QEMU host forward), ``unix:///path`` or
+    ``unix+vsock:///path?port=N`` (Firecracker's hybrid vsock socket, ``CONNECT N`` handshake).
+    """
 
     def __init__(self, endpoint: str, secret: str, *, timeout: float = 30.0) -> None:
         if not secret:
@@ -240,7 +298,14 @@ class AgentClient:
         self._endpoint = _parse_endpoint(endpoint)
         self._secret = secret
         self.timeout = timeout
-        if self._endpoint.uds is not None:
+        if self._endpoint.vsock_port is not None and self._endpoint.uds is not None:
+            transport = httpx.HTTPTransport(retries=0)
+            # httpx has no public hook for a network backend; its pool is replaced wholesale.
+            transport._pool = httpcore.ConnectionPool(
+                network_backend=_VsockBackend(self._endpoint.uds, self._endpoint.vsock_port), retries=0
+            )
+            base_url = "http://agent"
+        elif self._endpoint.uds is not None:
             transport = httpx.HTTPTransport(uds=self._endpoint.uds, retries=0)
             base_url = "http://agent"
         else:
@@ -498,6 +563,8 @@ class AgentClient:
             async with asyncio.timeout(self.timeout):
                 if self._endpoint.uds is not None:
                     reader, writer = await asyncio.open_unix_connection(self._endpoint.uds)
+                    if self._endpoint.vsock_port is not None:
+                        await _vsock_handshake(reader, writer, self._endpoint.vsock_port)
                 else:
                     reader, writer = await asyncio.open_connection(self._endpoint.host, self._endpoint.port)
                 writer.write(request)

@@ -13,9 +13,10 @@ class ConfigError(Exception):
 
 
 class AgentConfig:
-    __slots__ = ("agent_port", "agent_secret", "cli_user", "hostname", "vm_id", "vm_type")
+    __slots__ = ("agent_port", "agent_secret", "agent_vsock_port", "cli_user", "hostname", "vm_id", "vm_type")
 
-    def __init__(self, vm_id, vm_type, agent_secret, agent_port, hostname, cli_user):
+    def __init__(self, vm_id, vm_type, agent_secret, agent_port, hostname, cli_user, agent_vsock_port=None):
+        self.agent_vsock_port = agent_vsock_port
         self.vm_id = vm_id
         self.vm_type = vm_type
         self.agent_secret = agent_secret
@@ -75,6 +76,11 @@ def load_config(path, wait_s=30.0):
     port = doc["agent_port"]
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ConfigError("agent_port must be an integer port")
+    vsock_port = doc.get("agent_vsock_port")  # optional: Firecracker guests are reached over vsock
+    if vsock_port is not None and (
+        not isinstance(vsock_port, int) or isinstance(vsock_port, bool) or not 1 <= vsock_port < 2**32
+    ):
+        raise ConfigError("agent_vsock_port must be a positive integer")
     for key in ("vm_id", "vm_type", "hostname", "cli_user"):
         if not isinstance(doc[key], str):
             raise ConfigError(f"{key} must be a string")
@@ -85,6 +91,7 @@ def load_config(path, wait_s=30.0):
         agent_port=port,
         hostname=doc["hostname"],
         cli_user=doc["cli_user"],
+        agent_vsock_port=vsock_port,
     )
 
 

@@ -398,6 +398,29 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+async def _start_vsock_server(agent):
+    """Also listen on AF_VSOCK ``agent_vsock_port`` when the config asks (Firecracker guests)."""
+    port = agent.config.agent_vsock_port
+    if port is None:
+        return None
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        log("vsock_unavailable", level="warning", port=port, detail="no AF_VSOCK in this Python")
+        return None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, port))
+        sock.listen(256)
+        sock.setblocking(False)
+        server = await asyncio.start_server(agent.handle_connection, sock=sock, limit=64 * 1024)
+    except OSError as exc:
+        sock.close()
+        log("vsock_unavailable", level="warning", port=port, detail=exc.strerror)
+        return None
+    log("listening_vsock", port=port)
+    return server
+
+
 def _loop_exception(loop, context):
     exc = context.get("exception")
     log(
@@ -428,8 +451,11 @@ async def serve(agent, host, port):
         agent_version=AGENT_VERSION,
         pid=os.getpid(),
     )
+    vsock_server = await _start_vsock_server(agent)
     async with server:
         signum = await stop
+        if vsock_server is not None:
+            vsock_server.close()
         log("stopping", signal=signum)
         server.close()
         # Close live connections ourselves: from Python 3.12 on, leaving ``async with server``
