@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 CONTEXT_FIELDS = ("vm_id", "user_id", "session_id")
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("remotecli_log_context", default={})
+_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("remotecli_log_context", default=None)
 
 _SECRET_PATTERNS = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
@@ -50,7 +50,7 @@ def get_logger(module: str) -> logging.Logger:
 @contextlib.contextmanager
 def log_context(**fields: str | None) -> Iterator[None]:
     """Attach ``vm_id``/``user_id``/``session_id`` to every record logged inside the block."""
-    current = dict(_context.get())
+    current = dict(_context.get() or {})
     current.update({key: value for key, value in fields.items() if value is not None})
     token = _context.set(current)
     try:
@@ -67,7 +67,7 @@ class JsonFormatter(logging.Formatter):
             "module": _module_of(record),
             "message": redact(record.getMessage()),
         }
-        context = _context.get()
+        context = _context.get() or {}
         for name in CONTEXT_FIELDS:
             value = record.__dict__.get(name) or context.get(name)
             if value:

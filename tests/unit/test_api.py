@@ -11,10 +11,10 @@ from sqlalchemy import func, select
 from remotecli.api.app import create_app
 from remotecli.context import AppContext
 from remotecli.db.models import ApiToken, Event, Vm
+from remotecli.domain.states import VmStatus
 from remotecli.drivers.fake import FakeDriver
 from remotecli.services import users as users_service
 from remotecli.services.transitions import set_vm_status
-from remotecli.domain.states import VmStatus
 
 
 @pytest.fixture

@@ -188,7 +188,9 @@ def test_users_see_only_their_own_vms(ctx: AppContext, alice: Principal, bob: Pr
     assert vm_manager.get_vm(ctx, alice, vm.id).status == "running"
 
 
-def test_twenty_concurrent_ensure_calls_share_one_vm(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+def test_twenty_concurrent_ensure_calls_share_one_vm(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
     fake_driver.boot_delay_s = 0.3  # widen the race window
     results: list[str] = []
     errors: list[BaseException] = []

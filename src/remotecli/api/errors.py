@@ -62,6 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            {"code": "internal_error", "message": "Something went wrong inside remotecli; the operator can see details in the log."},
+            {"code": "internal_error",
+             "message": "Something went wrong inside remotecli; the operator can see details in the log."},
             status_code=500,
         )

@@ -43,6 +43,16 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(conn: Any) -> None:
+    # Write transactions take the write lock at BEGIN so concurrent writers queue (busy_timeout)
+    # instead of failing when a deferred transaction tries to upgrade to a write. Read-only
+    # transactions (``Database.read``) begin deferred: under WAL they never wait for a writer.
+    if conn.get_execution_options().get("remotecli_readonly"):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_engine(url: str, *, pool: bool = True) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
@@ -53,9 +63,7 @@ def make_engine(url: str, *, pool: bool = True) -> Engine:
             max_overflow=30,
         )
         event.listen(engine, "connect", _sqlite_on_connect)
-        # Take the write lock at BEGIN so concurrent writers queue (busy_timeout) instead of
-        # failing when a deferred read transaction tries to upgrade to a write.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     if not pool:
         return create_engine(url, poolclass=NullPool)
@@ -69,6 +77,9 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(remotecli_readonly=True), expire_on_commit=False
+        )
 
     @property
     def dialect(self) -> str:
@@ -78,6 +89,12 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""
         with self._sessions() as session, session.begin():
+            yield session
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction (must not write: on SQLite it does not hold the write lock)."""
+        with self._read_sessions() as session, session.begin():
             yield session
 
     def session(self) -> Session:

@@ -142,7 +142,9 @@ class FakeDriver(VmDriver):
 
     def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
         with self._lock:
-            found = {vm_id: HostVm(vm_id, vm.spec.directory, None) for vm_id, vm in self._vms.items() if vm.process_alive}
+            found = {
+                vm_id: HostVm(vm_id, vm.spec.directory, None) for vm_id, vm in self._vms.items() if vm.process_alive
+            }
         if vms_dir.is_dir():
             for path in vms_dir.iterdir():
                 if path.is_dir() and path.name.startswith("vm-") and path.name not in found:

@@ -9,7 +9,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from remotecli.db.models import ApiToken, User, utcnow
@@ -50,7 +50,7 @@ def create_user(db: Database, name: str, *, is_admin: bool = False) -> User:
 
 
 def get_user_by_name(db: Database, name: str) -> User:
-    with db.transaction() as session:
+    with db.read() as session:
         user = session.scalars(select(User).where(User.name == name)).one_or_none()
     if user is None:
         raise UserNotFound(f"No user named {name!r}; create one with 'remotecli users create {name}'.")
@@ -58,7 +58,7 @@ def get_user_by_name(db: Database, name: str) -> User:
 
 
 def list_users(db: Database) -> list[User]:
-    with db.transaction() as session:
+    with db.read() as session:
         return list(session.scalars(select(User).order_by(User.created_at)))
 
 
@@ -87,20 +87,21 @@ def authenticate_token(db: Database, token: str) -> Principal:
         raise AuthenticationRequired("That API token is not valid.")
     digest = hash_token(token)
     now = utcnow()
-    with db.transaction() as session:
+    with db.read() as session:
         row = session.execute(
             select(ApiToken, User).join(User, User.id == ApiToken.user_id).where(ApiToken.token_hash == digest)
         ).one_or_none()
-        if row is None:
-            raise AuthenticationRequired("That API token is not valid.")
-        api_token, user = row
-        if api_token.revoked_at is not None:
-            raise AuthenticationRequired("That API token was revoked; create a new one.")
-        if api_token.expires_at is not None and api_token.expires_at <= now:
-            raise AuthenticationRequired("That API token has expired; create a new one.")
-        if user.disabled:
-            raise AuthenticationRequired("This account is disabled.")
-        # Write last_used_at at most once a minute: a write per request would serialize reads on SQLite.
-        if api_token.last_used_at is None or now - api_token.last_used_at > dt.timedelta(minutes=1):
-            api_token.last_used_at = now
-        return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)
+    if row is None:
+        raise AuthenticationRequired("That API token is not valid.")
+    api_token, user = row
+    if api_token.revoked_at is not None:
+        raise AuthenticationRequired("That API token was revoked; create a new one.")
+    if api_token.expires_at is not None and api_token.expires_at <= now:
+        raise AuthenticationRequired("That API token has expired; create a new one.")
+    if user.disabled:
+        raise AuthenticationRequired("This account is disabled.")
+    # Write last_used_at at most once a minute: a write per request would serialize reads on SQLite.
+    if api_token.last_used_at is None or now - api_token.last_used_at > dt.timedelta(minutes=1):
+        with db.transaction() as session:
+            session.execute(update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now))
+    return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from remotecli.context import AppContext
@@ -103,7 +103,7 @@ def _visible(vm: Vm | None, principal: Principal | None) -> Vm:
 
 
 def get_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
-    with ctx.db.transaction() as session:
+    with ctx.db.read() as session:
         return _visible(session.get(Vm, vm_id), principal)
 
 
@@ -125,7 +125,7 @@ def list_vms(
         stmt = stmt.where(Vm.vm_type == vm_type)
     if status:
         stmt = stmt.where(Vm.status == status)
-    with ctx.db.transaction() as session:
+    with ctx.db.read() as session:
         return list(session.scalars(stmt))
 
 
@@ -256,7 +256,8 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
             raise StatusChanged(log_detail=f"{vm.id} became {fresh.status} while booting")
         fresh.endpoint = boot.endpoint
         fresh.updated_at = utcnow()
-        record_event(session, module=MODULE, kind="vm.booted", message="Hypervisor running; waiting for the guest agent",
+        record_event(session, module=MODULE, kind="vm.booted",
+                     message="Hypervisor running; waiting for the guest agent",
                      user_id=vm.user_id, vm_id=vm.id, session_id=session_id,
                      details={"accel": boot.accel, "driver": ctx.driver.name})
     vm.endpoint = boot.endpoint
@@ -348,7 +349,7 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
     deadline = time.monotonic() + ctx.settings.vm_boot_timeout_s * 2 + 30
     with log_context(user_id=principal.user_id, session_id=session_id):
         while time.monotonic() < deadline:
-            with ctx.db.transaction() as session:
+            with ctx.db.read() as session:
                 vm = session.scalars(
                     select(Vm).where(
                         Vm.user_id == principal.user_id,
@@ -370,10 +371,7 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
             if status is VmStatus.RUNNING:
                 reason = prove_alive(ctx, vm)
                 if reason is None:
-                    with ctx.db.transaction() as session:
-                        fresh = load_vm(session, vm.id)
-                        fresh.last_seen_at = utcnow()
-                    vm.last_seen_at = fresh.last_seen_at
+                    _touch(ctx, vm)
                     return vm, False
                 _skip_stale(ctx, vm, reason, session_id)
                 continue
@@ -403,6 +401,16 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
         raise VmBootFailed("Your CLI workspace could not be prepared in time; try again in a minute.")
 
 
+def _touch(ctx: AppContext, vm: Vm) -> None:
+    """Record that ``vm`` was just proven alive (at most every few seconds: it is a write)."""
+    now = utcnow()
+    if vm.last_seen_at is not None and (now - vm.last_seen_at).total_seconds() < 5:
+        return
+    with ctx.db.transaction() as session:
+        session.execute(update(Vm).where(Vm.id == vm.id).values(last_seen_at=now))
+    vm.last_seen_at = now
+
+
 def _skip_stale(ctx: AppContext, vm: Vm, reason: str, session_id: str | None) -> None:
     log.warning("Skipping stale CLI VM: %s", reason, extra={"vm_id": vm.id, "user_id": vm.user_id})
     fail_vm(ctx, vm.id, f"not usable: {reason}", session_id=session_id)
@@ -422,7 +430,7 @@ def _wait_while(ctx: AppContext, vm: Vm, status: VmStatus, *, session_id: str | 
     """Wait for another caller to move ``vm`` out of a transient ``status``; fail it if wedged."""
     limit = ctx.settings.vm_boot_timeout_s + 15
     while True:
-        with ctx.db.transaction() as session:
+        with ctx.db.read() as session:
             fresh = session.get(Vm, vm.id)
         if fresh is None or fresh.status != status.value:
             return
@@ -491,7 +499,8 @@ def pause_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
         _driver_failed(ctx, vm, "pause", exc)
         raise VmTerminal("The VM stopped unexpectedly and was marked failed.") from exc
     with ctx.db.transaction() as session:
-        return set_vm_status(session, vm, VmStatus.PAUSED, module=MODULE, message="VM paused", expected=VmStatus.RUNNING)
+        return set_vm_status(session, vm, VmStatus.PAUSED, module=MODULE, message="VM paused",
+                             expected=VmStatus.RUNNING)
 
 
 def resume_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, session_id: str | None = None) -> Vm:

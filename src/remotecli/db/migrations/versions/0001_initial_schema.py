@@ -4,9 +4,8 @@ Revision ID: 0001
 Revises: 
 Create Date: 2026-11-24 04:30:18.763793
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
@@ -15,7 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table('events',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('at', sa.DateTime(timezone=True), nullable=False),
@@ -113,7 +112,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    
+
     with op.batch_alter_table('vms', schema=None) as batch_op:
         batch_op.drop_index('uq_vms_one_live_cli_per_user', sqlite_where=sa.text("vm_type = 'cli' AND status NOT IN ('failed', 'destroyed')"), postgresql_where=sa.text("vm_type = 'cli' AND status NOT IN ('failed', 'destroyed')"))
         batch_op.drop_index('ix_vms_user_id_vm_type')

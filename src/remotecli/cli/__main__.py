@@ -1,0 +1,3 @@
+from remotecli.cli.main import main
+
+main(prog_name="remotecli")
