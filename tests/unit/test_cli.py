@@ -1,0 +1,61 @@
+"""The remotecli command: exit codes, messages in words, --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from remotecli.cli.main import main
+
+
+@pytest.fixture
+def run(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("REMOTECLI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("REMOTECLI_DATABASE_URL", db_url)
+    monkeypatch.setenv("REMOTECLI_DRIVER", "fake")
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == code, (args, result.output)
+        return result.output
+
+    return invoke
+
+
+def test_users_tokens_and_vms(run) -> None:  # type: ignore[no-untyped-def]
+    assert "Created user alice" in run("users", "create", "alice")
+    token = run("tokens", "create", "alice").splitlines()[0]
+    assert token.startswith("rcli_")
+    out = run("users", "create", "alice", code=1)
+    assert "already exists" in out and "already_exists" in out
+    assert "lower-case" in run("users", "create", "Not Valid!", code=2)
+    vm_id = run("vm", "create", "--user", "alice", "--type", "browser").strip().splitlines()[-1]
+    assert vm_id.startswith("vm-")
+    listing = json.loads(run("vm", "list", "--json"))
+    assert [v["id"] for v in listing] == [vm_id] and listing[0]["status"] == "running"
+    assert "agent_secret" not in json.dumps(listing)
+    assert "running (Running)" in run("vm", "show", vm_id)
+    assert "fake: booted" in run("vm", "show", vm_id, "--console")
+    assert "unknown_vm_type" in run("vm", "create", "--user", "alice", "--type", "gpu", code=2)
+    assert "No such VM" in run("vm", "show", "vm-nope", code=1)
+    assert "No user named" in run("vm", "create", "--user", "nobody", code=1)
+
+
+def test_doctor_reports_checks(run) -> None:  # type: ignore[no-untyped-def]
+    checks = json.loads(run("doctor", "--json"))
+    names = {c["check"]: c["ok"] for c in checks}
+    assert names["database"] and names["migrations"] and names["driver fake"]
+
+
+def test_help_explains() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("up", "serve", "doctor", "images", "users", "tokens", "vm"):
+        assert command in result.output
+    vm_help = CliRunner().invoke(main, ["vm", "--help"]).output
+    for command in ("list", "show", "create", "stop", "start", "pause", "resume", "destroy", "exec"):
+        assert command in vm_help
