@@ -66,20 +66,20 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 def run_wrk(url: str, seconds: int, connections: int, headers: dict[str, str], method: str = "GET",
             body: str | None = None) -> dict[str, float]:
-    script = None
+    script: str | None = None
     args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
     for key, value in headers.items():
         args += ["-H", f"{key}: {value}"]
     if method != "GET":
-        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-        script.write(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body or "")}\n'
-                     'wrk.headers["Content-Type"] = "application/json"\n')
-        script.close()
-        args += ["-s", script.name]
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+            handle.write(f'wrk.method = "{method}"\nwrk.body = {json.dumps(body or "")}\n'
+                         'wrk.headers["Content-Type"] = "application/json"\n')
+            script = handle.name
+        args += ["-s", script]
     args.append(url)
     output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     if script:
-        os.unlink(script.name)
+        os.unlink(script)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
 
     def pct(label: str) -> float:
