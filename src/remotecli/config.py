@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     vm_stop_timeout_s: float = Field(default=20.0, gt=0)
     agent_request_timeout_s: float = Field(default=30.0, gt=0)
 
+    auth_session_ttl_s: float = Field(default=900.0, gt=0, description="Sign-in sessions expire after this")
+    auth_page_timeout_s: float = Field(default=240.0, gt=0, description="Browser VM boot + login page on screen")
+    vnc_ticket_ttl_s: float = Field(default=120.0, gt=0)
+    cli_guest_user: str = "cli"
+    cli_guest_home: str = "/home/cli"
+    browser_guest_user: str = "browser"
+    browser_vnc_port: int = 5900
+    run_background: bool = Field(default=True, description="Run the background loops in this process")
+
     log_level: str = "INFO"
     log_to_stderr: bool = True
 

@@ -10,8 +10,10 @@ the log (after redaction) and never to a client.
 
     RemotecliError                      500 internal_error
     ├── InvalidInput                    422 invalid_input
-    │   └── UnknownVmType               422 unknown_vm_type
+    │   ├── UnknownVmType               422 unknown_vm_type
+    │   └── UnknownProvider             422 unknown_provider
     ├── AuthenticationRequired          401 authentication_required
+    │   └── TicketInvalid               401 ticket_invalid
     ├── PermissionDenied                403 permission_denied
     ├── NotFound                        404 not_found
     │   ├── VmNotFound                  404 vm_not_found
@@ -21,6 +23,7 @@ the log (after redaction) and never to a client.
     │   ├── InvalidTransition           409 invalid_transition
     │   ├── VmTerminal                  409 vm_terminal
     │   ├── VmNotRunning                409 vm_not_running
+    │   ├── AuthSessionEnded            409 auth_session_ended
     │   └── AlreadyExists               409 already_exists
     ├── LimitExceeded                   429 limit_exceeded
     ├── Unavailable                     503 unavailable
@@ -68,10 +71,20 @@ class UnknownVmType(InvalidInput):
     default_message = "Unknown VM type; use 'cli' or 'browser'."
 
 
+class UnknownProvider(InvalidInput):
+    code = "unknown_provider"
+    default_message = "Unknown provider; GET /api/v1/providers lists the ones you can use."
+
+
 class AuthenticationRequired(RemotecliError):
     code = "authentication_required"
     http_status = 401
     default_message = "Sign in first: send 'Authorization: Bearer <token>' (create one with 'remotecli tokens create')."
+
+
+class TicketInvalid(AuthenticationRequired):
+    code = "ticket_invalid"
+    default_message = "This view link has expired or was already used; reload the page to get a new one."
 
 
 class PermissionDenied(RemotecliError):
@@ -120,6 +133,11 @@ class VmTerminal(Conflict):
 class VmNotRunning(Conflict):
     code = "vm_not_running"
     default_message = "The VM is not running; resume or start it first."
+
+
+class AuthSessionEnded(Conflict):
+    code = "auth_session_ended"
+    default_message = "This sign-in session has already ended; start a new one."
 
 
 class AlreadyExists(Conflict):

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from remotecli import __version__
 from remotecli.api.errors import install_error_handlers
-from remotecli.api.routes import health, vms
+from remotecli.api.routes import auth_sessions, health, vms
 from remotecli.context import AppContext
 
 
-def create_app(ctx: AppContext) -> FastAPI:
+def create_app(ctx: AppContext, *, background: bool | None = None) -> FastAPI:
+    """The controller's ASGI app. ``background`` (default: settings.run_background) starts the loops."""
+    run_loops = ctx.settings.run_background if background is None else background
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from remotecli.services.auth_flow import AuthRunner
+
+        runner = AuthRunner(ctx) if run_loops else None
+        if runner:
+            runner.start()
+        try:
+            yield
+        finally:
+            if runner:
+                runner.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="remotecli",
         version=__version__,
         description="Per-user microVMs for AI coding CLIs, with isolated Browser-VM OAuth login.",
@@ -21,4 +41,5 @@ def create_app(ctx: AppContext) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(vms.router)
+    app.include_router(auth_sessions.router)
     return app

@@ -30,17 +30,28 @@ def _needs_images(ctx: AppContext) -> bool:
 
 
 class _Progress:
-    """Renders the image builder's progress callbacks as one updating line per stage."""
+    """Renders the image builder's progress events: a bar on a terminal, plain lines otherwise."""
 
     def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
         self._last = ""
+        self._started = time.monotonic()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        parts = [str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items() if v is not None]
-        line = " ".join(parts)
-        if line != self._last:
-            click.echo(f"  {line}", err=True)
-            self._last = line
+    def __call__(self, event: Any) -> None:
+        percent = getattr(event, "percent", None)
+        bar = ""
+        if percent is not None:
+            filled = int(max(0.0, min(100.0, percent)) / 5)
+            bar = f"[{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}% "
+        line = f"  {event.target:8} {bar}{event.stage}: {event.message}"
+        if line == self._last:
+            return
+        self._last = line
+        elapsed = f" ({time.monotonic() - self._started:.0f} s)"
+        if self._tty:
+            click.echo("\r\033[K" + line[:150] + elapsed, err=True, nl=event.stage in ("done", "up_to_date"))
+        else:
+            click.echo(line + elapsed, err=True)
 
 
 def build_images(settings: Settings, vm_types: list[str], force: bool = False) -> list[Any]:
@@ -48,7 +59,9 @@ def build_images(settings: Settings, vm_types: list[str], force: bool = False) -
 
     results = images.build(settings, vm_types, progress=_Progress(), force=force)
     for result in results:
-        click.echo(f"  {result}", err=True)
+        size = f"{result.size_bytes / 2**20:.0f} MiB"
+        verdict = "built" if result.built else "up to date, nothing to do"
+        click.echo(f"  {result.target:8} {verdict} (hash {result.hash}, {size}, {result.seconds:.1f} s)", err=True)
     return list(results)
 
 
@@ -121,8 +134,11 @@ def doctor(as_json: bool) -> None:
                 from remotecli import images
 
                 for item in images.status(ctx.settings):
-                    ok = bool(getattr(item, "built", False))
-                    checks.append((f"image {getattr(item, 'vm_type', '?')}", ok, str(item)))
+                    if item.built:
+                        detail = f"built (hash {item.hash}, {item.built_at})"
+                    else:
+                        detail = f"not built for the current recipe (hash {item.hash}): run 'remotecli images build'"
+                    checks.append((f"image {item.target}", item.built, detail))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:
@@ -161,10 +177,13 @@ def images_status(as_json: bool) -> None:
 
     items = images_module.status(settings_from_env())
     if as_json:
-        print_json([getattr(i, "__dict__", str(i)) for i in items])
-    else:
-        for item in items:
-            click.echo(str(item))
+        print_json([{"target": i.target, "hash": i.hash, "built": i.built, "path": str(i.path),
+                     "size_bytes": i.size_bytes, "built_at": i.built_at} for i in items])
+        return
+    print_table(["image", "built", "hash", "size", "built at", "path"],
+                [[i.target, "yes" if i.built else "NO", i.hash,
+                  f"{i.size_bytes / 2**20:.0f} MiB" if i.size_bytes else "-", i.built_at or "-", i.path]
+                 for i in items])
 
 
 def register(main: click.Group) -> None:

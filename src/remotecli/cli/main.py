@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from remotecli.cli import commands_server, commands_users, commands_vm
+from remotecli.cli import commands_auth, commands_server, commands_users, commands_vm
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,3 +30,4 @@ def main() -> None:
 commands_server.register(main)
 commands_users.register(main)
 commands_vm.register(main)
+commands_auth.register(main)

@@ -150,6 +150,30 @@ class AuthSession(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Migration 0002: the flow's progress, the held credential, and the worker's lease.
+    oauth_flow_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # AES-GCM ciphertext of the token response, held only until delivered and read back.
+    credential_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # What the dashboard may show: provider account, expiry, scopes. Never a token.
+    credential_meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class WsTicket(Base):
+    """One-time, short-lived tickets that open a websocket (VNC view, terminal) for one user."""
+
+    __tablename__ = "ws_tickets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "vnc" | "terminal"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    subject_id: Mapped[str] = mapped_column(String(64))  # auth session id or VM id
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class Event(Base):

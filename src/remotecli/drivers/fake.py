@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from remotecli.agent.protocol import FileContent
 from remotecli.drivers.base import (
     Availability,
     BootInfo,
@@ -50,6 +51,10 @@ class FakeDriver(VmDriver):
         self._lock = threading.RLock()
         self._fail_next_boots = 0
         self.calls: list[tuple[str, str]] = []
+        # Fake OAuth flows in browser VMs: flow_id -> state dict (see FakeAgent.oauth_*).
+        self.oauth_flows: dict[str, dict[str, object]] = {}
+        # What the next user "does" in the fake browser: ("complete", token_response) or ("deny", None).
+        self.login_outcome: tuple[str, dict[str, object] | None] | None = None
 
     # --- test controls -------------------------------------------------------------------
     def kill(self, vm_id: str) -> None:
@@ -191,8 +196,44 @@ class FakeAgent:
     def write_file(self, path: str, data: bytes, *, mode: int, owner: str | None = None) -> None:
         self._vm().files[path] = (data, mode, owner)
 
-    def read_file(self, path: str) -> tuple[bytes, int, str | None]:
-        return self._vm().files[path]
+    def read_file(self, path: str) -> FileContent:
+        try:
+            data, mode, owner = self._vm().files[path]
+        except KeyError:
+            from remotecli.agent.client import AgentFileNotFound
+
+            raise AgentFileNotFound(status=404, agent_code="file_not_found", log_detail="fake: no such file") from None
+        user = (owner or "root").split(":")[0]
+        return FileContent(data=data, mode=mode, owner=user, group=user, size=len(data))
+
+    def oauth_start(self, spec: dict[str, object]) -> dict[str, object]:
+        self._vm()
+        flow_id = str(spec["flow_id"])
+        self._driver.oauth_flows[flow_id] = {"status": "page_loading", "vm_id": self._vm_id, "polls": 0}
+        return {"flow_id": flow_id, "status": "page_loading", "redirect_uri": "http://localhost:1/callback"}
+
+    def oauth_status(self, flow_id: str) -> dict[str, object]:
+        self._vm()
+        flow = self._driver.oauth_flows.get(flow_id)
+        if flow is None:
+            from remotecli.errors import AgentError
+
+            raise AgentError(log_detail="fake: no such flow")
+        flow["polls"] = int(flow["polls"]) + 1  # type: ignore[call-overload]
+        if flow["status"] == "page_loading":
+            flow["status"] = "awaiting_user"
+        elif flow["status"] == "awaiting_user" and self._driver.login_outcome is not None:
+            action, result = self._driver.login_outcome
+            if action == "complete":
+                flow["status"], flow["result"] = "completed", result
+            else:
+                flow["status"], flow["error_code"] = "denied", "access_denied"
+        answer = {k: v for k, v in flow.items() if k not in ("vm_id", "polls")}
+        answer["flow_id"] = flow_id
+        return answer
+
+    def oauth_cancel(self, flow_id: str) -> None:
+        self._driver.oauth_flows.pop(flow_id, None)
 
     def close(self) -> None:
         return None
