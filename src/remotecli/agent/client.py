@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, Self
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import httpcore
 import httpx
@@ -64,6 +64,8 @@ from remotecli.agent.protocol import (
 from remotecli.errors import AgentError, AgentRejected, AgentTimeout, AgentUnreachable
 
 logger = logging.getLogger("remotecli.agent-client")
+
+PATH_OAUTH_FLOWS = "/v1/oauth/flows"
 
 # Extra time the HTTP read timeout allows beyond an exec's own timeout (the agent kills the
 # process group at timeout_s, then drains pipes for up to ~3 s).
@@ -528,6 +530,20 @@ class AgentClient:
     def shutdown(self, action: str = "poweroff") -> None:
         """Ask the guest to power off (or reboot) itself; the agent answers before it acts."""
         self._request("POST", PATH_SHUTDOWN, body={"action": action})
+
+    # -- OAuth flows (Browser VMs; see 0002 "OAuth agent") -------------------------------------
+
+    def oauth_start(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/oauth/flows``: start a sign-in flow; ``{flow_id, redirect_uri, status}``."""
+        return self._request("POST", PATH_OAUTH_FLOWS, body=dict(spec))
+
+    def oauth_status(self, flow_id: str) -> dict[str, Any]:
+        """``GET /v1/oauth/flows/{id}``; ``result`` (the token response, a secret) once completed."""
+        return self._request("GET", f"{PATH_OAUTH_FLOWS}/{quote(flow_id, safe='')}")
+
+    def oauth_cancel(self, flow_id: str) -> None:
+        """``DELETE /v1/oauth/flows/{id}``: stop its listener and browser, forget its result. Idempotent."""
+        self._request("DELETE", f"{PATH_OAUTH_FLOWS}/{quote(flow_id, safe='')}")
 
     # -- streams ------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from .httpio import (
     read_request_head,
 )
 from .log import log
+from .oauth import OAuthFlows
 from .streams import PtySpawnError, run_pty_session, run_tcp_splice, spawn_pty
 from .users import UserError, base_env, default_cwd, process_identity
 from .wire import API_PREFIX, MAX_EXEC_TIMEOUT_S, UPGRADE_PTY, UPGRADE_TCP
@@ -109,6 +110,7 @@ class Agent:
         self.dry_run_shutdown = dry_run_shutdown
         self._ids = itertools.count(1)
         self.connections = set()
+        self.oauth = OAuthFlows()
 
     # -- connection handling -------------------------------------------------------------------
 
@@ -191,6 +193,8 @@ class Agent:
             "/v1/shutdown": {"POST": self.shutdown},
         }
         assert API_PREFIX == "/v1"
+        if request.path.startswith("/v1/oauth/"):
+            return await self.oauth.dispatch(request)
         methods = routes.get(request.path)
         if methods is None:
             raise HttpError(404, "not_found", f"No endpoint {request.path}.")
@@ -458,6 +462,7 @@ async def serve(agent, host, port):
             vsock_server.close()
         log("stopping", signal=signum)
         server.close()
+        await agent.oauth.close_all()
         # Close live connections ourselves: from Python 3.12 on, leaving ``async with server``
         # waits for every connection to end.
         tasks = list(agent.connections)
