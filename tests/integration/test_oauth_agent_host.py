@@ -385,3 +385,21 @@ def test_bad_requests(client: AgentClient) -> None:
         client.oauth_status("no-such-flow")
     assert caught.value.status == 404
     client.oauth_cancel("no-such-flow")
+
+
+def test_refused_code_exchange_fails_the_flow(
+    client: AgentClient, display: Display, profiles: dict[str, ProviderProfile]
+) -> None:
+    spec = profiles["gemini"].oauth_spec("flow-badsecret")
+    spec["client_secret"] = "not-the-client-secret"
+    spec["browser"].update({"display": display.name, "user": _browser_user()})
+    client.oauth_start(spec)
+    _log_in(client, display, "flow-badsecret", user="dave")
+    display.key("Return")
+    state = _wait(client, "flow-badsecret", lambda s: s["status"] in TERMINAL)
+    assert state["status"] == "failed", _public(state)
+    assert state["error_code"] == "token_exchange_failed"
+    assert "invalid_client" in state["error_message"]
+    assert "not-the-client-secret" not in json.dumps(state)
+    assert state["result"] is None
+    client.oauth_cancel("flow-badsecret")
