@@ -23,6 +23,7 @@ is prepared, and the credentials are delivered there (the timeline says so).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -406,7 +407,7 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: Any) -> None:
 
     def ensure_cli() -> str | None:
         try:
-            vm, created = vm_manager.ensure_cli_vm(ctx, principal, session_id=auth.id)
+            vm, _created = vm_manager.ensure_cli_vm(ctx, principal, session_id=auth.id)
             return vm.id
         except RemotecliError as exc:
             # Not fatal: the transfer step ensures a CLI VM again.
@@ -507,10 +508,8 @@ def _await_login(ctx: AppContext, auth: AuthSession, profile: Any, owner: str) -
                 _move(ctx, auth, AuthStatus.EXCHANGING, f"Finishing sign-in with {profile.display_name}")
             elif flow_status == "completed":
                 _capture(ctx, auth, profile, state.get("result") or {})
-                try:
+                with contextlib.suppress(AgentError):
                     agent.oauth_cancel(auth.oauth_flow_id)  # wipes the tokens from the guest's memory
-                except AgentError:
-                    pass
                 return
             elif flow_status == "denied":
                 raise SessionFailure("oauth_denied", str(state.get("error_code") or "access_denied"))

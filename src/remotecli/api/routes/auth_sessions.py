@@ -63,7 +63,9 @@ def create_auth_session(body: AuthSessionCreateIn, request: Request, ctx: Ctx,
 
 
 @router.get("/api/v1/auth-sessions", response_model=AuthSessionListOut, responses=ERRORS)
-def list_auth_sessions(request: Request, ctx: Ctx, principal: CurrentPrincipal, all: bool = False) -> AuthSessionListOut:
+def list_auth_sessions(
+    request: Request, ctx: Ctx, principal: CurrentPrincipal, all: bool = False
+) -> AuthSessionListOut:
     sessions = auth_flow.list_sessions(ctx, principal, all_users=all)
     return AuthSessionListOut(items=[AuthSessionOut.of(s, s.provider, None) for s in sessions])
 
