@@ -109,7 +109,7 @@ def run_idp(
         argv += ["--planted-access-token", planted_access_token]
     if planted_refresh_token:
         argv += ["--planted-refresh-token", planted_refresh_token]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NODE_ENV": "test", "HOME": str(IDP_DIR)}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NODE_ENV": "test", "HOME": tempfile.gettempdir()}
     process = subprocess.Popen(
         argv,
         cwd=IDP_DIR,
