@@ -14,7 +14,7 @@ APT_PACKAGES=(
   # Controller runtime and tools
   python3 python3-venv python3-dev build-essential nodejs npm ca-certificates
   # Tests and benchmarks
-  postgresql wrk iproute2 procps
+  postgresql wrk iproute2 procps chromium xvfb xdotool
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
