@@ -1,0 +1,65 @@
+"""Integration fixtures: real QEMU guests booted from the images in REMOTECLI_TEST_DATA_DIR.
+
+The images are built once (``scripts/test.sh`` builds them, cached by recipe hash); each test gets
+its own database (SQLite and PostgreSQL) and its VMs live under the shared data directory's
+``vms/`` only while the test runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remotecli import images
+from remotecli.config import Settings
+from remotecli.context import AppContext
+from remotecli.domain.states import VmStatus
+from remotecli.services import users as users_service
+from remotecli.services import vm_manager
+from remotecli.services.users import Principal
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_DATA_DIR = Path(os.environ.get("REMOTECLI_TEST_DATA_DIR") or REPO / ".data" / "test-images")
+
+
+def qemu_settings(db_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": TEST_DATA_DIR, "database_url": db_url, "driver": "qemu",
+        "cli_vm_memory_mib": 1024, "browser_vm_memory_mib": 1536, "cli_vm_vcpus": 2, "vm_boot_timeout_s": 180,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def require_images(settings: Settings, *vm_types: str) -> None:
+    missing = [t for t in vm_types if images.resolve(settings, t) is None]
+    if missing:
+        pytest.skip(f"guest images not built for {missing}: run "
+                    f"REMOTECLI_DATA_DIR={TEST_DATA_DIR} remotecli images build all (scripts/test.sh does)")
+
+
+@pytest.fixture
+def qctx(db_url: str) -> Iterator[AppContext]:
+    """An app context with the real QEMU driver; destroys every VM it made at the end."""
+    settings = qemu_settings(db_url)
+    require_images(settings, "cli")
+    ctx = AppContext.create(settings)
+    try:
+        yield ctx
+    finally:
+        for vm in vm_manager.list_vms(ctx, None):
+            if vm.status != VmStatus.DESTROYED.value:
+                try:
+                    vm_manager.destroy_vm(ctx, None, vm.id, reason="test cleanup")
+                except Exception:
+                    ctx.driver.destroy(vm_manager.spec_of(ctx, vm))
+        ctx.close()
+
+
+@pytest.fixture
+def owner(qctx: AppContext) -> Principal:
+    user = users_service.create_user(qctx.db, "itest")
+    return Principal(user.id, user.name, False)
