@@ -193,8 +193,7 @@ def require(settings: Settings, vm_type: str) -> ImageRef:
     ref = resolve(settings, vm_type)
     if ref is None:
         raise ImageMissing(
-            f"The {vm_type} guest image is not built for the current recipe; "
-            f"run 'remotecli images build {vm_type}'."
+            f"The {vm_type} guest image is not built for the current recipe; run 'remotecli images build {vm_type}'."
         )
     return ref
 
@@ -416,9 +415,7 @@ def _build_kernel(settings: Settings, recipe: KernelRecipe, digest: str, report:
     modules = resolve_modules(kernel.modules_dir, recipe.modules)
     busybox = next((p for p in (scratch / "usr/bin/busybox", scratch / "bin/busybox") if p.is_file()), None)
     if busybox is None:
-        raise ImageBuildFailed(
-            "busybox-static was not found in the extracted packages.", log_detail=str(scratch)
-        )
+        raise ImageBuildFailed("busybox-static was not found in the extracted packages.", log_detail=str(scratch))
     init_script = (hashing.FILES_DIR / recipe.init_file).read_bytes()
     shutil.copyfile(kernel.vmlinuz, tmp / "vmlinuz")
     (tmp / "initrd.img").write_bytes(build_initramfs(busybox.read_bytes(), init_script, modules))
@@ -437,9 +434,7 @@ def _kernel_manifest(recipe: KernelRecipe, digest: str, tmp: Path, seconds: floa
     }
 
 
-def _build_tree(
-    settings: Settings, recipe: ImageRecipe, digest: str, report: ProgressCallback, npm_end: float
-) -> Path:
+def _build_tree(settings: Settings, recipe: ImageRecipe, digest: str, report: ProgressCallback, npm_end: float) -> Path:
     """The slow stage: mmdebstrap the package recipe, then npm install on the host into the tree."""
     mmdebstrap = require_tool("mmdebstrap")
     npm = require_tool("npm") if recipe.npm_packages else None
@@ -699,9 +694,7 @@ def resolve_any_missing(settings: Settings, vm_types: list[str]) -> bool:
 def _builds_on_disk(settings: Settings, prefix: str) -> list[Path]:
     if not settings.images_dir.is_dir():
         return []
-    return sorted(
-        p for p in settings.images_dir.glob(f"{prefix}-*") if p.is_dir() and len(p.name) == len(prefix) + 17
-    )
+    return sorted(p for p in settings.images_dir.glob(f"{prefix}-*") if p.is_dir() and len(p.name) == len(prefix) + 17)
 
 
 def status(settings: Settings) -> list[ImageStatus]:
@@ -734,9 +727,7 @@ def status(settings: Settings) -> list[ImageStatus]:
                 size_bytes=_disk_usage(idir) if idir.is_dir() else None,
                 built_at=manifest.get("built_at"),
                 versions={str(k): str(v) for k, v in manifest.get("versions", {}).items()},
-                other_builds=tuple(
-                    p.name[len(vm_type) + 1 :] for p in _builds_on_disk(settings, vm_type) if p != idir
-                ),
+                other_builds=tuple(p.name[len(vm_type) + 1 :] for p in _builds_on_disk(settings, vm_type) if p != idir),
             )
         )
     return entries

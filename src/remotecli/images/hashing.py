@@ -52,9 +52,7 @@ def agent_source_files(agent_dir: Path = AGENT_SOURCE_DIR) -> list[Path]:
 
 
 def agent_digest(agent_dir: Path = AGENT_SOURCE_DIR) -> str:
-    entries = [
-        [path.relative_to(agent_dir).as_posix(), file_digest(path)] for path in agent_source_files(agent_dir)
-    ]
+    entries = [[path.relative_to(agent_dir).as_posix(), file_digest(path)] for path in agent_source_files(agent_dir)]
     return _digest({"agent_files": entries})
 
 

@@ -142,9 +142,7 @@ CLI = ImageRecipe(
     npm_packages=("@anthropic-ai/claude-code", "@openai/codex", "@google/gemini-cli"),
     users=(User(name="cli", uid=1000, home="/home/cli"),),
     # The guest is the user's sandbox: let the CLI user install what a task needs.
-    customize=(
-        'echo \'cli ALL=(ALL) NOPASSWD:ALL\' > "$1/etc/sudoers.d/cli" && chmod 0440 "$1/etc/sudoers.d/cli"',
-    ),
+    customize=('echo \'cli ALL=(ALL) NOPASSWD:ALL\' > "$1/etc/sudoers.d/cli" && chmod 0440 "$1/etc/sudoers.d/cli"',),
     disk_size_mib=8192,
 )
 

@@ -64,9 +64,7 @@ def kvm_device_ok(device: str = "/dev/kvm") -> tuple[bool, str]:
 
 def qemu_version(qemu: str) -> str:
     try:
-        out = subprocess.run(
-            [qemu, "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     first = out.splitlines()[0] if out else ""

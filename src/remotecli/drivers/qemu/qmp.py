@@ -95,9 +95,7 @@ class QmpClient:
             raise QmpUnavailable(f"QMP sent a non-object: {line[:200]!r}")
         return message
 
-    def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
-    ) -> Any:
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         """Run one command and return its ``return`` value; events in between are skipped."""
         if self._sock is None:
             raise QmpUnavailable("not connected")
@@ -119,9 +117,7 @@ class QmpClient:
             # {"event": ...}: asynchronous notification, not our answer.
 
 
-def qmp_execute(
-    path: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
-) -> Any:
+def qmp_execute(path: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
     """Connect, run one command, disconnect."""
     with QmpClient(path, timeout=timeout) as client:
         return client.execute(command, arguments)
