@@ -468,10 +468,8 @@ class QemuDriver(VmDriver):
         _write_file_atomic(paths.config, encode_config_disk(config_document(spec)), 0o600)
         last_error = ""
         for attempt in range(PORT_ATTEMPTS):
-            if attempt == 0 and isinstance(previous, int) and _port_free(previous):
-                port = previous
-            else:
-                port = _free_port()
+            reuse = attempt == 0 and isinstance(previous, int) and _port_free(previous)
+            port = int(previous) if reuse and isinstance(previous, int) else _free_port()
             argv = self._argv(spec, paths, kernel, initrd, accel, port)
             for stale in (paths.qmp, paths.pidfile):
                 stale.unlink(missing_ok=True)
