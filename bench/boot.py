@@ -95,10 +95,8 @@ def write_section(text: str) -> None:
     BENCH_DOC.parent.mkdir(parents=True, exist_ok=True)
     doc = BENCH_DOC.read_text() if BENCH_DOC.exists() else "# Benchmarks\n"
     pattern = re.compile(r"^## Boot\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _m: text, doc)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
+    found = pattern.search(doc) is not None
+    doc = pattern.sub(lambda _m: text, doc) if found else doc.rstrip("\n") + "\n\n" + text
     BENCH_DOC.write_text(doc)
 
 
