@@ -110,7 +110,9 @@ def port_of(endpoint: str) -> int:
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens there any more (TIME_WAIT leftovers are fine, as for any server)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

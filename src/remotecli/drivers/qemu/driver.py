@@ -63,6 +63,12 @@ PORT_ATTEMPTS = 6
 # waiting for jiffies to move (in calibrate_delay and the IO-APIC timer check): measured 3 hangs in
 # 10 boots without these, 0 in 10 with them. lpj only seeds the delay loop (x86 uses the TSC).
 TCG_CMDLINE = " lpj=4000000 no_timer_check"
+# Even so, under host load the PIT tick can stop reaching the guest while the kernel calibrates
+# the local APIC timer (the kernel then hangs silently). Under TCG the driver therefore waits for
+# the initramfs's first console line and boots again when it does not come.
+INITRAMFS_MARKER = b"remotecli-initramfs: started"
+EARLY_BOOT_TIMEOUT = 20.0
+TCG_BOOT_ATTEMPTS = 3
 
 _POWER = {
     "running": PowerState.RUNNING,
@@ -177,6 +183,7 @@ def _free_port() -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as QEMU's hostfwd binds
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -466,6 +473,58 @@ class QemuDriver(VmDriver):
         record = _read_json(paths.record)
         previous = record.get("port")
         _write_file_atomic(paths.config, encode_config_disk(config_document(spec)), 0o600)
+        attempts = TCG_BOOT_ATTEMPTS if accel == "tcg" else 1
+        for attempt in range(1, attempts + 1):
+            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous)
+            new_record = {
+                "vm_id": spec.vm_id,
+                "vm_type": spec.vm_type,
+                "driver": self.name,
+                "pid": pid,
+                "port": port,
+                "endpoint": f"tcp://127.0.0.1:{port}",
+                "accel": accel,
+                "vcpus": spec.vcpus,
+                "memory_mib": spec.memory_mib,
+                "image": image_info,
+                "argv": argv,  # no secret: the secret is only in config.img
+                "created_at": record.get("created_at", time.time()),
+                "started_at": time.time(),
+                "boot_attempts": attempt,
+            }
+            _write_file_atomic(paths.record, (json.dumps(new_record, indent=2) + "\n").encode(), 0o600)
+            if accel != "tcg" or self._wait_early_boot(paths, pid):
+                return BootInfo(endpoint=f"tcp://127.0.0.1:{port}", pid=pid, accel=accel)
+            # The kernel stalled before the initramfs ran (lost timer tick under TCG): boot again.
+            self._kill(pid, paths.directory)
+            previous = port
+        raise VmBootFailed(
+            f"The guest kernel stalled in early boot {attempts} times under TCG.",
+            log_detail=f"--- console ---\n{_tail(paths.console)}",
+        )
+
+    def _wait_early_boot(self, paths: _Paths, pid: int) -> bool:
+        """True once the initramfs printed its marker; False if the kernel stays silent too long."""
+        deadline = time.monotonic() + EARLY_BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                with open(paths.console, "rb") as handle:
+                    if INITRAMFS_MARKER in handle.read(256 * 1024):
+                        return True
+            except OSError:
+                pass
+            if not _is_vm_process(pid, paths.directory):
+                raise VmBootFailed(
+                    "QEMU exited during the guest's early boot.",
+                    log_detail=f"{_tail(paths.qemu_log)}\n--- console ---\n{_tail(paths.console)}",
+                )
+            time.sleep(0.05)
+        return False
+
+    def _spawn(
+        self, spec: VmSpec, paths: _Paths, kernel: Path, initrd: Path, accel: str, previous: object
+    ) -> tuple[int, int, list[str]]:
+        """Start QEMU (retrying on a port collision) and wait for QMP. Returns (pid, port, argv)."""
         last_error = ""
         for attempt in range(PORT_ATTEMPTS):
             reuse = attempt == 0 and isinstance(previous, int) and _port_free(previous)
@@ -493,7 +552,7 @@ class QemuDriver(VmDriver):
                     ) from exc
             errors = _tail(paths.qemu_log)
             if proc.returncode == 0:
-                break
+                return self._wait_qmp(paths), port, argv
             last_error = errors
             if "forwarding" in errors or "in use" in errors:
                 continue  # another process took the port between our check and QEMU's bind
@@ -501,26 +560,7 @@ class QemuDriver(VmDriver):
                 f"QEMU exited during start-up (exit {proc.returncode}).",
                 log_detail=f"{errors}\n--- console ---\n{_tail(paths.console)}",
             )
-        else:
-            raise VmBootFailed("No free loopback port for the VM's agent.", log_detail=last_error)
-        pid = self._wait_qmp(paths)
-        new_record = {
-            "vm_id": spec.vm_id,
-            "vm_type": spec.vm_type,
-            "driver": self.name,
-            "pid": pid,
-            "port": port,
-            "endpoint": f"tcp://127.0.0.1:{port}",
-            "accel": accel,
-            "vcpus": spec.vcpus,
-            "memory_mib": spec.memory_mib,
-            "image": image_info,
-            "argv": argv,  # no secret: the secret is only in config.img
-            "created_at": record.get("created_at", time.time()),
-            "started_at": time.time(),
-        }
-        _write_file_atomic(paths.record, (json.dumps(new_record, indent=2) + "\n").encode(), 0o600)
-        return BootInfo(endpoint=new_record["endpoint"], pid=pid, accel=accel)
+        raise VmBootFailed("No free loopback port for the VM's agent.", log_detail=last_error)
 
     def _wait_qmp(self, paths: _Paths, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
