@@ -28,7 +28,9 @@ TEST_DATA_DIR = Path(os.environ.get("REMOTECLI_TEST_DATA_DIR") or REPO / ".data"
 def qemu_settings(db_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "data_dir": TEST_DATA_DIR, "database_url": db_url, "driver": "qemu",
-        "cli_vm_memory_mib": 1024, "browser_vm_memory_mib": 1536, "cli_vm_vcpus": 2, "vm_boot_timeout_s": 180,
+        # Under TCG on 2 host cores, fewer vCPUs per guest means less contention between guests.
+        "cli_vm_memory_mib": 1024, "browser_vm_memory_mib": 1536, "cli_vm_vcpus": 1, "browser_vm_vcpus": 2,
+        "vm_boot_timeout_s": 180,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
