@@ -26,6 +26,9 @@ the log (after redaction) and never to a client.
     │   ├── AuthSessionEnded            409 auth_session_ended
     │   └── AlreadyExists               409 already_exists
     ├── LimitExceeded                   429 limit_exceeded
+    │   ├── TooManyAuthSessions         429 too_many_auth_sessions
+    │   └── VmRateLimited               429 vm_rate_limited
+    ├── RequestTooLarge                 413 request_too_large
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable
     │   └── ImageMissing                503 image_missing
@@ -149,6 +152,22 @@ class LimitExceeded(RemotecliError):
     code = "limit_exceeded"
     http_status = 429
     default_message = "Too many requests; wait a moment and try again."
+
+
+class TooManyAuthSessions(LimitExceeded):
+    code = "too_many_auth_sessions"
+    default_message = "You already have sign-ins in progress; finish or cancel one first."
+
+
+class VmRateLimited(LimitExceeded):
+    code = "vm_rate_limited"
+    default_message = "Too many VMs created in the last minute; wait a moment and try again."
+
+
+class RequestTooLarge(RemotecliError):
+    code = "request_too_large"
+    http_status = 413
+    default_message = "The request body is too large."
 
 
 class Unavailable(RemotecliError):

@@ -13,13 +13,14 @@ unique index guarantees one live CLI VM per user, even under concurrent calls.
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from remotecli.context import AppContext
@@ -37,6 +38,7 @@ from remotecli.errors import (
     UnknownVmType,
     VmBootFailed,
     VmNotFound,
+    VmRateLimited,
     VmNotRunning,
     VmTerminal,
 )
@@ -190,6 +192,7 @@ def create_vm(
         raise InvalidInput(f"vcpus must be between 1 and {ctx.settings.max_vm_vcpus}.")
     if not 128 <= memory_mib <= ctx.settings.max_vm_memory_mib:
         raise InvalidInput(f"memory_mib must be between 128 and {ctx.settings.max_vm_memory_mib}.")
+    _check_creation_rate(ctx, principal)
     image = _resolve_image(ctx, kind)
 
     vm_id = f"vm-{uuid.uuid4()}"
@@ -228,6 +231,17 @@ def create_vm(
     with log_context(vm_id=vm_id, user_id=principal.user_id, session_id=session_id):
         _boot(ctx, vm, image, first_boot=True, session_id=session_id)
     return vm
+
+
+def _check_creation_rate(ctx: AppContext, principal: Principal) -> None:
+    """At most ``max_vm_creations_per_user_per_minute`` VMs per user per minute (from the rows)."""
+    since = utcnow() - dt.timedelta(minutes=1)
+    with ctx.db.read() as session:
+        recent = session.scalar(
+            select(func.count()).select_from(Vm).where(Vm.user_id == principal.user_id, Vm.created_at >= since)
+        )
+    if int(recent or 0) >= ctx.settings.max_vm_creations_per_user_per_minute:
+        raise VmRateLimited(log_detail=f"user {principal.user_id}: {recent} VMs in the last minute")
 
 
 def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, session_id: str | None) -> None:
