@@ -245,3 +245,30 @@ def test_admin_may_list_everyone(ctx: AppContext, client: TestClient, alice: dic
     assert client.get(f"/api/v1/vms/{vm_id}", headers=admin).status_code == 200
     # all=true means nothing for a plain user.
     assert len(client.get("/api/v1/vms?all=true", headers=_token(ctx, "carol")).json()["items"]) == 0
+
+
+def test_body_size_limit_is_413_with_code(ctx: AppContext, client: TestClient, alice: dict[str, str]) -> None:
+    before = _state(ctx)
+    big = b'{"vm_type": "cli", "pad": "' + b"x" * (ctx.settings.max_request_body_bytes + 10) + b'"}'
+    response = client.post("/api/v1/vms", content=big, headers={**alice, "content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["code"] == "request_too_large"
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"vm_type": "cli", "pad": "'
+        for _ in range(ctx.settings.max_request_body_bytes // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}'
+
+    streamed = client.post("/api/v1/vms", content=chunks(), headers={**alice, "content-type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["code"] == "request_too_large"
+    assert _state(ctx) == before
+
+
+def test_vm_creation_rate_limit(ctx: AppContext, client: TestClient, alice: dict[str, str]) -> None:
+    ctx.settings.max_vm_creations_per_user_per_minute = 2
+    assert client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice).status_code == 201
+    assert client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice).status_code == 201
+    before = _state(ctx)
+    third = client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice)
+    assert third.status_code == 429 and third.json()["code"] == "vm_rate_limited"
+    assert _state(ctx) == before
