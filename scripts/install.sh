@@ -35,4 +35,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev]'
+(cd src/remotecli/web && npm ci --no-audit --no-fund --loglevel=error)  # dashboard front-end packages
 echo "install: done. Run: .venv/bin/remotecli up" >&2

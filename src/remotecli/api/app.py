@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from remotecli import __version__
+from remotecli import __version__, web
 from remotecli.api.errors import install_error_handlers
-from remotecli.api.routes import auth_sessions, health, vms
+from remotecli.api.routes import auth_sessions, health, terminal, vms
 from remotecli.context import AppContext
 
 
@@ -42,4 +42,6 @@ def create_app(ctx: AppContext, *, background: bool | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(vms.router)
     app.include_router(auth_sessions.router)
+    app.include_router(terminal.router)
+    web.install(app)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 
 import click
 
@@ -43,6 +44,22 @@ def users_list(as_json: bool) -> None:
         return
     print_table(["name", "role", "id", "created"],
                 [[u.name, "admin" if u.is_admin else "user", u.id, fmt_time(u.created_at)] for u in rows])
+
+
+@users.command("set-password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from standard input (first line) instead of prompting.")
+@handle_errors
+def users_set_password(name: str, password_stdin: bool) -> None:
+    """Set the dashboard password of user NAME (stored as an Argon2id hash)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("New password", hide_input=True, confirmation_prompt="Repeat the password")
+    with app_context() as ctx:
+        user = users_service.set_password(ctx.db, name, password)
+    click.echo(f"Password of {user.name} set; they can sign in to the dashboard at /login.")
 
 
 @click.group()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import re
 import secrets
 import uuid
 from dataclasses import dataclass
 
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -18,6 +21,8 @@ from remotecli.errors import AlreadyExists, AuthenticationRequired, InvalidInput
 from remotecli.services.transitions import record_event
 
 TOKEN_PREFIX = "rcli_"
+#: ``api_tokens.name`` of dashboard login sessions (see ``remotecli.web.sessions``).
+DASHBOARD_SESSION_NAME = "dashboard session"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -104,4 +109,55 @@ def authenticate_token(db: Database, token: str) -> Principal:
     if api_token.last_used_at is None or now - api_token.last_used_at > dt.timedelta(minutes=1):
         with db.transaction() as session:
             session.execute(update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now))
+    return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dashboard passwords (Argon2id; argon2-cffi's defaults follow RFC 9106's second recommendation)
+
+MIN_PASSWORD_LENGTH = 10
+_hasher = PasswordHasher()
+# Verified against when the user does not exist or has no password, so that a wrong name costs
+# as much time as a wrong password (no user enumeration by timing).
+@functools.cache
+def _dummy_hash() -> str:
+    return _hasher.hash(secrets.token_urlsafe(16))
+
+
+def set_password(db: Database, name: str, password: str) -> User:
+    """Set (or replace) the dashboard password of user ``name``; stored only as an Argon2id hash."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidInput(f"A password needs at least {MIN_PASSWORD_LENGTH} characters.")
+    if len(password) > 1024:
+        raise InvalidInput("A password has at most 1024 characters.")
+    user = get_user_by_name(db, name)
+    digest = _hasher.hash(password)
+    with db.transaction() as session:
+        session.execute(update(User).where(User.id == user.id).values(password_hash=digest))
+        # A new password ends every dashboard session signed in with the old one.
+        session.execute(update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.name == DASHBOARD_SESSION_NAME,
+                                               ApiToken.revoked_at.is_(None)).values(revoked_at=utcnow()))
+        record_event(session, module="users", kind="user.password_set", message=f"Password of {name} set",
+                     user_id=user.id)
+    user.password_hash = digest
+    return user
+
+
+def verify_password(db: Database, name: str, password: str) -> Principal:
+    """The principal for a dashboard login; ``AuthenticationRequired`` (one message for every
+    reason: unknown user, no password, wrong password, disabled) otherwise."""
+    failed = AuthenticationRequired("That user name and password do not match.")
+    with db.read() as session:
+        user = session.scalars(select(User).where(User.name == name.strip().lower())).one_or_none()
+    stored = user.password_hash if user is not None and user.password_hash else None
+    try:
+        _hasher.verify(stored or _dummy_hash(), password)
+    except (VerificationError, InvalidHashError):
+        raise failed from None
+    if user is None or stored is None or user.disabled:
+        raise failed
+    if _hasher.check_needs_rehash(stored):
+        with db.transaction() as session:
+            session.execute(update(User).where(User.id == user.id, User.password_hash == stored)
+                            .values(password_hash=_hasher.hash(password)))
     return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)

@@ -1,0 +1,479 @@
+"""Dashboard pages: login/logout, my VMs and credentials, sign-in to a CLI (noVNC), web terminal, admin.
+
+Pages are rendered on the server (Jinja2). The live parts (the sign-in progress and its noVNC view,
+the terminal) are small JavaScript modules that talk to the REST API with the session cookie and
+the CSRF header. No page, script state or response ever holds a credential: the API returns only
+``credential_meta`` (account, expiry, scopes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import importlib.util
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+
+from remotecli.api.schemas import AuthSessionOut
+from remotecli.context import AppContext
+from remotecli.db.models import AuthSession, User, Vm
+from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, AuthStatus, VmStatus, VmType
+from remotecli.errors import AuthenticationRequired, NotFound, RemotecliError
+from remotecli.logging import get_logger
+from remotecli.services import auth_flow, vm_manager
+from remotecli.services import users as users_service
+from remotecli.services.users import Principal
+from remotecli.web import sessions, views
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.globals["vm_status_words"] = {s.value: w for s, w in VM_STATUS_WORDS.items()}
+router = APIRouter(include_in_schema=False)
+log = get_logger("dashboard")
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self' ws: wss:; font-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+       "form-action 'self'; object-src 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+NOTICES = {
+    "stop": "The VM is stopped.",
+    "resume": "The VM is running again.",
+    "destroy": "The VM was removed.",
+    "signed_out": "You are signed out.",
+}
+LOGIN_WINDOW_S = 300.0
+LOGIN_MAX_FAILURES = 5
+
+
+class _LoginRedirect(Exception):
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target
+
+
+def _ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+def _secure(request: Request) -> bool:
+    public = _ctx(request).settings.public_url or ""
+    return request.url.scheme == "https" or public.startswith("https://")
+
+
+def _current(request: Request) -> tuple[Principal, str] | None:
+    token = request.cookies.get(sessions.SESSION_COOKIE)
+    if not token:
+        return None
+    try:
+        return sessions.authenticate_session(_ctx(request).db, token), token
+    except AuthenticationRequired:
+        return None
+
+
+def _require(request: Request) -> tuple[Principal, str]:
+    current = _current(request)
+    if current is None:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise _LoginRedirect(f"/login?next={quote(target, safe='')}")
+    return current
+
+
+def _safe_next(value: str | None) -> str:
+    """Only same-site paths: never an open redirect."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/dashboard"
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return "/dashboard"
+    return value
+
+
+def _page(request: Request, name: str, context: dict[str, Any], *, status_code: int = 200,
+          current: tuple[Principal, str] | None = None) -> HTMLResponse:
+    principal, token = current if current else (None, None)
+    base = {
+        "principal": principal,
+        "csrf_token": sessions.csrf_for(token) if token else "",
+        "path": request.url.path,
+        "vendor_ready": vendor_ready(),
+    }
+    response = templates.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def _error_page(request: Request, current: tuple[Principal, str] | None, title: str, message: str,
+                status_code: int) -> HTMLResponse:
+    return _page(request, "error.html", {"title": title, "message": message}, status_code=status_code,
+                 current=current)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    form = await request.form()
+    return {key: value for key, value in form.items() if isinstance(value, str)}
+
+
+def _check_form_csrf(token: str, form: dict[str, str]) -> None:
+    sessions.check_csrf(token, form.get(sessions.CSRF_FIELD))
+
+
+# ----------------------------------------------------------------------------------------------
+# Vendor packages (npm, installed by scripts/install.sh into web/node_modules)
+
+VENDOR_DIR = HERE / "node_modules"
+VENDOR_PACKAGES = {
+    "novnc": "@novnc/novnc",
+    "xterm": "@xterm/xterm",
+    "xterm-addon-fit": "@xterm/addon-fit",
+}
+
+
+def vendor_ready() -> bool:
+    return all((VENDOR_DIR / package / "package.json").is_file() for package in VENDOR_PACKAGES.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Login and logout
+
+
+_failures: dict[str, deque[float]] = {}
+
+
+def _throttled(key: str) -> bool:
+    window = _failures.get(key)
+    if not window:
+        return False
+    while window and window[0] < time.monotonic() - LOGIN_WINDOW_S:
+        window.popleft()
+    return len(window) >= LOGIN_MAX_FAILURES
+
+
+def _record_failure(key: str) -> None:
+    if len(_failures) > 10000:
+        _failures.clear()
+    _failures.setdefault(key, deque(maxlen=LOGIN_MAX_FAILURES * 2)).append(time.monotonic())
+
+
+def _login_page(request: Request, *, error: str = "", name: str = "", next_path: str = "/dashboard",
+                status_code: int = 200, notice: str = "") -> HTMLResponse:
+    login_csrf = sessions.new_login_csrf()
+    response = _page(request, "login.html", {"error": error, "name": name, "next": next_path,
+                                             "login_csrf": login_csrf, "notice": notice},
+                     status_code=status_code)
+    response.set_cookie(sessions.LOGIN_CSRF_COOKIE, login_csrf, max_age=3600, path="/login", httponly=True,
+                        samesite="strict", secure=_secure(request))
+    return response
+
+
+@router.get("/", response_model=None)
+def root(request: Request) -> RedirectResponse:
+    return RedirectResponse("/dashboard" if _current(request) else "/login", status_code=303)
+
+
+@router.get("/login", response_model=None)
+def login_form(request: Request, next: str = "/dashboard", notice: str = "") -> Response:
+    if _current(request):
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return _login_page(request, next_path=_safe_next(next), notice=NOTICES.get(notice, ""))
+
+
+@router.post("/login", response_model=None)
+async def login(request: Request) -> Response:
+    form = await _form(request)
+    name = form.get("username", "").strip().lower()
+    next_path = _safe_next(form.get("next"))
+    cookie = request.cookies.get(sessions.LOGIN_CSRF_COOKIE, "")
+    if not sessions.login_csrf_ok(cookie, form.get(sessions.CSRF_FIELD, "")):
+        return _login_page(request, error="This form was open too long or came from another site. "
+                           "Please sign in again.", name=name, next_path=next_path, status_code=403)
+    client = request.client.host if request.client else ""
+    keys = [f"user:{name}", f"ip:{client}"]
+    if any(_throttled(key) for key in keys):
+        return _login_page(request, error="Too many failed sign-ins. Wait five minutes and try again.",
+                           name=name, next_path=next_path, status_code=429)
+    ctx = _ctx(request)
+    try:
+        principal = users_service.verify_password(ctx.db, name, form.get("password", ""))
+    except AuthenticationRequired as exc:
+        for key in keys:
+            _record_failure(key)
+        log.info("dashboard sign-in refused", extra={"client": client})
+        return _login_page(request, error=exc.message, name=name, next_path=next_path, status_code=401)
+    token, _expires = sessions.create_session(ctx.db, principal, client=client)
+    response = RedirectResponse(next_path, status_code=303)
+    response.set_cookie(sessions.SESSION_COOKIE, token, max_age=int(sessions.SESSION_TTL.total_seconds()),
+                        path="/", httponly=True, samesite="lax", secure=_secure(request))
+    response.delete_cookie(sessions.LOGIN_CSRF_COOKIE, path="/login")
+    return response
+
+
+@router.post("/logout", response_model=None)
+async def logout(request: Request) -> Response:
+    token = request.cookies.get(sessions.SESSION_COOKIE, "")
+    form = await _form(request)
+    if token:
+        try:
+            _check_form_csrf(token, form)
+        except RemotecliError:
+            return _error_page(request, _current(request), "Could not sign out",
+                               "This page's security token is out of date. Reload the page and try again.", 403)
+        sessions.end_session(_ctx(request).db, token)
+    response = RedirectResponse("/login?notice=signed_out", status_code=303)
+    response.delete_cookie(sessions.SESSION_COOKIE, path="/", httponly=True, samesite="lax",
+                           secure=_secure(request))
+    return response
+
+
+# ----------------------------------------------------------------------------------------------
+# Dashboard: my VMs and my CLI credentials
+
+
+def _dashboard(request: Request, current: tuple[Principal, str], *, notice: str = "", error: str = "",
+               status_code: int = 200) -> HTMLResponse:
+    ctx = _ctx(request)
+    principal = current[0]
+    vms = vm_manager.list_vms(ctx, principal)
+    shown = [vm for vm in vms if vm.status != VmStatus.DESTROYED.value]
+    hidden = len(vms) - len(shown)
+    profiles = auth_flow._profiles(ctx)
+    credentials = views.provider_credentials(ctx, principal.user_id, profiles)
+    return _page(request, "dashboard.html", {
+        "vms": [views.vm_row(vm) for vm in shown], "hidden_vms": hidden, "credentials": credentials,
+        "notice": notice, "error": error,
+    }, status_code=status_code, current=current)
+
+
+@router.get("/dashboard", response_model=None)
+def dashboard(request: Request, notice: str = "") -> Response:
+    current = _require(request)
+    return _dashboard(request, current, notice=NOTICES.get(notice, ""))
+
+
+@router.post("/dashboard/vms/{vm_id}/{action}", response_model=None)
+async def vm_action(request: Request, vm_id: str, action: str) -> Response:
+    current = _require(request)
+    form = await _form(request)
+    try:
+        _check_form_csrf(current[1], form)
+    except RemotecliError as exc:
+        return _dashboard(request, current, error=exc.message, status_code=403)
+    ctx = _ctx(request)
+    principal = current[0]
+    own = Principal(principal.user_id, principal.name, False)  # the dashboard acts on your own VMs only
+    try:
+        vm = vm_manager.get_vm(ctx, own, vm_id)
+        if action not in views.vm_actions(vm.status):
+            return _dashboard(request, current, error=f"You cannot {action} a VM that is "
+                              f"{VM_STATUS_WORDS[VmStatus(vm.status)].lower()}.", status_code=409)
+        if action == "destroy" and form.get("confirm") != "yes":
+            return _page(request, "confirm.html", {"vm": views.vm_row(vm)}, current=current)
+        if action == "stop":
+            vm_manager.stop_vm(ctx, own, vm_id)
+        elif action == "resume":
+            if vm.status == VmStatus.STOPPED.value:
+                vm_manager.start_vm(ctx, own, vm_id)
+            else:
+                vm_manager.resume_vm(ctx, own, vm_id)
+        elif action == "destroy":
+            vm_manager.destroy_vm(ctx, own, vm_id, reason=f"removed by {principal.name} from the dashboard")
+    except NotFound:
+        return _dashboard(request, current, error="There is no such VM among yours.", status_code=404)
+    except RemotecliError as exc:
+        return _dashboard(request, current, error=exc.message, status_code=exc.http_status)
+    return RedirectResponse(f"/dashboard?notice={action}", status_code=303)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sign in to a CLI (noVNC)
+
+
+def _providers(ctx: AppContext) -> list[dict[str, str]]:
+    return [{"name": name, "display_name": str(getattr(profile, "display_name", name))}
+            for name, profile in sorted(auth_flow._profiles(ctx).items())]
+
+
+@router.get("/dashboard/remote-cli/auth", response_model=None)
+def auth_page(request: Request, session: str = "", provider: str = "") -> Response:
+    current = _require(request)
+    ctx = _ctx(request)
+    principal = current[0]
+    own = Principal(principal.user_id, principal.name, False)
+    auth = None
+    if session:
+        try:
+            auth = auth_flow.get_session(ctx, own, session)
+        except NotFound:
+            return _error_page(request, current, "No such sign-in",
+                               "This sign-in does not exist or is not yours. Start a new one.", 404)
+    live = [s for s in auth_flow.list_sessions(ctx, own, limit=20)
+            if AuthStatus(s.status) not in AUTH_TERMINAL and s.id != session]
+    providers = _providers(ctx)
+    return _page(request, "auth.html", {
+        "providers": providers, "preselect": provider if provider in {p["name"] for p in providers} else "",
+        "session_id": auth.id if auth else "", "live": live,
+        "provider_names": {p["name"]: p["display_name"] for p in providers},
+    }, current=current)
+
+
+@router.get("/dashboard/remote-cli/auth/{session_id}/state", response_model=None)
+def auth_state(request: Request, session_id: str) -> Response:
+    """The sign-in page's poll: the session (as the API shows it, without a VNC ticket) and its steps."""
+    current = _current(request)
+    if current is None:
+        return JSONResponse({"code": "authentication_required",
+                             "message": "Your dashboard session has ended; sign in again."}, status_code=401)
+    ctx = _ctx(request)
+    own = Principal(current[0].user_id, current[0].name, False)
+    try:
+        auth = auth_flow.get_session(ctx, own, session_id)
+    except RemotecliError as exc:
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+    profile = auth_flow._profiles(ctx).get(auth.provider)
+    out = AuthSessionOut.of(auth, str(getattr(profile, "display_name", auth.provider)), None)
+    steps = views.session_progress(ctx, auth)
+    expires = auth.expires_at
+    body = {
+        "session": out.model_dump(mode="json"),
+        "steps": [{"key": s.key, "label": s.label, "state": s.state} for s in steps],
+        "terminal": AuthStatus(auth.status) in AUTH_TERMINAL,
+        "expires_in_s": max(0, int((expires - dt.datetime.now(dt.UTC)).total_seconds())) if expires else None,
+        "credential_expires": views.utc(views.parse_time(out.credential.expires_at)) if out.credential else "",
+    }
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Web terminal
+
+
+@router.get("/dashboard/remote-cli/terminal", response_model=None)
+def terminal_page(request: Request) -> Response:
+    current = _require(request)
+    return _page(request, "terminal.html", {}, current=current)
+
+
+# ----------------------------------------------------------------------------------------------
+# Admin
+
+
+def _require_admin(request: Request) -> tuple[Principal, str] | HTMLResponse:
+    current = _require(request)
+    if not current[0].is_admin:
+        return _error_page(request, current, "Admins only",
+                           "This page is for operators with the admin role.", 403)
+    return current
+
+
+def gc_dry_run(ctx: AppContext) -> tuple[bool, list[dict[str, str]] | None, str]:
+    """The garbage collector's dry run, if ``remotecli.background.gc`` exists: (available, rows, error)."""
+    if importlib.util.find_spec("remotecli.background.gc") is None:
+        return False, None, ""
+    try:
+        module = importlib.import_module("remotecli.background.gc")
+        run = getattr(module, "dry_run", None) or getattr(module, "plan", None)
+        if run is None:
+            return True, None, "The garbage collector has no dry-run entry point yet."
+        result = run(ctx)
+        items = getattr(result, "items", result)
+        rows = []
+        for item in list(items or []):
+            data = item if isinstance(item, dict) else getattr(item, "__dict__", {"item": str(item)})
+            rows.append({str(k): str(v) for k, v in data.items() if not str(k).startswith("_")})
+        return True, rows, ""
+    except Exception as exc:  # the admin page must render even if the collector is mid-change
+        log.exception("gc dry run failed")
+        return True, None, f"The dry run failed ({type(exc).__name__}); see the controller log."
+
+
+@router.get("/admin", response_model=None)
+def admin(request: Request, user: str = "", vm_type: str = "", status: str = "", provider: str = "",
+          session_status: str = "", ended: str = "") -> Response:
+    current = _require_admin(request)
+    if isinstance(current, HTMLResponse):
+        return current
+    ctx = _ctx(request)
+    with ctx.db.read() as db:
+        users = list(db.scalars(select(User).order_by(User.name)))
+        names = {u.id: u.name for u in users}
+        user_id = next((u.id for u in users if u.name == user), None) if user else None
+        vm_stmt = select(Vm).order_by(Vm.created_at.desc()).limit(200)
+        session_stmt = select(AuthSession).order_by(AuthSession.created_at.desc()).limit(200)
+        if user:
+            vm_stmt = vm_stmt.where(Vm.user_id == (user_id or ""))
+            session_stmt = session_stmt.where(AuthSession.user_id == (user_id or ""))
+        if vm_type in (VmType.CLI.value, VmType.BROWSER.value):
+            vm_stmt = vm_stmt.where(Vm.vm_type == vm_type)
+        if status in {s.value for s in VmStatus}:
+            vm_stmt = vm_stmt.where(Vm.status == status)
+        elif ended != "1":
+            vm_stmt = vm_stmt.where(Vm.status != VmStatus.DESTROYED.value)
+        if provider:
+            session_stmt = session_stmt.where(AuthSession.provider == provider)
+        if session_status in {s.value for s in AuthStatus}:
+            session_stmt = session_stmt.where(AuthSession.status == session_status)
+        vms = list(db.scalars(vm_stmt))
+        auths = list(db.scalars(session_stmt))
+    gc_available, gc_rows, gc_error = gc_dry_run(ctx)
+    return _page(request, "admin.html", {
+        "vms": [views.vm_row(vm) for vm in vms], "sessions": auths, "users": users, "names": names,
+        "filters": {"user": user, "vm_type": vm_type, "status": status, "provider": provider,
+                    "session_status": session_status, "ended": ended},
+        "vm_statuses": [s.value for s in VmStatus], "auth_statuses": [s.value for s in AuthStatus],
+        "providers": _providers(ctx), "gc_available": gc_available, "gc_rows": gc_rows, "gc_error": gc_error,
+        "ago": views.ago, "utc": views.utc,
+    }, current=current)
+
+
+@router.get("/admin/sessions/{session_id}", response_model=None)
+def admin_session(request: Request, session_id: str) -> Response:
+    current = _require_admin(request)
+    if isinstance(current, HTMLResponse):
+        return current
+    ctx = _ctx(request)
+    try:
+        auth = auth_flow.get_session(ctx, current[0], session_id)
+        events = auth_flow.session_events(ctx, current[0], session_id)
+    except NotFound:
+        return _error_page(request, current, "No such session", "There is no sign-in session with that id.", 404)
+    with ctx.db.read() as db:
+        owner = db.get(User, auth.user_id)
+    return _page(request, "admin_timeline.html", {
+        "title": f"Sign-in {auth.id}", "subject": auth, "kind": "session", "owner": owner.name if owner else "",
+        "rows": views.timeline(events), "utc": views.utc,
+    }, current=current)
+
+
+@router.get("/admin/vms/{vm_id}", response_model=None)
+def admin_vm(request: Request, vm_id: str) -> Response:
+    current = _require_admin(request)
+    if isinstance(current, HTMLResponse):
+        return current
+    ctx = _ctx(request)
+    from remotecli.db.models import Event
+
+    try:
+        vm = vm_manager.get_vm(ctx, current[0], vm_id)
+    except NotFound:
+        return _error_page(request, current, "No such VM", "There is no VM with that id.", 404)
+    with ctx.db.read() as db:
+        events = list(db.scalars(select(Event).where(Event.vm_id == vm_id).order_by(Event.at, Event.id)))
+        owner = db.get(User, vm.user_id)
+    return _page(request, "admin_timeline.html", {
+        "title": f"VM {vm.id}", "subject": vm, "kind": "vm", "owner": owner.name if owner else "",
+        "vm": views.vm_row(vm), "rows": views.timeline(events), "utc": views.utc,
+    }, current=current)

@@ -1,0 +1,284 @@
+"""What the dashboard shows, computed from the records (pure functions and small queries, no HTML).
+
+Kept apart from the routes so that the wording and the step logic are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from remotecli.context import AppContext
+from remotecli.db.models import AuthSession, Event, Vm, utcnow
+from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, VM_TERMINAL, AuthStatus, VmStatus, VmType
+
+# ----------------------------------------------------------------------------------------------
+# Times in words
+
+
+def ago(moment: dt.datetime | None, now: dt.datetime | None = None) -> str:
+    """``"3 min"``, ``"2 h"``, ``"5 days"``: how long ago (or, for a future moment, how long until)."""
+    if moment is None:
+        return ""
+    seconds = abs(((now or utcnow()) - moment).total_seconds())
+    if seconds < 60:
+        return "less than a minute"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min"
+    if seconds < 86400 * 2:
+        hours = int(seconds // 3600)
+        return f"{hours} h"
+    return f"{int(seconds // 86400)} days"
+
+
+def relative(moment: dt.datetime | None, now: dt.datetime | None = None) -> str:
+    """``"in 59 min"`` or ``"3 h ago"``."""
+    if moment is None:
+        return ""
+    now = now or utcnow()
+    return f"in {ago(moment, now)}" if moment > now else f"{ago(moment, now)} ago"
+
+
+def utc(moment: dt.datetime | None, *, seconds: bool = False) -> str:
+    if moment is None:
+        return ""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC")
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+# ----------------------------------------------------------------------------------------------
+# VMs
+
+VM_TYPE_WORDS = {VmType.CLI.value: "CLI workspace", VmType.BROWSER.value: "Secure browser"}
+_TONE = {
+    VmStatus.RUNNING: "ok", VmStatus.PAUSED: "idle", VmStatus.STOPPED: "idle", VmStatus.FAILED: "bad",
+    VmStatus.DESTROYED: "idle", VmStatus.DESTROYING: "busy", VmStatus.CREATING: "busy", VmStatus.STARTING: "busy",
+    VmStatus.STOPPING: "busy",
+}
+
+
+@dataclass
+class VmRow:
+    id: str
+    short_id: str
+    user_id: str
+    vm_type: str
+    type_words: str
+    status: str
+    status_words: str
+    tone: str
+    reason: str
+    age: str
+    created: str
+    actions: list[str]
+
+
+def vm_actions(status: str) -> list[str]:
+    """What a user may do with a VM in ``status`` from the dashboard (the transition table allows it)."""
+    state = VmStatus(status)
+    actions = []
+    if state in (VmStatus.RUNNING, VmStatus.PAUSED):
+        actions.append("stop")
+    if state in (VmStatus.PAUSED, VmStatus.STOPPED):
+        actions.append("resume")
+    if state not in (VmStatus.DESTROYED, VmStatus.DESTROYING):
+        actions.append("destroy")
+    return actions
+
+
+def vm_row(vm: Vm, now: dt.datetime | None = None) -> VmRow:
+    state = VmStatus(vm.status)
+    return VmRow(
+        id=vm.id, short_id=vm.id[:11], user_id=vm.user_id, vm_type=vm.vm_type,
+        type_words=VM_TYPE_WORDS.get(vm.vm_type, vm.vm_type), status=vm.status, status_words=VM_STATUS_WORDS[state],
+        tone=_TONE[state], reason=vm.status_reason or "", age=ago(vm.created_at, now), created=utc(vm.created_at),
+        actions=vm_actions(vm.status),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI credentials per provider
+
+
+@dataclass
+class ProviderCredential:
+    provider: str
+    name: str
+    state: str  # "signed_in" | "lost" | "none"
+    state_words: str
+    account: str = ""
+    expires: str = ""
+    expires_relative: str = ""
+    signed_in: str = ""
+    live_session_id: str = ""
+    action: str = "Authenticate"
+
+
+def provider_credentials(ctx: AppContext, user_id: str, profiles: dict[str, Any],
+                         now: dt.datetime | None = None) -> list[ProviderCredential]:
+    """For each provider: is the user's CLI workspace signed in (from completed sessions' metadata)?"""
+    now = now or utcnow()
+    with ctx.db.read() as session:
+        sessions = list(session.scalars(
+            select(AuthSession).where(AuthSession.user_id == user_id).order_by(AuthSession.created_at.desc())
+        ))
+        live_cli = session.scalars(select(Vm).where(
+            Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
+            Vm.status.not_in([s.value for s in VM_TERMINAL]),
+        )).one_or_none()
+    rows = []
+    for name, profile in sorted(profiles.items()):
+        display = str(getattr(profile, "display_name", name))
+        mine = [s for s in sessions if s.provider == name]
+        completed = next((s for s in mine if s.status == AuthStatus.COMPLETED.value), None)
+        live = next((s for s in mine if AuthStatus(s.status) not in AUTH_TERMINAL
+                     and (s.expires_at is None or s.expires_at > now)), None)
+        row = ProviderCredential(provider=name, name=display, state="none", state_words="Not signed in")
+        if completed is not None:
+            meta = completed.credential_meta or {}
+            expires = parse_time(meta.get("expires_at"))
+            row.account = str(meta.get("account") or "")
+            row.expires = utc(expires)
+            row.expires_relative = relative(expires, now)
+            row.signed_in = relative(completed.delivered_at or completed.updated_at, now)
+            row.action = "Re-authenticate"
+            if live_cli is not None and completed.cli_vm_id == live_cli.id:
+                row.state, row.state_words = "signed_in", "Signed in"
+            else:
+                row.state = "lost"
+                row.state_words = "Signed in earlier, but that CLI workspace was replaced: sign in again"
+        if live is not None:
+            row.live_session_id = live.id
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The sign-in page's steps
+
+STEPS: list[tuple[str, str]] = [
+    ("cli", "Preparing your CLI workspace"),
+    ("browser", "Starting a secure browser"),
+    ("login", "Log in below"),
+    ("save", "Saving credentials to your workspace"),
+    ("done", "Done"),
+]
+# Which step a (non-terminal) status is working on.
+_ACTIVE = {
+    AuthStatus.PENDING: "cli", AuthStatus.PROVISIONING: "browser", AuthStatus.AWAITING_USER: "login",
+    AuthStatus.EXCHANGING: "save", AuthStatus.TRANSFERRING: "save", AuthStatus.COMPLETED: "done",
+}
+
+
+@dataclass
+class Step:
+    key: str
+    label: str
+    state: str  # "todo" | "active" | "done" | "failed"
+
+
+@dataclass
+class Progress:
+    steps: list[Step] = field(default_factory=list)
+    ended_at_step: str | None = None
+
+
+def auth_steps(status: str, *, cli_ready: bool, ended_from: str | None = None) -> list[Step]:
+    """The five steps the sign-in page shows, each todo / active / done / failed.
+
+    While provisioning, the CLI workspace and the secure browser are prepared side by side: both
+    are active until the CLI VM runs. A session that ended (failed, expired, cancelled) marks the
+    step it was on (``ended_from``: the status it left) as failed.
+    """
+    state = AuthStatus(status)
+    keys = [key for key, _ in STEPS]
+    if state is AuthStatus.COMPLETED:
+        return [Step(key, label, "done") for key, label in STEPS]
+    if state in AUTH_TERMINAL:
+        try:
+            before = AuthStatus(ended_from) if ended_from else AuthStatus.PENDING
+        except ValueError:
+            before = AuthStatus.PENDING
+        at = _ACTIVE.get(before, "cli")
+        if before is AuthStatus.PROVISIONING and not cli_ready:
+            at = "cli"
+        index = keys.index(at)
+        return [Step(key, label, "done" if i < index else "failed" if i == index else "todo")
+                for i, (key, label) in enumerate(STEPS)]
+    steps = []
+    active = _ACTIVE[state]
+    index = keys.index(active)
+    for i, (key, label) in enumerate(STEPS):
+        if state in (AuthStatus.PENDING, AuthStatus.PROVISIONING) and key in ("cli", "browser"):
+            steps.append(Step(key, label, "done" if key == "cli" and cli_ready else "active"))
+            continue
+        steps.append(Step(key, label, "done" if i < index else "active" if i == index else "todo"))
+    return steps
+
+
+def session_progress(ctx: AppContext, auth: AuthSession) -> list[Step]:
+    """``auth_steps`` for a stored session (looks at its CLI VM and, once ended, its last move)."""
+    with ctx.db.read() as session:
+        cli_ready = False
+        if auth.cli_vm_id:
+            vm = session.get(Vm, auth.cli_vm_id)
+            cli_ready = vm is not None and vm.status == VmStatus.RUNNING.value
+        if not cli_ready:
+            live = session.scalars(select(Vm).where(
+                Vm.user_id == auth.user_id, Vm.vm_type == VmType.CLI.value, Vm.status == VmStatus.RUNNING.value,
+            )).first()
+            cli_ready = live is not None
+        ended_from = None
+        if AuthStatus(auth.status) in AUTH_TERMINAL:
+            ended_from = session.scalars(
+                select(Event.from_status).where(Event.session_id == auth.id, Event.to_status == auth.status)
+                .order_by(Event.id.desc()).limit(1)
+            ).first()
+    return auth_steps(auth.status, cli_ready=cli_ready, ended_from=ended_from)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timelines (the seed's table: time, event, status)
+
+
+@dataclass
+class TimelineRow:
+    time: str
+    event: str
+    module: str
+    kind: str
+    status: str
+    vm_id: str
+    tone: str
+
+
+def _status_cell(event: Event) -> str:
+    if event.to_status:
+        return f"{event.from_status} → {event.to_status}" if event.from_status else event.to_status
+    return ""
+
+
+def timeline(events: list[Event]) -> list[TimelineRow]:
+    rows = []
+    for event in events:
+        to = event.to_status or ""
+        tone = "bad" if to in ("failed", "expired") else "ok" if to in ("running", "completed") else ""
+        rows.append(TimelineRow(
+            time=utc(event.at, seconds=True), event=event.message, module=event.module, kind=event.kind,
+            status=_status_cell(event), vm_id=event.vm_id or "", tone=tone,
+        ))
+    return rows
