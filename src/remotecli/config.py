@@ -82,6 +82,33 @@ class Settings(BaseSettings):
     browser_guest_user: str = "browser"
     browser_vnc_port: int = 5900
     run_background: bool = Field(default=True, description="Run the background loops in this process")
+    auth_lease_s: float = Field(default=30.0, gt=0, description="A sign-in worker's lease; re-claimed after this")
+
+    # Reconciler and garbage collector (background/reconciler.py, background/gc.py; ADR 0006).
+    reconciler_interval_s: float = Field(default=10.0, gt=0, description="Pause between reconciler passes")
+    reconciler_wedged_after_s: float = Field(
+        default=300.0, gt=0, description="A VM held this long in creating/starting/stopping/destroying is wedged"
+    )
+    reconciler_destroy_retry_after_s: float = Field(
+        default=30.0, ge=0, description="A VM in destroying this long gets driver.destroy retried"
+    )
+    reconciler_orphan_grace_s: float = Field(
+        default=60.0, ge=0, description="Host VMs no row owns are removed after being seen this long"
+    )
+    reconciler_lease_s: float = Field(default=60.0, gt=0, description="Per-VM reconcile lease (several controllers)")
+    reconciler_batch_size: int = Field(default=200, ge=1)
+    reconciler_audit_events: bool = Field(
+        default=False, description="Write an event for every VM inspection (tests of multi-controller leases)"
+    )
+    gc_interval_s: float = Field(default=60.0, gt=0)
+    gc_failed_ttl_s: float = Field(default=1800.0, ge=0, description="failed VMs are removed after this")
+    gc_destroyed_retention_s: float | None = Field(
+        default=7 * 86400.0, ge=0, description="destroyed VM rows are deleted after this (None: kept forever)"
+    )
+    gc_ticket_retention_s: float = Field(default=300.0, ge=0, description="expired/used websocket tickets kept")
+    metrics_token: str | None = Field(
+        default=None, description="If set, /metrics needs 'Authorization: Bearer <token>' from non-loopback clients"
+    )
 
     log_level: str = "INFO"
     log_to_stderr: bool = True

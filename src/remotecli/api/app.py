@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from remotecli import __version__, web
 from remotecli.api.errors import install_error_handlers
-from remotecli.api.routes import auth_sessions, health, terminal, vms
+from remotecli.api.routes import auth_sessions, health, metrics, terminal, vms
 from remotecli.context import AppContext
 
 
@@ -19,9 +19,15 @@ def create_app(ctx: AppContext, *, background: bool | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from remotecli.background.gc import BackgroundLoops
         from remotecli.services.auth_flow import AuthRunner
 
+        # The reconciler's first pass runs at start-up: after a crash it adopts running VMs, fails
+        # the dead and wedged ones, and removes orphans before sessions are picked up again.
+        loops = BackgroundLoops(ctx) if run_loops else None
         runner = AuthRunner(ctx) if run_loops else None
+        if loops:
+            loops.start()
         if runner:
             runner.start()
         try:
@@ -29,6 +35,8 @@ def create_app(ctx: AppContext, *, background: bool | None = None) -> FastAPI:
         finally:
             if runner:
                 runner.stop()
+            if loops:
+                loops.stop()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -42,6 +50,7 @@ def create_app(ctx: AppContext, *, background: bool | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(vms.router)
     app.include_router(auth_sessions.router)
+    app.include_router(metrics.router)
     app.include_router(terminal.router)
     web.install(app)
     return app

@@ -112,6 +112,20 @@ def serve(host: str | None, port: int | None) -> None:
     _serve(ctx, host or settings.host, port or settings.port)
 
 
+def _drift_check(ctx: AppContext) -> tuple[str, bool, str]:
+    """Drift between the database and the host: what a reconciler pass would fix (changes nothing)."""
+    from collections import Counter
+
+    from remotecli.background.reconciler import Reconciler
+
+    findings = Reconciler(ctx, owner="doctor").run_once(dry_run=True).findings
+    kinds = Counter(f.kind for f in findings)
+    if not kinds:
+        return ("drift", True, "database and host agree")
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    return ("drift", False, f"{summary}: see 'remotecli gc --dry-run' (the reconciler fixes it within its interval)")
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def doctor(as_json: bool) -> None:
@@ -139,6 +153,7 @@ def doctor(as_json: bool) -> None:
                     else:
                         detail = f"not built for the current recipe (hash {item.hash}): run 'remotecli images build'"
                     checks.append((f"image {item.target}", item.built, detail))
+            checks.append(_drift_check(ctx))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from remotecli.cli import commands_auth, commands_server, commands_users, commands_vm
+from remotecli.cli import commands_auth, commands_gc, commands_server, commands_users, commands_vm
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +21,7 @@ def main() -> None:
     First time:   remotecli up          (migrate, build images, create an admin, serve)
     Every day:    remotecli serve
     Check host:   remotecli doctor
+    Clean up:     remotecli gc --dry-run
 
     Settings come from REMOTECLI_* environment variables or <data dir>/config.toml
     (REMOTECLI_DATA_DIR, default ~/.local/share/remotecli).
@@ -31,3 +32,4 @@ commands_server.register(main)
 commands_users.register(main)
 commands_vm.register(main)
 commands_auth.register(main)
+commands_gc.register(main)

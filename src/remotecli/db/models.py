@@ -131,6 +131,30 @@ class Vm(Base):
     status_changed_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     last_seen_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Migration 0003: the reconciler's per-VM lease (several controllers on one database) and how
+    # many passes in a row the driver could not tell whether the VM is alive.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    unknown_strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class HostOrphan(Base):
+    """A VM found on the host (process, directory, ports) that no row owns: removed after a grace period.
+
+    Shared by all controllers: ``first_seen_at`` starts the grace period once, the lease makes one
+    controller remove it.
+    """
+
+    __tablename__ = "host_orphans"
+
+    vm_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    directory: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ports: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class AuthSession(Base):

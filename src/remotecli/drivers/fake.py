@@ -37,8 +37,10 @@ class _FakeVm:
     power: PowerState = PowerState.RUNNING
     process_alive: bool = True
     agent_hung: bool = False
+    control_lost: bool = False  # inspect answers UNKNOWN (a real driver: QMP socket gone or hung)
     files: dict[str, tuple[bytes, int, str | None]] = field(default_factory=dict)
     boots: int = 1
+    pid: int = 0  # a made-up process id, so list_host_vms can say "a process exists"
 
 
 class FakeDriver(VmDriver):
@@ -50,6 +52,7 @@ class FakeDriver(VmDriver):
         self._vms: dict[str, _FakeVm] = {}
         self._lock = threading.RLock()
         self._fail_next_boots = 0
+        self._next_pid = 10_000
         self.calls: list[tuple[str, str]] = []
         # Fake OAuth flows in browser VMs: flow_id -> state dict (see FakeAgent.oauth_*).
         self.oauth_flows: dict[str, dict[str, object]] = {}
@@ -65,6 +68,18 @@ class FakeDriver(VmDriver):
     def hang_agent(self, vm_id: str, hung: bool = True) -> None:
         with self._lock:
             self._vms[vm_id].agent_hung = hung
+
+    def lose_control_socket(self, vm_id: str, lost: bool = True) -> None:
+        """The VM runs but its control socket does not answer: ``inspect`` says UNKNOWN."""
+        with self._lock:
+            self._vms[vm_id].control_lost = lost
+
+    def delete_directory(self, vm_id: str) -> None:
+        """Remove the VM's directory behind the controller's back (the seed's case)."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is not None:
+            shutil.rmtree(vm.spec.directory, ignore_errors=True)
 
     def fail_next_boot(self, count: int = 1) -> None:
         self._fail_next_boots += count
@@ -90,7 +105,8 @@ class FakeDriver(VmDriver):
                 raise VmBootFailed(log_detail="fake: kernel panic - not syncing")
             spec.directory.mkdir(parents=True, exist_ok=True)
             (spec.directory / "console.log").write_text("fake: booted\n")
-            self._vms[spec.vm_id] = _FakeVm(spec=spec)
+            self._next_pid += 1
+            self._vms[spec.vm_id] = _FakeVm(spec=spec, pid=self._next_pid)
         if self.boot_delay_s:
             time.sleep(self.boot_delay_s)
         return BootInfo(endpoint=f"fake://{spec.vm_id}", pid=None, accel="none")
@@ -143,12 +159,14 @@ class FakeDriver(VmDriver):
                 return Inspection(Liveness.DEAD, "directory missing")
             if vm is None or not vm.process_alive:
                 return Inspection(Liveness.DEAD, "process exited")
+            if vm.control_lost:
+                return Inspection(Liveness.UNKNOWN, "control socket unresponsive")
             return Inspection(Liveness.ALIVE, "", power=vm.power)
 
     def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
         with self._lock:
             found = {
-                vm_id: HostVm(vm_id, vm.spec.directory, None) for vm_id, vm in self._vms.items() if vm.process_alive
+                vm_id: HostVm(vm_id, vm.spec.directory, vm.pid) for vm_id, vm in self._vms.items() if vm.process_alive
             }
         if vms_dir.is_dir():
             for path in vms_dir.iterdir():

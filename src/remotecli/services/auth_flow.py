@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import or_, select, update
 
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, User, Vm, WsTicket, utcnow
@@ -57,6 +57,7 @@ from remotecli.services.users import Principal
 MODULE = "browser-auth"
 log = get_logger(MODULE)
 
+#: Default worker lease; ``settings.auth_lease_s`` is the one used (re-claimed after it lapses).
 LEASE_S = 30.0
 POLL_S = 0.5
 
@@ -305,7 +306,7 @@ def _renew_lease(ctx: AppContext, auth: AuthSession, owner: str) -> bool:
     with ctx.db.transaction() as session:
         result = session.execute(
             update(AuthSession).where(AuthSession.id == auth.id, AuthSession.lease_owner == owner)
-            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=LEASE_S))
+            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=ctx.settings.auth_lease_s))
             .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -336,7 +337,7 @@ def claim_sessions(ctx: AppContext, owner: str, limit: int = 8) -> list[str]:
                 update(AuthSession).where(
                     AuthSession.id == session_id,
                     or_(AuthSession.lease_owner.is_(None), AuthSession.lease_expires_at < now),
-                ).values(lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=LEASE_S))
+                ).values(lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=ctx.settings.auth_lease_s))
                 .execution_options(synchronize_session=False)
             )
             if result.rowcount == 1:  # type: ignore[attr-defined]
@@ -518,7 +519,7 @@ def _await_login(ctx: AppContext, auth: AuthSession, profile: Any, owner: str) -
                 raise SessionFailure("token_exchange_failed" if "exchange" in code else "oauth_error", code)
             if _expired_or_ended(ctx, auth):
                 return
-            if time.monotonic() - last_lease > LEASE_S / 3:
+            if time.monotonic() - last_lease > ctx.settings.auth_lease_s / 3:
                 if not _renew_lease(ctx, auth, owner):
                     return
                 last_lease = time.monotonic()
@@ -712,7 +713,7 @@ class AuthRunner:
                     continue
                 self._active.add(session_id)
             self._pool.submit(self._work, session_id)
-        _purge_tickets(self.ctx)
+        # Expired and used websocket tickets are purged by the garbage collector (background/gc.py).
 
     def _work(self, session_id: str) -> None:
         try:
@@ -721,16 +722,3 @@ class AuthRunner:
             with self._lock:
                 self._active.discard(session_id)
 
-
-_last_purge = [0.0]
-
-
-def _purge_tickets(ctx: AppContext) -> None:
-    if time.monotonic() - _last_purge[0] < 60:
-        return
-    _last_purge[0] = time.monotonic()
-    with ctx.db.transaction() as session:
-        session.execute(delete(WsTicket).where(or_(
-            WsTicket.expires_at < utcnow() - dt.timedelta(minutes=5),
-            and_(WsTicket.used_at.is_not(None), WsTicket.used_at < utcnow() - dt.timedelta(minutes=5)),
-        )))

@@ -1,0 +1,151 @@
+"""The garbage collector: terminal VMs leave the host, old rows and tickets leave the database.
+
+* ``failed`` VMs older than ``gc_failed_ttl_s`` (default 30 min) are removed with all their
+  resources: ``failed → destroying → destroyed`` through ``vm_manager.destroy_vm`` (under the
+  VM's lease). A destroy that fails leaves the row ``destroying``; the reconciler retries it.
+* ``destroyed`` rows older than ``gc_destroyed_retention_s`` (default 7 days; ``None`` keeps them)
+  are deleted. Their events stay: the timeline outlives the rows it describes.
+* Expired and used websocket tickets are purged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from sqlalchemy import and_, delete, func, or_, select
+
+from remotecli.background.common import (
+    STATS,
+    Finding,
+    LoopThread,
+    PassReport,
+    claim_vms,
+    new_owner,
+    release_vms,
+)
+from remotecli.context import AppContext
+from remotecli.db.models import Vm, WsTicket, utcnow
+from remotecli.domain.states import VmStatus
+from remotecli.errors import RemotecliError
+from remotecli.logging import get_logger
+from remotecli.services import vm_manager
+from remotecli.services.transitions import StatusChanged
+
+MODULE = "gc"
+log = get_logger(MODULE)
+
+
+class GarbageCollector:
+    def __init__(self, ctx: AppContext, *, owner: str | None = None, failed_ttl_s: float | None = None) -> None:
+        self.ctx = ctx
+        self.owner = owner or new_owner("gc")
+        self.failed_ttl_s = ctx.settings.gc_failed_ttl_s if failed_ttl_s is None else failed_ttl_s
+        self._loop = LoopThread("gc", self.run_once, ctx.settings.gc_interval_s)
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def run_once(self, *, dry_run: bool = False) -> PassReport:
+        report = PassReport(loop="gc", controller=self.owner, started_at=utcnow())
+        started = time.monotonic()
+        for step in (self._failed_vms, self._destroyed_rows, self._tickets):
+            try:
+                step(report, dry_run)
+            except Exception:
+                report.errors += 1
+                log.exception("gc step %s failed; going on", step.__name__)
+        report.duration_s = time.monotonic() - started
+        if not dry_run:
+            STATS.record(report)
+            done = report.count("done")
+            if done:
+                log.info("gc pass: %s", dict(done))
+        return report
+
+    def _failed_vms(self, report: PassReport, dry_run: bool) -> None:
+        cutoff = utcnow() - dt.timedelta(seconds=self.failed_ttl_s)
+        with self.ctx.db.read() as session:
+            vms = list(session.scalars(select(Vm).where(
+                Vm.status == VmStatus.FAILED.value, Vm.status_changed_at <= cutoff,
+            ).order_by(Vm.status_changed_at).limit(1000)))
+        if not vms:
+            return
+        taken = {vm.id for vm in vms} if dry_run else set(
+            claim_vms(self.ctx, self.owner, [vm.id for vm in vms], self.ctx.settings.reconciler_lease_s))
+        try:
+            for vm in vms:
+                if vm.id not in taken:
+                    continue
+                reason = (vm.status_reason or "unknown reason").splitlines()[0][:120]
+                finding = Finding("failed_vm", vm.id, vm.user_id, f"failed ({reason}) and past its TTL", "destroy")
+                report.findings.append(finding)
+                if dry_run:
+                    continue
+                try:
+                    vm_manager.destroy_vm(self.ctx, None, vm.id, reason="garbage collection of a failed VM",
+                                          module=MODULE)
+                    finding.result = "done"
+                except StatusChanged:
+                    finding.result = "lost"
+                except RemotecliError:
+                    finding.result = "error"  # stays destroying; the reconciler retries the destroy
+        finally:
+            if not dry_run:
+                release_vms(self.ctx, self.owner, sorted(taken))
+
+    def _destroyed_rows(self, report: PassReport, dry_run: bool) -> None:
+        retention = self.ctx.settings.gc_destroyed_retention_s
+        if retention is None:
+            return
+        cutoff = utcnow() - dt.timedelta(seconds=retention)
+        where = and_(Vm.status == VmStatus.DESTROYED.value, Vm.status_changed_at <= cutoff)
+        with self.ctx.db.read() as session:
+            rows = list(session.execute(select(Vm.id, Vm.user_id).where(where).limit(5000)).all())
+        if not rows:
+            return
+        findings = [Finding("destroyed_row", vm_id, user_id, f"destroyed more than {retention:.0f} s ago", "delete")
+                    for vm_id, user_id in rows]
+        report.findings.extend(findings)
+        if dry_run:
+            return
+        with self.ctx.db.transaction() as session:
+            session.execute(delete(Vm).where(where, Vm.id.in_([vm_id for vm_id, _ in rows])))
+        for finding in findings:
+            finding.result = "done"
+
+    def _tickets(self, report: PassReport, dry_run: bool) -> None:
+        cutoff = utcnow() - dt.timedelta(seconds=self.ctx.settings.gc_ticket_retention_s)
+        where = or_(WsTicket.expires_at < cutoff, and_(WsTicket.used_at.is_not(None), WsTicket.used_at < cutoff))
+        with self.ctx.db.read() as session:
+            count = session.scalar(select(func.count()).select_from(WsTicket).where(where)) or 0
+        if not count:
+            return
+        finding = Finding("tickets", f"{count} ticket(s)", None, "websocket tickets expired or used", "purge")
+        report.findings.append(finding)
+        if dry_run:
+            return
+        with self.ctx.db.transaction() as session:
+            session.execute(delete(WsTicket).where(where))
+        finding.result = "done"
+
+
+class BackgroundLoops:
+    """The reconciler and the garbage collector of one controller process (started by the app)."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        from remotecli.background.reconciler import Reconciler
+
+        self.reconciler = Reconciler(ctx)
+        self.gc = GarbageCollector(ctx)
+
+    def start(self) -> None:
+        self.reconciler.start()  # its first pass runs now: start-up recovery
+        self.gc.start()
+
+    def stop(self) -> None:
+        self.reconciler.stop()
+        self.gc.stop()

@@ -1,0 +1,454 @@
+"""The reconciler: the database and the host are compared both ways, on a loop and at start-up.
+
+Database → host (every non-terminal VM, under its per-VM lease, see ``background.common``):
+
+* ``running``/``paused``: ``driver.inspect``. DEAD → ``failed`` with the driver's reason (and any
+  process left is stopped). UNKNOWN → one strike (``vms.unknown_strikes``); the second UNKNOWN in
+  a row → ``failed``. ALIVE clears the strikes.
+* ``stopped``: its directory must exist, else ``failed``.
+* ``creating``/``starting``/``stopping`` held past ``reconciler_wedged_after_s``: ``failed`` as
+  wedged, its process stopped (the directory stays for the post-mortem until GC).
+* ``destroying`` held past ``reconciler_destroy_retry_after_s``: ``driver.destroy`` again (it is
+  idempotent) → ``destroyed``; still failing past the wedge deadline → ``failed``.
+
+Host → database (``driver.list_host_vms``): a VM directory/process/port that no row owns (no row,
+or a ``destroyed`` one) is an orphan; its first sighting is written to ``host_orphans`` (shared by
+all controllers) and it is destroyed once seen for ``reconciler_orphan_grace_s``. A ``failed``
+row still owns its directory (GC removes it after the TTL) but any process it still has is stopped.
+
+Sign-in sessions: sessions past ``expires_at`` whose worker lease is free become ``expired``
+(the same transition the AuthRunner makes; losing that race is fine). Browser VMs whose session
+has ended, or that no session references long after they were made, are destroyed.
+
+Every status change goes through ``services.transitions`` / ``vm_manager``; no transaction is open
+during a driver call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from remotecli.background.common import (
+    STATS,
+    Finding,
+    LoopThread,
+    PassReport,
+    chunks,
+    claim_vms,
+    host_spec,
+    new_owner,
+    release_vms,
+    renew_vms,
+)
+from remotecli.context import AppContext
+from remotecli.db.models import AuthSession, HostOrphan, Vm, utcnow
+from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.drivers.base import HostVm, Liveness
+from remotecli.errors import RemotecliError
+from remotecli.logging import get_logger, log_context
+from remotecli.services import vm_manager
+from remotecli.services.transitions import StatusChanged, record_event, set_auth_status, set_vm_status
+
+MODULE = "reconciler"
+log = get_logger(MODULE)
+
+_UNKNOWN_STRIKES_TO_FAIL = 2
+_STOP_TIMEOUT_S = 2.0
+
+
+def _age_s(now: dt.datetime, then: dt.datetime | None) -> float:
+    return 0.0 if then is None else (now - then).total_seconds()
+
+
+def _safe_vm_id(vm_id: str) -> bool:
+    return bool(vm_id) and vm_id not in (".", "..") and "/" not in vm_id and "\x00" not in vm_id
+
+
+class Reconciler:
+    """One controller's reconciler. ``run_once`` is a pass; ``start``/``stop`` run it on a loop."""
+
+    def __init__(self, ctx: AppContext, *, owner: str | None = None, orphan_grace_s: float | None = None) -> None:
+        self.ctx = ctx
+        self.owner = owner or new_owner("rec")
+        s = ctx.settings
+        self.orphan_grace_s = s.reconciler_orphan_grace_s if orphan_grace_s is None else orphan_grace_s
+        self._loop = LoopThread("reconciler", self.run_once, s.reconciler_interval_s)
+
+    # ------------------------------------------------------------------------------ loop
+    def start(self) -> None:
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def wake(self) -> None:
+        self._loop.wake()
+
+    # ------------------------------------------------------------------------------ a pass
+    def run_once(self, *, dry_run: bool = False) -> PassReport:
+        """One pass. With ``dry_run`` nothing is written or changed: the findings say what would be."""
+        report = PassReport(loop="reconciler", controller=self.owner, started_at=utcnow())
+        started = time.monotonic()
+        for step in (self._expire_sessions, self._check_rows, self._check_host, self._browser_vms):
+            try:
+                step(report, dry_run)
+            except Exception:
+                report.errors += 1
+                log.exception("reconciler step %s failed; going on", step.__name__)
+        report.duration_s = time.monotonic() - started
+        if not dry_run:
+            STATS.record(report)
+            done = report.count("done")
+            if done:
+                log.info("reconciler pass: %s", dict(done), extra={"duration_s": round(report.duration_s, 3)})
+        return report
+
+    # ------------------------------------------------------------------------------ database → host
+    def _check_rows(self, report: PassReport, dry_run: bool) -> None:
+        s = self.ctx.settings
+        with self.ctx.db.read() as session:
+            ids = list(session.scalars(
+                select(Vm.id).where(Vm.status.not_in([st.value for st in VM_TERMINAL])).order_by(Vm.id)
+            ))
+        for batch in chunks(ids, s.reconciler_batch_size):
+            taken = list(batch) if dry_run else claim_vms(self.ctx, self.owner, batch, s.reconciler_lease_s)
+            if not taken:
+                continue
+            claimed_at = utcnow()
+            renewed = time.monotonic()
+            try:
+                with self.ctx.db.read() as session:
+                    vms = list(session.scalars(select(Vm).where(Vm.id.in_(taken)).order_by(Vm.id)))
+                for vm in vms:
+                    if not dry_run and time.monotonic() - renewed > s.reconciler_lease_s / 3:
+                        renew_vms(self.ctx, self.owner, taken, s.reconciler_lease_s)
+                        renewed = time.monotonic()
+                    try:
+                        with log_context(vm_id=vm.id, user_id=vm.user_id):
+                            self._check_vm(vm, report, dry_run)
+                    except Exception:
+                        report.errors += 1
+                        log.exception("could not reconcile a VM; next pass retries", extra={"vm_id": vm.id})
+                    if s.reconciler_audit_events and not dry_run:
+                        self._audit(vm, claimed_at)
+            finally:
+                if not dry_run:
+                    release_vms(self.ctx, self.owner, taken)
+
+    def _audit(self, vm: Vm, claimed_at: dt.datetime) -> None:
+        with self.ctx.db.transaction() as session:
+            record_event(session, module=MODULE, kind="reconcile.checked", message="Reconciler checked the VM",
+                         user_id=vm.user_id, vm_id=vm.id,
+                         details={"controller": self.owner, "lease_from": claimed_at.isoformat(),
+                                  "lease_to": utcnow().isoformat()})
+
+    def _check_vm(self, vm: Vm, report: PassReport, dry_run: bool) -> None:
+        s = self.ctx.settings
+        now = utcnow()
+        status = VmStatus(vm.status)
+        age = _age_s(now, vm.status_changed_at)
+        spec = host_spec(self.ctx, vm)
+        if status is VmStatus.DESTROYING:
+            if age < s.reconciler_destroy_retry_after_s:
+                return
+            finding = Finding("destroy_retry", vm.id, vm.user_id, f"in destroying for {age:.0f} s", "destroy")
+            report.findings.append(finding)
+            if dry_run:
+                return
+            try:
+                self.ctx.driver.destroy(spec)
+            except Exception as exc:
+                log.warning("destroy retry failed: %r", exc, extra={"vm_id": vm.id})
+                if age >= s.reconciler_wedged_after_s:
+                    finding.kind, finding.action = "wedged_vm", "fail"
+                    finding.why = f"wedged in destroying for {age:.0f} s: destroy keeps failing"
+                    finding.result = self._fail(vm, finding.why, status)
+                else:
+                    finding.result = "error"
+                return
+            try:
+                with self.ctx.db.transaction() as session:
+                    set_vm_status(session, vm, VmStatus.DESTROYED, module=MODULE, expected=VmStatus.DESTROYING,
+                                  message="VM destroyed (reconciler retried the destroy)", endpoint=None,
+                                  details={"controller": self.owner})
+                finding.result = "done"
+            except StatusChanged:
+                finding.result = "lost"
+            return
+        if status in (VmStatus.CREATING, VmStatus.STARTING, VmStatus.STOPPING):
+            if age < s.reconciler_wedged_after_s:
+                return  # someone is working on it (a boot or a graceful stop takes a while)
+            why = f"wedged in {status.value} for {age:.0f} s"
+            finding = Finding("wedged_vm", vm.id, vm.user_id, why, "fail")
+            report.findings.append(finding)
+            if not dry_run:
+                finding.result = self._fail(vm, why, status)
+                self._stop_process(spec)
+            return
+        if status is VmStatus.STOPPED:
+            if not spec.directory.is_dir():
+                why = "its directory is gone"
+                finding = Finding("dead_vm", vm.id, vm.user_id, why, "fail")
+                report.findings.append(finding)
+                if not dry_run:
+                    finding.result = self._fail(vm, why, status)
+            return
+        # running / paused: the hypervisor must confirm it.
+        inspection = self.ctx.driver.inspect(spec)
+        if inspection.liveness is Liveness.ALIVE:
+            if vm.unknown_strikes and not dry_run:
+                self._set_strikes(vm, 0)
+            return
+        if inspection.liveness is Liveness.DEAD:
+            why = f"the hypervisor says it is dead ({inspection.reason})"
+            finding = Finding("dead_vm", vm.id, vm.user_id, why, "fail")
+            report.findings.append(finding)
+            if not dry_run:
+                finding.result = self._fail(vm, why, status)
+                self._stop_process(spec)  # e.g. the directory is gone but QEMU still runs
+            return
+        strikes = vm.unknown_strikes + 1
+        if strikes < _UNKNOWN_STRIKES_TO_FAIL:
+            finding = Finding("unknown_vm", vm.id, vm.user_id,
+                              f"the hypervisor could not tell ({inspection.reason}); strike {strikes} of "
+                              f"{_UNKNOWN_STRIKES_TO_FAIL}", "watch")
+            report.findings.append(finding)
+            if not dry_run:
+                self._set_strikes(vm, strikes)
+                finding.result = "waiting"
+            return
+        why = f"the hypervisor could not confirm it is alive {strikes} passes in a row ({inspection.reason})"
+        finding = Finding("dead_vm", vm.id, vm.user_id, why, "fail")
+        report.findings.append(finding)
+        if not dry_run:
+            finding.result = self._fail(vm, why, status)
+            self._stop_process(spec)
+
+    def _set_strikes(self, vm: Vm, strikes: int) -> None:
+        with self.ctx.db.transaction() as session:
+            session.execute(update(Vm).where(Vm.id == vm.id, Vm.status == vm.status)
+                            .values(unknown_strikes=strikes).execution_options(synchronize_session=False))
+
+    def _fail(self, vm: Vm, reason: str, expected: VmStatus) -> str:
+        """``expected → failed``, conditional: if the row moved meanwhile, its new owner decides."""
+        try:
+            with self.ctx.db.transaction() as session:
+                set_vm_status(session, vm, VmStatus.FAILED, module=MODULE, expected=expected,
+                              message="VM failed (found by the reconciler)", reason=reason,
+                              details={"controller": self.owner})
+            return "done"
+        except StatusChanged:
+            return "lost"
+
+    def _stop_process(self, spec: Any) -> None:
+        try:
+            self.ctx.driver.stop(spec, _STOP_TIMEOUT_S)
+        except Exception:
+            log.warning("could not stop the process of a failed VM; the next pass retries",
+                        extra={"vm_id": spec.vm_id})
+
+    # ------------------------------------------------------------------------------ host → database
+    def _check_host(self, report: PassReport, dry_run: bool) -> None:
+        host = {h.vm_id: h for h in self.ctx.driver.list_host_vms(self.ctx.settings.vms_dir)}
+        # Rows are read after the host is listed: a VM's row is committed before its directory or
+        # process exists, so anything listed above that has a row is seen here.
+        rows: dict[str, tuple[str, str]] = {}
+        for batch in chunks(sorted(host), 500):
+            with self.ctx.db.read() as session:
+                for vm_id, status, user_id in session.execute(
+                    select(Vm.id, Vm.status, Vm.user_id).where(Vm.id.in_(batch))
+                ):
+                    rows[vm_id] = (status, user_id)
+        orphans = [h for vm_id, h in host.items() if vm_id not in rows or rows[vm_id][0] == VmStatus.DESTROYED.value]
+        stray = [h for vm_id, h in host.items()
+                 if vm_id in rows and rows[vm_id][0] == VmStatus.FAILED.value and h.pid is not None]
+        self._stop_stray(stray, rows, report, dry_run)
+        self._remove_orphans(orphans, report, dry_run)
+
+    def _stop_stray(self, stray: list[HostVm], rows: dict[str, tuple[str, str]], report: PassReport,
+                    dry_run: bool) -> None:
+        """A ``failed`` VM must not keep burning CPU and memory until GC: stop its process."""
+        if not stray:
+            return
+        taken = [h.vm_id for h in stray] if dry_run else claim_vms(
+            self.ctx, self.owner, [h.vm_id for h in stray], self.ctx.settings.reconciler_lease_s)
+        try:
+            for h in stray:
+                if h.vm_id not in taken:
+                    continue
+                finding = Finding("stray_process", h.vm_id, rows[h.vm_id][1],
+                                  f"failed VM still has a process (pid {h.pid})", "stop")
+                report.findings.append(finding)
+                if dry_run:
+                    continue
+                try:
+                    self.ctx.driver.stop(host_spec(self.ctx, vm_id=h.vm_id, directory=h.directory), _STOP_TIMEOUT_S)
+                    finding.result = "done"
+                except Exception:
+                    finding.result = "error"
+                    log.warning("could not stop a failed VM's process", extra={"vm_id": h.vm_id})
+        finally:
+            if not dry_run:
+                release_vms(self.ctx, self.owner, taken)
+
+    def _remove_orphans(self, orphans: list[HostVm], report: PassReport, dry_run: bool) -> None:
+        now = utcnow()
+        seen = self._track_orphans(orphans, now, dry_run)
+        for h in orphans:
+            if not _safe_vm_id(h.vm_id):
+                continue
+            seen_for = _age_s(now, seen.get(h.vm_id, now))
+            what = ", ".join(part for part in (
+                "directory" if h.directory is not None and h.directory.exists() else "",
+                f"process {h.pid}" if h.pid is not None else "",
+                f"port(s) {', '.join(map(str, h.ports))}" if h.ports else "",
+            ) if part) or "host resources"
+            finding = Finding("orphan", h.vm_id, None,
+                              f"no VM row owns its {what} (seen for {seen_for:.0f} s)", "destroy")
+            report.findings.append(finding)
+            if dry_run:
+                continue
+            if seen_for < self.orphan_grace_s:
+                finding.result = "waiting"
+                continue
+            finding.result = self._remove_orphan(h, seen_for)
+
+    def _track_orphans(self, orphans: list[HostVm], now: dt.datetime, dry_run: bool) -> dict[str, dt.datetime]:
+        """First sightings, shared by every controller (``host_orphans``); forget what is gone."""
+        ids = {h.vm_id for h in orphans}
+        if not dry_run:
+            with self.ctx.db.transaction() as session:
+                dialect = session.get_bind().dialect.name
+                insert_fn: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+                for h in orphans:
+                    session.execute(insert_fn(HostOrphan).values(
+                        vm_id=h.vm_id, directory=str(h.directory) if h.directory else None, pid=h.pid,
+                        ports=list(h.ports) or None, first_seen_at=now, last_seen_at=now,
+                    ).on_conflict_do_update(index_elements=["vm_id"], set_={"last_seen_at": now, "pid": h.pid}))
+                stale = select(HostOrphan.vm_id)
+                if ids:
+                    stale = stale.where(HostOrphan.vm_id.not_in(sorted(ids)))
+                gone = list(session.scalars(stale))
+                if gone:
+                    session.execute(delete(HostOrphan).where(HostOrphan.vm_id.in_(gone)))
+        if not ids:
+            return {}
+        with self.ctx.db.read() as session:
+            return dict(session.execute(
+                select(HostOrphan.vm_id, HostOrphan.first_seen_at).where(HostOrphan.vm_id.in_(sorted(ids)))
+            ).all())
+
+    def _remove_orphan(self, h: HostVm, seen_for: float) -> str:
+        now = utcnow()
+        lease_s = self.ctx.settings.reconciler_lease_s
+        with self.ctx.db.transaction() as session:
+            taken = session.execute(
+                update(HostOrphan).where(
+                    HostOrphan.vm_id == h.vm_id,
+                    or_(HostOrphan.lease_owner.is_(None), HostOrphan.lease_expires_at < now),
+                ).values(lease_owner=self.owner, lease_expires_at=now + dt.timedelta(seconds=lease_s))
+                .execution_options(synchronize_session=False)
+            ).rowcount == 1  # type: ignore[attr-defined]
+        if not taken:
+            return "lost"
+        try:
+            with self.ctx.db.read() as session:
+                status = session.scalar(select(Vm.status).where(Vm.id == h.vm_id))
+            if status is not None and status != VmStatus.DESTROYED.value:
+                return "lost"  # a row owns it after all
+            spec = host_spec(self.ctx, vm_id=h.vm_id, directory=self.ctx.settings.vms_dir / h.vm_id)
+            self.ctx.driver.destroy(spec)
+            if h.directory is not None and h.directory != spec.directory:
+                self.ctx.driver.destroy(host_spec(self.ctx, vm_id=h.vm_id, directory=Path(h.directory)))
+            with self.ctx.db.transaction() as session:
+                session.execute(delete(HostOrphan).where(HostOrphan.vm_id == h.vm_id))
+                record_event(session, module=MODULE, kind="reconcile.orphan_removed",
+                             message=f"Removed host resources no VM row owns (seen for {seen_for:.0f} s)",
+                             vm_id=h.vm_id,
+                             details={"controller": self.owner, "directory": str(h.directory) if h.directory else None,
+                                      "pid": h.pid, "ports": list(h.ports), "row_status": status})
+            log.info("orphan removed", extra={"vm_id": h.vm_id})
+            return "done"
+        except Exception:
+            log.exception("could not remove an orphan; the next pass retries", extra={"vm_id": h.vm_id})
+            with self.ctx.db.transaction() as session:
+                session.execute(update(HostOrphan).where(HostOrphan.vm_id == h.vm_id,
+                                                         HostOrphan.lease_owner == self.owner)
+                                .values(lease_owner=None, lease_expires_at=None))
+            return "error"
+
+    # ------------------------------------------------------------------------------ sign-in sessions
+    def _expire_sessions(self, report: PassReport, dry_run: bool) -> None:
+        from remotecli.services.auth_flow import STEP_MESSAGES
+
+        now = utcnow()
+        with self.ctx.db.read() as session:
+            sessions = list(session.scalars(select(AuthSession).where(
+                AuthSession.status.not_in([st.value for st in AUTH_TERMINAL]),
+                # A held credential is still delivered: expiry only ends the wait for the user.
+                AuthSession.status != AuthStatus.TRANSFERRING.value,
+                AuthSession.expires_at < now,
+                or_(AuthSession.lease_owner.is_(None), AuthSession.lease_expires_at < now),
+            )))
+        for auth in sessions:
+            finding = Finding("session_expired", auth.id, auth.user_id,
+                              f"{auth.status} past its expiry and no worker holds it", "expire")
+            report.findings.append(finding)
+            if dry_run:
+                continue
+            try:
+                with self.ctx.db.transaction() as session:
+                    set_auth_status(session, auth, AuthStatus.EXPIRED, module=MODULE,
+                                    message=STEP_MESSAGES[AuthStatus.EXPIRED], credential_enc=None,
+                                    details={"controller": self.owner})
+                finding.result = "done"
+            except (StatusChanged, RemotecliError):
+                finding.result = "lost"  # the AuthRunner got there first: fine
+
+    def _browser_vms(self, report: PassReport, dry_run: bool) -> None:
+        s = self.ctx.settings
+        now = utcnow()
+        unreferenced_after = 2 * s.vm_boot_timeout_s + s.reconciler_orphan_grace_s
+        with self.ctx.db.read() as session:
+            pairs = list(session.execute(
+                select(Vm, AuthSession).outerjoin(AuthSession, AuthSession.browser_vm_id == Vm.id).where(
+                    Vm.vm_type == VmType.BROWSER.value,
+                    Vm.status.in_([VmStatus.RUNNING.value, VmStatus.PAUSED.value, VmStatus.STOPPED.value]),
+                )
+            ).all())
+        doomed: list[tuple[Vm, str, str | None]] = []
+        for vm, auth in pairs:
+            if auth is None:
+                if _age_s(now, vm.created_at) >= unreferenced_after:
+                    doomed.append((vm, f"no sign-in session uses it ({_age_s(now, vm.created_at):.0f} s old)", None))
+            elif AuthStatus(auth.status) in AUTH_TERMINAL:
+                doomed.append((vm, f"its sign-in session is {auth.status}", auth.id))
+        if not doomed:
+            return
+        taken = {vm.id for vm, _, _ in doomed} if dry_run else set(
+            claim_vms(self.ctx, self.owner, [vm.id for vm, _, _ in doomed], s.reconciler_lease_s))
+        try:
+            for vm, why, session_id in doomed:
+                if vm.id not in taken:
+                    continue
+                finding = Finding("browser_vm", vm.id, vm.user_id, why, "destroy")
+                report.findings.append(finding)
+                if dry_run:
+                    continue
+                try:
+                    vm_manager.destroy_vm(self.ctx, None, vm.id, reason=why, module=MODULE, session_id=session_id)
+                    finding.result = "done"
+                except StatusChanged:
+                    finding.result = "lost"
+                except RemotecliError:
+                    finding.result = "error"  # left in destroying: the next passes retry
+                    log.warning("could not destroy a Browser VM", extra={"vm_id": vm.id})
+        finally:
+            if not dry_run:
+                release_vms(self.ctx, self.owner, sorted(taken))
