@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,11 +31,27 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str]:
     for error in errors:
         if error.get("type") == "json_invalid":
             return "malformed_json", "The request body is not valid JSON."
+        if (tuple(error.get("loc", ())) == ("body", "vm_type") and error.get("type") == "literal_error"
+                and error.get("input") not in ("cli", "browser")):
+            return "unknown_vm_type", "Unknown VM type; use 'cli' or 'browser'."
     parts = []
     for error in errors[:5]:
         location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
         parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
     return "invalid_input", "The request is not valid: " + "; ".join(parts)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method the API documents for ``path`` (from the OpenAPI paths, which span all routers)."""
+    paths = app.openapi().get("paths", {})
+    if path in paths:  # a literal path wins over templates (/vms/ensure is not /vms/{vm_id})
+        return {method.upper() for method in paths[path]}
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return methods
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -53,10 +71,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code
+        headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 404 and message == "Not Found":
             message = "There is nothing at this address."
+        if exc.status_code == 405:
+            # Starlette's Allow names only the first route matching the path; list every method.
+            allowed = _allowed_methods(app, request.url.path)
+            if allowed:
+                headers["Allow"] = ", ".join(sorted(allowed))
+                message = f"Use one of: {headers['Allow']}."
         return JSONResponse({"code": code, "message": message}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -19,9 +19,12 @@ class ErrorOut(BaseModel):
 class VmCreateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    vm_type: str = Field(description="'cli' or 'browser'")
-    vcpus: int | None = Field(default=None, description="Virtual CPUs (default per VM type)")
-    memory_mib: int | None = Field(default=None, description="Guest memory in MiB (default per VM type)")
+    vm_type: Literal["cli", "browser"] = Field(description="'cli' or 'browser'")
+    # Absolute bounds; the operator's settings (max_vm_vcpus, max_vm_memory_mib) may cap lower (422).
+    vcpus: int | None = Field(default=None, ge=1, le=64, description="Virtual CPUs (default per VM type)")
+    memory_mib: int | None = Field(
+        default=None, ge=128, le=262144, description="Guest memory in MiB (default per VM type)"
+    )
 
 
 class VmEnsureIn(BaseModel):
