@@ -379,21 +379,28 @@ def _require_admin(request: Request) -> tuple[Principal, str] | HTMLResponse:
     return current
 
 
+GC_KINDS = {
+    "failed_vm": "Failed VM past its TTL", "destroyed_row": "Removed VM's row", "tickets": "Websocket tickets",
+}
+
+
 def gc_dry_run(ctx: AppContext) -> tuple[bool, list[dict[str, str]] | None, str]:
-    """The garbage collector's dry run, if ``remotecli.background.gc`` exists: (available, rows, error)."""
+    """What the garbage collector would do now (``GarbageCollector.run_once(dry_run=True)``), if this
+    controller has one: (available, rows, error). Changes nothing."""
     if importlib.util.find_spec("remotecli.background.gc") is None:
         return False, None, ""
     try:
         module = importlib.import_module("remotecli.background.gc")
-        run = getattr(module, "dry_run", None) or getattr(module, "plan", None)
-        if run is None:
-            return True, None, "The garbage collector has no dry-run entry point yet."
-        result = run(ctx)
-        items = getattr(result, "items", result)
-        rows = []
-        for item in list(items or []):
-            data = item if isinstance(item, dict) else getattr(item, "__dict__", {"item": str(item)})
-            rows.append({str(k): str(v) for k, v in data.items() if not str(k).startswith("_")})
+        collector_cls = getattr(module, "GarbageCollector", None)
+        if collector_cls is None:
+            return False, None, ""
+        report = collector_cls(ctx).run_once(dry_run=True)
+        with ctx.db.read() as db:
+            names = {u.id: u.name for u in db.scalars(select(User))}
+        rows = [{
+            "kind": GC_KINDS.get(str(f.kind), str(f.kind)), "subject": str(f.id),
+            "owner": names.get(str(f.owner), "") if f.owner else "", "why": str(f.why), "action": str(f.action),
+        } for f in getattr(report, "findings", [])]
         return True, rows, ""
     except Exception as exc:  # the admin page must render even if the collector is mid-change
         log.exception("gc dry run failed")
