@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = Path(os.environ.get("REMOTECLI_TEST_DATA_DIR") or REPO / ".data" / "test-images")
+DRIVER_DATA_DIR = DATA_DIR.parent / "qemu-driver-test"
 MARKER = "remotecli-init: agent starting"
 BOOT_TIMEOUT = 120.0
 
@@ -61,11 +62,16 @@ def image(settings: Settings) -> ImageRef:
 
 @pytest.fixture(scope="module")
 def driver(settings: Settings) -> QemuDriver:
-    return QemuDriver(settings)
+    # The VMs live in a data directory of their own: other integration tests share the image data
+    # directory, and their reconciler may treat VMs it has no database row for as orphans.
+    own = Settings(data_dir=DRIVER_DATA_DIR, driver="qemu", accel=settings.accel)
+    own.ensure_dirs()
+    return QemuDriver(own)
 
 
 @pytest.fixture
-def make_spec(settings: Settings, image: ImageRef, driver: QemuDriver) -> Iterator[object]:
+def make_spec(image: ImageRef, driver: QemuDriver) -> Iterator[object]:
+    settings = driver.settings
     made: list[VmSpec] = []
 
     def make(**overrides: object) -> VmSpec:
