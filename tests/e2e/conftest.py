@@ -5,6 +5,7 @@ user-mode network (10.0.2.2 is the host's loopback as seen from a guest).
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -82,7 +83,7 @@ def controller(tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> Ite
         monkeypatch.setenv(prefix + "CLIENT_ID", client_id)
         monkeypatch.setenv(prefix + "SCOPES", "openid email offline_access")
     monkeypatch.setenv("REMOTECLI_PROVIDER_GEMINI_CLIENT_SECRET", GEMINI_CLIENT_SECRET)
-    settings = qemu_settings(f"sqlite:///{tmp_path / 'e2e.db'}", cli_vm_memory_mib=1024)
+    settings = qemu_settings(f"sqlite:///{tmp_path / 'e2e.db'}")
     require_images(settings, "cli", "browser")
     ctx = AppContext.create(settings)
     port = free_port()
@@ -108,3 +109,4 @@ def controller(tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> Ite
                 except Exception:
                     ctx.driver.destroy(vm_manager.spec_of(ctx, vm))
         ctx.close()
+        shutil.rmtree(settings.data_dir, ignore_errors=True)

@@ -8,6 +8,8 @@ its own database (SQLite and PostgreSQL) and its VMs live under the shared data 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 TEST_DATA_DIR = Path(os.environ.get("REMOTECLI_TEST_DATA_DIR") or REPO / ".data" / "test-images")
 
 
-def qemu_settings(db_url: str, **overrides: object) -> Settings:
+def qemu_settings(db_url: str, data_dir: Path | None = None, **overrides: object) -> Settings:
+    """Settings for real guests: VMs in their own data dir, images from the shared, cached build."""
     values: dict[str, object] = {
-        "data_dir": TEST_DATA_DIR, "database_url": db_url, "driver": "qemu",
+        # Short paths: the VM directory holds Unix sockets (108-byte path limit).
+        "data_dir": data_dir or Path(tempfile.mkdtemp(prefix="rc-")),
+        "shared_images_dir": TEST_DATA_DIR / "images", "database_url": db_url, "driver": "qemu",
         # Under TCG on 2 host cores, fewer vCPUs per guest means less contention between guests.
         "cli_vm_memory_mib": 1024, "browser_vm_memory_mib": 1536, "cli_vm_vcpus": 1, "browser_vm_vcpus": 2,
         "vm_boot_timeout_s": 180,
@@ -59,6 +64,7 @@ def qctx(db_url: str) -> Iterator[AppContext]:
                 except Exception:
                     ctx.driver.destroy(vm_manager.spec_of(ctx, vm))
         ctx.close()
+        shutil.rmtree(settings.data_dir, ignore_errors=True)
 
 
 @pytest.fixture
