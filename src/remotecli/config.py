@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     public_url: str | None = Field(default=None, description="URL users reach the dashboard at")
 
+    shared_images_dir: Path | None = Field(
+        default=None, description="Read guest images from here instead of <data_dir>/images (tests, shared hosts)"
+    )
     driver: Literal["auto", "qemu", "firecracker", "fake"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
 
@@ -110,6 +113,12 @@ class Settings(BaseSettings):
         default=None, description="If set, /metrics needs 'Authorization: Bearer <token>' from non-loopback clients"
     )
 
+    # Abuse limits: each refusal is a 429 or 413 with a stable code.
+    max_request_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_live_auth_sessions_per_user: int = Field(default=3, ge=1)
+    max_vm_creations_per_user_per_minute: int = Field(default=10, ge=1)
+    max_login_attempts_per_15min: int = Field(default=10, ge=1)
+
     log_level: str = "INFO"
     log_to_stderr: bool = True
 
@@ -136,7 +145,7 @@ class Settings(BaseSettings):
 
     @property
     def images_dir(self) -> Path:
-        return self.data_dir / "images"
+        return self.shared_images_dir or self.data_dir / "images"
 
     @property
     def logs_dir(self) -> Path:
