@@ -17,9 +17,9 @@ import pytest
 
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, utcnow
+from remotecli.domain.states import VmStatus
 from remotecli.services import vm_manager
 from remotecli.services.transitions import set_vm_status
-from remotecli.domain.states import VmStatus
 from tests.e2e.conftest import IDP_PASSWORD, PLANTED_ACCESS, PLANTED_REFRESH, Controller
 from tests.support.rfb import RfbClient
 

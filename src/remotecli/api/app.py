@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from remotecli import __version__, web
+from remotecli.api import limits
 from remotecli.api.errors import install_error_handlers
 from remotecli.api.routes import auth_sessions, health, metrics, terminal, vms
 from remotecli.context import AppContext
@@ -47,6 +48,7 @@ def create_app(ctx: AppContext, *, background: bool | None = None) -> FastAPI:
     )
     app.state.ctx = ctx
     install_error_handlers(app)
+    limits.install(app, ctx.settings.max_request_body_bytes)
     app.include_router(health.router)
     app.include_router(vms.router)
     app.include_router(auth_sessions.router)
