@@ -1,0 +1,1 @@
+"""The fault suite uses the shared database fixtures (tests/conftest.py)."""

@@ -1,0 +1,432 @@
+"""Fault injection: many sign-in flows and VM operations while faults hit at random moments.
+
+Faults (fake driver, in-process controllers):
+
+* ``kill_vm``          a VM's process dies (``FakeDriver.kill``)
+* ``delete_dir``       a VM's directory is deleted behind the controller's back (the seed's case)
+* ``hang_agent``       a VM's guest agent stops answering (for good)
+* ``lose_control``     a VM's control socket stops answering (``inspect`` says UNKNOWN)
+* ``restart``          the controller is killed (every later database call of its threads raises,
+                       like a SIGKILL: nothing it had in flight commits, its leases are not
+                       released) and a new one (new AppContext, runner and loops) starts
+* ``drop_db``          the database connections are dropped (SQLite: the engine's pool is
+                       disposed; PostgreSQL: ``pg_terminate_backend`` of every other backend)
+
+At the end (faults stopped): every session must be ``completed`` or ended with a stable error code,
+no held credential may be left in a row, and after one garbage-collection pass and one reconciler
+pass no process, directory or non-terminal row without a VM behind it may remain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.orm import Session
+
+from remotecli.background.gc import GarbageCollector
+from remotecli.background.reconciler import Reconciler
+from remotecli.config import Settings
+from remotecli.context import AppContext
+from remotecli.crypto import SecretBox
+from remotecli.db.models import AuthSession, Event, Vm
+from remotecli.db.session import Database, normalize_url
+from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus
+from remotecli.drivers.base import Liveness
+from remotecli.drivers.fake import FakeDriver
+from remotecli.errors import RemotecliError
+from remotecli.services import auth_flow, vm_manager
+from remotecli.services import users as users_service
+from remotecli.services.users import Principal
+
+TOKENS: dict[str, object] = {
+    "access_token": "at-FAULTS-0123456789abcdef", "refresh_token": "rt-FAULTS-0123456789abcdef",
+    "expires_in": 3600, "scope": "openid email offline_access", "token_type": "Bearer",
+}
+FAULT_KINDS = ("kill_vm", "delete_dir", "hang_agent", "lose_control", "restart", "drop_db")
+#: How often each fault is drawn, relatively (a controller restart every few seconds is plenty).
+FAULT_WEIGHTS = (3, 2, 2, 2, 1, 1)
+STABLE_CODES = set(auth_flow.FAILURE_MESSAGES)
+
+
+class ControllerKilled(BaseException):  # a BaseException: nothing may catch it and go on
+    """Raised in every thread of a killed controller at its next database call."""
+
+
+class KillableDatabase(Database):
+    """A Database whose controller can be "SIGKILLed": afterwards nothing of it reaches the database."""
+
+    killed = False
+
+    def _check(self) -> None:
+        if self.killed:
+            raise ControllerKilled()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        self._check()
+        with super().transaction() as session:
+            yield session
+            self._check()  # killed mid-transaction: it never commits
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        self._check()
+        with super().read() as session:
+            yield session
+
+
+def fault_settings(data_dir: Path, db_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir, "database_url": db_url, "driver": "fake",
+        "vm_boot_timeout_s": 5, "agent_request_timeout_s": 1,
+        "auth_session_ttl_s": 20, "auth_page_timeout_s": 5, "auth_lease_s": 2,
+        "reconciler_interval_s": 0.2, "reconciler_wedged_after_s": 4, "reconciler_destroy_retry_after_s": 1,
+        "reconciler_orphan_grace_s": 1, "reconciler_lease_s": 5,
+        "gc_interval_s": 0.5, "gc_failed_ttl_s": 1,
+        "max_live_auth_sessions_per_user": 10, "max_vm_creations_per_user_per_minute": 1000,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class Controller:
+    """One in-process controller: its own engine, AuthRunner, reconciler and garbage collector."""
+
+    def __init__(self, settings: Settings, driver: FakeDriver, *, loops: bool = True) -> None:
+        settings.ensure_dirs()
+        self.db = KillableDatabase(settings.effective_database_url)
+        self.db.migrate()  # a no-op once at head, as at every controller start
+        self.ctx = AppContext(settings=settings, db=self.db, driver=driver,
+                              box=SecretBox.from_key_file(settings.key_file))
+        self.runner = auth_flow.AuthRunner(self.ctx, interval_s=0.05)
+        self.reconciler = Reconciler(self.ctx)
+        self.gc = GarbageCollector(self.ctx)
+        self.loops = loops
+        self.runner.start()
+        if loops:
+            self.reconciler.start()
+            self.gc.start()
+
+    def kill(self) -> None:
+        """SIGKILL, in process: every later database call of this controller's threads raises."""
+        self.db.killed = True
+        self.runner.stop()
+        if self.loops:
+            self.reconciler.stop()
+            self.gc.stop()
+        self.db.dispose()
+
+    def stop(self) -> None:
+        self.runner.stop()
+        if self.loops:
+            self.reconciler.stop()
+            self.gc.stop()
+
+
+def _quiet_killed_threads() -> None:
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not None and issubclass(args.exc_type, ControllerKilled):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+
+
+@dataclass
+class Report:
+    flows: int = 0
+    vm_ops: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    vm_op_outcomes: Counter[str] = field(default_factory=Counter)
+    leaks: list[str] = field(default_factory=list)
+    watched: list[str] = field(default_factory=list)
+    final_passes: dict[str, object] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        lines = [
+            f"flows run: {self.flows}   VM operations: {self.vm_ops}   ({self.seconds:.1f} s)",
+            "faults injected: " + (", ".join(f"{k}={v}" for k, v in sorted(self.faults.items())) or "none"),
+            "session outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(self.outcomes.items())),
+            "VM operation outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(self.vm_op_outcomes.items())),
+            f"leaks: {len(self.leaks)}" + "".join(f"\n  - {leak}" for leak in self.leaks),
+            f"watched (not leaks): {len(self.watched)}" + "".join(f"\n  - {w}" for w in self.watched),
+            f"final passes: {self.final_passes}",
+            f"problems: {len(self.problems)}" + "".join(f"\n  - {p}" for p in self.problems),
+        ]
+        return "\n".join(lines)
+
+
+class FaultRun:
+    def __init__(self, data_dir: Path, db_url: str, *, flows: int, seed: int, fault_interval_s: float = 0.3,
+                 users: int | None = None, boot_delay_s: float = 0.3) -> None:
+        self.settings = fault_settings(data_dir, db_url)
+        self.db_url = db_url
+        self.flows = flows
+        self.rng = random.Random(seed)
+        self.fault_interval_s = fault_interval_s
+        self.n_users = users or max(2, min(8, flows // 3))
+        self.driver = FakeDriver(boot_delay_s=boot_delay_s)
+        self.driver.login_outcome = ("complete", TOKENS)
+        self.report = Report()
+        self._lock = threading.Lock()
+        self._current: Controller | None = None
+        self._faults_on = threading.Event()
+        self._done = threading.Event()
+        self._last_restart = 0.0
+
+    # -------------------------------------------------------------------------------- helpers
+    @property
+    def ctx(self) -> AppContext:
+        assert self._current is not None
+        return self._current.ctx
+
+    def _with_ctx(self) -> AppContext:
+        while True:
+            with self._lock:
+                current = self._current
+            if current is not None and not current.db.killed:
+                return current.ctx
+            time.sleep(0.01)
+
+    # -------------------------------------------------------------------------------- faults
+    def _inject(self) -> None:
+        rng = random.Random(self.rng.random())
+        while not self._done.is_set():
+            time.sleep(rng.uniform(0.5, 1.5) * self.fault_interval_s)
+            if not self._faults_on.is_set():
+                continue
+            kind = rng.choices(FAULT_KINDS, FAULT_WEIGHTS)[0]
+            try:
+                if self._fault(kind, rng):
+                    self.report.faults[kind] += 1
+            except ControllerKilled:
+                pass
+            except Exception as exc:  # a fault that could not be injected is not a finding
+                self.report.faults[f"{kind}_not_injected:{type(exc).__name__}"] += 1
+
+    def _fault(self, kind: str, rng: random.Random) -> bool:
+        running = sorted(self.driver.running_ids())
+        if kind in ("kill_vm", "delete_dir", "hang_agent", "lose_control"):
+            if not running:
+                return False
+            vm_id = rng.choice(running)
+            if kind == "kill_vm":
+                self.driver.kill(vm_id)
+            elif kind == "delete_dir":
+                self.driver.delete_directory(vm_id)
+            elif kind == "hang_agent":
+                with contextlib.suppress(KeyError):
+                    self.driver.hang_agent(vm_id)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.driver.lose_control_socket(vm_id)
+            return True
+        if kind == "restart":
+            with self._lock:
+                old = self._current
+                self._current = None
+            if old is not None:
+                old.kill()
+            with self._lock:
+                self._current = Controller(self.settings, self.driver)
+                self._last_restart = time.monotonic()
+            return True
+        if kind == "drop_db":
+            with self._lock:
+                current = self._current
+            if current is None:
+                return False
+            if current.db.dialect == "postgresql":
+                admin = create_engine(normalize_url(self.db_url), isolation_level="AUTOCOMMIT")
+                try:
+                    with admin.connect() as connection:
+                        connection.execute(text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+                finally:
+                    admin.dispose()
+            else:
+                current.db.engine.dispose()
+            return True
+        return False
+
+    # -------------------------------------------------------------------------------- work
+    def _flow_worker(self, principal: Principal, count: int, session_ids: list[str]) -> None:
+        providers = ["claude_code", "codex", "gemini"]
+        for index in range(count):
+            session_id = None
+            for _attempt in range(50):
+                try:
+                    auth = auth_flow.start_session(self._with_ctx(), principal, providers[index % 3])
+                    session_id = auth.id
+                    break
+                except (ControllerKilled, RemotecliError, Exception):
+                    time.sleep(0.05)
+            if session_id is None:
+                self.report.problems.append(f"could not start a session for {principal.name}")
+                continue
+            session_ids.append(session_id)
+            self.report.flows += 1
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    status = auth_flow.get_session(self._with_ctx(), None, session_id).status
+                except (ControllerKilled, Exception):
+                    time.sleep(0.05)
+                    continue
+                if AuthStatus(status) in AUTH_TERMINAL:
+                    break
+                time.sleep(0.05)
+
+    def _vm_ops_worker(self, principal: Principal, ops: int) -> None:
+        rng = random.Random(self.rng.random())
+        for _ in range(ops):
+            op = rng.choice(["ensure", "ensure", "exec", "stop", "pause_resume"])
+            try:
+                ctx = self._with_ctx()
+                vm, _created = vm_manager.ensure_cli_vm(ctx, principal)
+                if op == "exec":
+                    agent = ctx.agent(vm, timeout=1)
+                    try:
+                        agent.health()
+                    finally:
+                        agent.close()
+                elif op == "stop":
+                    vm_manager.stop_vm(ctx, None, vm.id)
+                elif op == "pause_resume":
+                    vm_manager.pause_vm(ctx, None, vm.id)
+                    vm_manager.resume_vm(ctx, None, vm.id)
+                self.report.vm_op_outcomes["ok"] += 1
+            except ControllerKilled:
+                self.report.vm_op_outcomes["controller_killed"] += 1
+            except RemotecliError as exc:
+                self.report.vm_op_outcomes[exc.code] += 1
+            except Exception as exc:
+                self.report.vm_op_outcomes[type(exc).__name__] += 1
+            self.report.vm_ops += 1
+            time.sleep(rng.uniform(0.02, 0.1))
+
+    # -------------------------------------------------------------------------------- run
+    def run(self) -> Report:
+        _quiet_killed_threads()
+        started = time.monotonic()
+        self._current = Controller(self.settings, self.driver)
+        principals = []
+        for i in range(self.n_users):
+            user = users_service.create_user(self.ctx.db, f"fault{i}")
+            principals.append(Principal(user.id, user.name, False))
+        per_user = [self.flows // self.n_users + (1 if i < self.flows % self.n_users else 0)
+                    for i in range(self.n_users)]
+        session_ids: list[str] = []
+        injector = threading.Thread(target=self._inject, name="faults", daemon=True)
+        threads = [threading.Thread(target=self._flow_worker, args=(p, n, session_ids), daemon=True)
+                   for p, n in zip(principals, per_user, strict=True) if n]
+        threads += [threading.Thread(target=self._vm_ops_worker, args=(p, max(3, self.flows // self.n_users)),
+                                     daemon=True) for p in principals[: max(1, self.n_users // 2)]]
+        self._faults_on.set()
+        injector.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        self._faults_on.clear()
+        self._done.set()
+        injector.join(30)
+        self._settle(session_ids)
+        self._final_checks(session_ids)
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def _settle(self, session_ids: list[str]) -> None:
+        """Faults are off: let every session end (the live controller's runner and loops)."""
+        deadline = time.monotonic() + 90
+        transient = [VmStatus.CREATING.value, VmStatus.STARTING.value, VmStatus.STOPPING.value,
+                     VmStatus.DESTROYING.value]
+        while time.monotonic() < deadline:
+            with self.ctx.db.read() as session:
+                live = session.scalar(select(AuthSession.id).where(
+                    AuthSession.status.not_in([s.value for s in AUTH_TERMINAL])).limit(1))
+                # Rows a killed controller left mid-boot: the live reconciler fails them once wedged.
+                wedged = session.scalar(select(Vm.id).where(Vm.status.in_(transient)).limit(1))
+            if live is None and wedged is None:
+                break
+            time.sleep(0.1)
+        # Leases a killed controller held (VMs, orphans) lapse: wait them out, as a restarted
+        # controller would.
+        remaining = self.settings.reconciler_lease_s + 0.5 - (time.monotonic() - self._last_restart)
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def _final_checks(self, session_ids: list[str]) -> None:
+        assert self._current is not None
+        self._current.stop()
+        ctx = self.ctx
+        # One reconciler pass (orphan grace 0), then one GC pass (TTL 0: failed VMs go now, where
+        # normally they would stay 30 minutes for the post-mortem).
+        Reconciler(ctx, orphan_grace_s=0).run_once()
+        gc_report = GarbageCollector(ctx, failed_ttl_s=0).run_once()
+        self.report.final_passes = {"gc": dict(Counter(f"{f.kind}:{f.result}" for f in gc_report.findings)),
+                                    "gc_errors": gc_report.errors}
+        with ctx.db.read() as session:
+            sessions = list(session.scalars(select(AuthSession)))
+            vms = list(session.scalars(select(Vm)))
+            delivered = {e.session_id for e in session.scalars(select(Event).where(Event.kind == "auth.delivered"))}
+        for auth in sessions:
+            if auth.status == AuthStatus.COMPLETED.value:
+                self.report.outcomes["completed"] += 1
+                if auth.id not in delivered or auth.delivered_at is None:
+                    self.report.problems.append(f"session {auth.id} completed without a delivery")
+            elif AuthStatus(auth.status) in AUTH_TERMINAL:
+                code = auth.error_code or auth.status
+                self.report.outcomes[f"{auth.status}:{code}"] += 1
+                if auth.status == AuthStatus.FAILED.value and code not in STABLE_CODES:
+                    self.report.problems.append(f"session {auth.id} failed with unstable code {code!r}")
+            else:
+                self.report.outcomes[f"stuck:{auth.status}"] += 1
+                self.report.problems.append(f"session {auth.id} still {auth.status}")
+            if auth.credential_enc is not None:
+                self.report.leaks.append(f"session {auth.id} ({auth.status}) still holds a credential")
+        live = {vm.id: vm for vm in vms if VmStatus(vm.status) not in VM_TERMINAL}
+        for vm_id in sorted(self.driver.running_ids() - set(live)):
+            self.report.leaks.append(f"process of {vm_id} runs but no live row owns it")
+        vms_dir = ctx.settings.vms_dir
+        for path in sorted(vms_dir.iterdir()) if vms_dir.is_dir() else []:
+            if path.name not in live:
+                row = next((vm for vm in vms if vm.id == path.name), None)
+                self.report.leaks.append(
+                    f"directory {path.name} left on the host (row: {row.status if row else 'none'}"
+                    + (f", changed {row.status_changed_at}, lease {row.lease_owner} until {row.lease_expires_at}"
+                       if row else "") + ")")
+        for vm in live.values():
+            status = VmStatus(vm.status)
+            spec = vm_manager.spec_of(ctx, vm)
+            if status in (VmStatus.RUNNING, VmStatus.PAUSED):
+                inspection = ctx.driver.inspect(spec)
+                if inspection.liveness is Liveness.UNKNOWN and vm.unknown_strikes == 1:
+                    self.report.watched.append(f"{vm.id}: one UNKNOWN so far (the next pass fails it)")
+                elif inspection.liveness is not Liveness.ALIVE:
+                    self.report.leaks.append(f"row {vm.id} is {status.value} but the VM is {inspection.reason}")
+            elif status is VmStatus.STOPPED:
+                if not spec.directory.is_dir():
+                    self.report.leaks.append(f"row {vm.id} is stopped but its directory is gone")
+            else:
+                self.report.leaks.append(f"row {vm.id} left in {status.value}")
+        ctx.close()
+
+
+def run(data_dir: Path, db_url: str, *, flows: int, seed: int) -> Report:
+    return FaultRun(data_dir, db_url, flows=flows, seed=seed).run()

@@ -1,0 +1,33 @@
+"""The fault-injection suite, short form (runs by default, both databases); long form with ``-m slow``.
+
+The same harness runs from the command line with more flows::
+
+    .venv/bin/python -m tests.faults --flows 200 --seed 7 [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import FaultRun
+
+
+def _run(tmp_path: Path, db_url: str, flows: int, seed: int) -> None:
+    report = FaultRun(tmp_path / "data", db_url, flows=flows, seed=seed).run()
+    print(report.text())
+    assert report.flows == flows
+    assert sum(report.faults.values()) > 0
+    assert not report.leaks, report.text()
+    assert not report.problems, report.text()
+
+
+def test_faults_short(tmp_path: Path, db_url: str) -> None:
+    _run(tmp_path, db_url, flows=int(os.environ.get("REMOTECLI_FAULT_FLOWS", "10")), seed=11)
+
+
+@pytest.mark.slow
+def test_faults_long(tmp_path: Path, db_url: str) -> None:
+    _run(tmp_path, db_url, flows=120, seed=int(os.environ.get("REMOTECLI_FAULT_SEED", "3")))
