@@ -244,3 +244,16 @@ def test_api_sessions_and_vnc_ticket(
     with ctx.db.read() as session:
         rows = list(session.scalars(select(AuthSession)))
     assert all(row.credential_enc is None for row in rows)
+
+
+def test_live_sessions_per_user_are_limited(ctx: AppContext, alice: Principal) -> None:
+    from remotecli.errors import TooManyAuthSessions
+
+    ctx.settings.max_live_auth_sessions_per_user = 2
+    first = auth_flow.start_session(ctx, alice, "claude_code")
+    auth_flow.start_session(ctx, alice, "codex")
+    with pytest.raises(TooManyAuthSessions):
+        auth_flow.start_session(ctx, alice, "gemini")
+    assert len(auth_flow.list_sessions(ctx, alice)) == 2
+    auth_flow.cancel_session(ctx, alice, first.id)  # ending one frees a place
+    assert auth_flow.start_session(ctx, alice, "gemini").status == "pending"

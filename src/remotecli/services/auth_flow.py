@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, User, Vm, WsTicket, utcnow
@@ -47,6 +47,7 @@ from remotecli.errors import (
     AuthSessionNotFound,
     RemotecliError,
     TicketInvalid,
+    TooManyAuthSessions,
     UnknownProvider,
 )
 from remotecli.logging import get_logger, log_context
@@ -150,6 +151,13 @@ def start_session(ctx: AppContext, principal: Principal, provider: str) -> AuthS
     profiles = _profiles(ctx)
     if provider not in profiles:
         raise UnknownProvider(f"Unknown provider {provider!r}; choose one of: {', '.join(sorted(profiles))}.")
+    with ctx.db.read() as session:
+        live = session.scalar(select(func.count()).select_from(AuthSession).where(
+            AuthSession.user_id == principal.user_id,
+            AuthSession.status.not_in([s.value for s in AUTH_TERMINAL]),
+        ))
+    if int(live or 0) >= ctx.settings.max_live_auth_sessions_per_user:
+        raise TooManyAuthSessions()
     now = utcnow()
     auth = AuthSession(
         id=str(uuid.uuid4()),
