@@ -59,3 +59,37 @@ def test_help_explains() -> None:
     vm_help = CliRunner().invoke(main, ["vm", "--help"]).output
     for command in ("list", "show", "create", "stop", "start", "pause", "resume", "destroy", "exec"):
         assert command in vm_help
+
+
+def test_tokens_list_and_revoke(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run("users", "create", "alice")
+    token = run("tokens", "create", "alice", "--name", "laptop").splitlines()[0]
+    listing = json.loads(run("tokens", "list", "--json"))
+    assert len(listing) == 1 and listing[0]["name"] == "laptop" and listing[0]["revoked_at"] is None
+    assert token not in json.dumps(listing)  # only a prefix is ever shown
+    out = run("tokens", "revoke", listing[0]["id"][:8])
+    assert "Revoked" in out
+    assert json.loads(run("tokens", "list", "--json"))[0]["revoked_at"] is not None
+    assert "No API token" in run("tokens", "revoke", "nope", code=1)
+
+
+def test_keys_rotate_keeps_every_secret_readable(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from remotecli.config import Settings
+    from remotecli.context import AppContext
+    from remotecli.services import vm_manager
+
+    run("users", "create", "alice")
+    vm_id = run("vm", "create", "--user", "alice", "--type", "browser").strip().splitlines()[-1]
+    settings = Settings()
+    key_before = settings.key_file.read_bytes()
+    ctx = AppContext.create(settings)
+    secret_before = ctx.agent_secret(vm_manager.get_vm(ctx, None, vm_id))
+    ctx.close()
+    assert "re-encrypted 1 agent secret" in run("keys", "rotate")
+    assert settings.key_file.read_bytes() != key_before
+    assert settings.key_file.stat().st_mode & 0o777 == 0o600
+    ctx = AppContext.create(Settings())
+    try:
+        assert ctx.agent_secret(vm_manager.get_vm(ctx, None, vm_id)) == secret_before
+    finally:
+        ctx.close()

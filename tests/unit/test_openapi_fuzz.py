@@ -11,10 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 import schemathesis
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from remotecli.api.app import create_app
 from remotecli.config import Settings

@@ -87,3 +87,19 @@ def test_agent_secret_and_token_never_leak(ctx: AppContext, tmp_path: Path, capl
     for haystack in haystacks:
         assert secret not in haystack
         assert token not in haystack
+
+
+def test_key_ring_decrypts_with_any_key_and_reloads(tmp_path: Path) -> None:
+    from remotecli.crypto import read_key_ring, write_key_ring
+
+    path = tmp_path / "secret.key"
+    box = SecretBox.from_key_file(path)
+    sealed = box.encrypt(b"payload", b"aad")
+    old = read_key_ring(path)
+    new_key = b"\x01" * 32
+    write_key_ring(path, [new_key, *old])  # mid-rotation: both keys
+    assert SecretBox.from_key_file(path).decrypt(sealed, b"aad") == b"payload"
+    resealed = SecretBox([new_key]).encrypt(b"payload", b"aad")
+    write_key_ring(path, [new_key])  # rotation finished
+    # A process still holding the old ring reloads the file when a decryption fails.
+    assert box.decrypt(resealed, b"aad") == b"payload"

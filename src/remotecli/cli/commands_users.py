@@ -87,6 +87,53 @@ def tokens_create(user: str, name: str, ttl_days: int | None, as_json: bool) -> 
         click.echo(f"(token for {owner.name}; store it now, it is not shown again)", err=True)
 
 
+@tokens.command("list")
+@click.option("--user", default=None, help="Only this user's tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@handle_errors
+def tokens_list(user: str | None, as_json: bool) -> None:
+    """List API tokens (id, owner, label, created, expires, last used, revoked); never the token."""
+    with app_context() as ctx:
+        owner = users_service.get_user_by_name(ctx.db, user) if user else None
+        rows = users_service.list_tokens(ctx.db, owner)
+    if as_json:
+        print_json([{"id": t.id, "user": name, "name": t.name, "prefix": t.prefix, "created_at": t.created_at,
+                     "expires_at": t.expires_at, "last_used_at": t.last_used_at, "revoked_at": t.revoked_at}
+                    for t, name in rows])
+        return
+    print_table(["id", "user", "label", "prefix", "created", "expires", "last used", "revoked"],
+                [[t.id, name, t.name or "-", t.prefix + "…", fmt_time(t.created_at), fmt_time(t.expires_at),
+                  fmt_time(t.last_used_at), fmt_time(t.revoked_at)] for t, name in rows])
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@handle_errors
+def tokens_revoke(token_id: str) -> None:
+    """Revoke the API token TOKEN_ID (or a unique prefix of it): it stops working at once."""
+    with app_context() as ctx:
+        token = users_service.revoke_token(ctx.db, token_id)
+    click.echo(f"Revoked {token.id} ({token.prefix}…).")
+
+
+@click.group()
+def keys() -> None:
+    """Manage the encryption key that protects secrets at rest."""
+
+
+@keys.command("rotate")
+@handle_errors
+def keys_rotate() -> None:
+    """Generate a new AES-256-GCM key and re-encrypt every stored secret with it (crash-safe)."""
+    from remotecli.services.keys import rotate_keys
+
+    with app_context() as ctx:
+        result = rotate_keys(ctx.db, ctx.settings.key_file)
+    click.echo(f"Rotated the key: re-encrypted {result.agent_secrets} agent secret(s) and "
+               f"{result.credentials} held credential(s).")
+
+
 def register(main: click.Group) -> None:
+    main.add_command(keys)
     main.add_command(users)
     main.add_command(tokens)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from remotecli.db.models import ApiToken, User, utcnow
 from remotecli.db.session import Database
-from remotecli.errors import AlreadyExists, AuthenticationRequired, InvalidInput, UserNotFound
+from remotecli.errors import AlreadyExists, AuthenticationRequired, InvalidInput, NotFound, UserNotFound
 from remotecli.services.transitions import record_event
 
 TOKEN_PREFIX = "rcli_"
@@ -161,3 +161,28 @@ def verify_password(db: Database, name: str, password: str) -> Principal:
             session.execute(update(User).where(User.id == user.id, User.password_hash == stored)
                             .values(password_hash=_hasher.hash(password)))
     return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)
+
+
+def list_tokens(db: Database, user: User | None = None) -> list[tuple[ApiToken, str]]:
+    """API tokens (newest first) with their owner's name; never the token itself."""
+    stmt = select(ApiToken, User.name).join(User, User.id == ApiToken.user_id).order_by(ApiToken.created_at.desc())
+    if user is not None:
+        stmt = stmt.where(ApiToken.user_id == user.id)
+    with db.read() as session:
+        return [(token, name) for token, name in session.execute(stmt)]
+
+
+def revoke_token(db: Database, token_id: str) -> ApiToken:
+    """Revoke a token by id (or by its unique id prefix); later requests with it get 401."""
+    with db.transaction() as session:
+        matches = list(session.scalars(select(ApiToken).where(ApiToken.id.startswith(token_id))))
+        if len(matches) != 1:
+            raise NotFound(
+                "No API token with that id." if not matches else "That id prefix matches several tokens; give more."
+            )
+        token = matches[0]
+        if token.revoked_at is None:
+            token.revoked_at = utcnow()
+            record_event(session, module="users", kind="token.revoked", message=f"API token {token.prefix}… revoked",
+                         user_id=token.user_id)
+        return token

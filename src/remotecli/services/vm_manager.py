@@ -38,8 +38,8 @@ from remotecli.errors import (
     UnknownVmType,
     VmBootFailed,
     VmNotFound,
-    VmRateLimited,
     VmNotRunning,
+    VmRateLimited,
     VmTerminal,
 )
 from remotecli.logging import get_logger, log_context
