@@ -164,22 +164,34 @@ def _start_sign_in(browser: Browser, page: Any, provider: str, shot: str | None 
     return session_id
 
 
+def _wait_visible(page: Any, selector: str, timeout_ms: int = SLOW_MS) -> None:
+    """Wait for ``selector``; fail at once (with the page's words) if the sign-in ends instead."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while time.monotonic() < deadline:
+        if page.locator(selector).is_visible():
+            return
+        if selector != "#result-bad" and page.locator("#result-bad").is_visible():
+            raise AssertionError("the sign-in ended: " + page.locator("#result-bad").inner_text())
+        time.sleep(0.5)
+    raise AssertionError(f"{selector} did not appear; the page says: {page.locator('#flow').inner_text()!r}")
+
+
 def _type_into_screen(browser: Browser, page: Any, ctx: AppContext, session_id: str, *,
                       consent: str = "allow", shot: str | None = None) -> None:
     """Log in at the IdP through the noVNC view, with the keyboard only (as a person would)."""
-    page.locator("#screen-card").wait_for(state="visible", timeout=SLOW_MS)
+    _wait_visible(page, "#screen-card.live")
     page.locator("#screen-state", has_text="Connected").wait_for(timeout=60_000)
     _wait_title(ctx, session_id, "Sign in")
     time.sleep(2)  # let the login page's pixels reach the view
-    if shot:
-        browser.shot(page, shot)
     page.focus("#screen canvas")  # noVNC's keyboard input; no click, which would move the guest's focus
     page.keyboard.type("alice", delay=40)
     page.keyboard.press("Tab")
     page.keyboard.type(IDP_PASSWORD, delay=40)
     page.keyboard.press("Enter")
     _wait_title(ctx, session_id, "Authorize")
-    time.sleep(1)
+    time.sleep(2)
+    if shot:
+        browser.shot(page, shot)
     if consent == "deny":
         page.keyboard.press("Tab")  # from the autofocused "Allow" to "Deny"
     page.keyboard.press("Enter")
@@ -200,7 +212,7 @@ def test_login_sign_in_to_claude_code_over_novnc_then_read_the_file_in_the_termi
     _type_into_screen(browser, page, ctx, session_id, shot="auth-login")
     browser.record_page_state(page)
 
-    page.locator("#result-ok").wait_for(state="visible", timeout=SLOW_MS)
+    _wait_visible(page, "#result-ok")
     assert page.locator('#steps [data-step="done"].step-done').is_visible()
     assert page.locator("#ok-provider").inner_text() == "Claude Code"
     assert page.locator("#ok-account").inner_text() == "alice@example.test"
@@ -228,7 +240,7 @@ def test_login_sign_in_to_claude_code_over_novnc_then_read_the_file_in_the_termi
     page.goto("/dashboard")
     row = page.locator('.provider[data-provider="claude_code"]')
     assert "Signed in" in row.inner_text() and "alice@example.test" in row.inner_text()
-    assert page.locator("table.vms").get_by_text("CLI workspace").is_visible()
+    assert page.locator("table.vms tr", has_text="CLI workspace").filter(has_text="Running").count() == 1
     browser.shot(page, "dashboard")
     browser.record_page_state(page)
 
@@ -289,12 +301,12 @@ def test_a_session_that_expires_while_the_user_looks_away(controller: Controller
     page = browser.page()
     _login(browser, page, dashboard_user.name)
     session_id = _start_sign_in(browser, page, "claude_code")
-    page.locator("#screen-card").wait_for(state="visible", timeout=SLOW_MS)
+    _wait_visible(page, "#screen-card.live")
     # Leaving the page cancels nothing: the session goes on and can be resumed from the dashboard.
     page.goto("/dashboard")
     page.get_by_role("link", name="Continue sign-in").click()
     assert _session_id(page) == session_id
-    page.locator("#screen-card").wait_for(state="visible", timeout=60_000)
+    _wait_visible(page, "#screen-card.live", 60_000)
     with controller.ctx.db.transaction() as db:
         auth = db.get(AuthSession, session_id)
         assert auth is not None

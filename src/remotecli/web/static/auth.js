@@ -86,12 +86,16 @@ function render(state) {
     ? 'Expires in ' + minutes(state.expires_in_s) : '';
   $('cancel-btn').hidden = state.terminal;
 
-  if (s.status === 'awaiting_user') {
-    $('screen-card').hidden = false;
+  const preparing = s.status === 'pending' || s.status === 'provisioning';
+  const live = s.status === 'awaiting_user';
+  $('screen-card').hidden = !(preparing || live);
+  $('screen-card').classList.toggle('live', live);
+  if (live) {
     connectScreen();
   } else {
-    $('screen-card').hidden = true;
     disconnectScreen();
+    $('screen-state').textContent = preparing ? 'Starting…' : '';
+    showPlaceholder('The secure browser is starting. Its screen appears here, usually within a minute or two.');
   }
 
   if (s.status === 'completed') {
@@ -113,6 +117,7 @@ async function connectScreen() {
   if (rfb || connecting || !sessionId) return;
   connecting = true;
   $('screen-state').textContent = 'Connecting…';
+  showPlaceholder('Connecting to the secure browser…');
   try {
     const { data } = await api('GET', '/api/v1/auth-sessions/' + encodeURIComponent(sessionId));
     if (!data.vnc_url || data.status !== 'awaiting_user') return;
@@ -124,12 +129,14 @@ async function connectScreen() {
     connection.background = '#0f1320';
     connection.addEventListener('connect', () => {
       $('screen-state').textContent = 'Connected: click the screen, then type';
+      $('screen-placeholder').hidden = true;
       connection.focus();
     });
     connection.addEventListener('disconnect', () => {
       if (rfb === connection) rfb = null;
       if (current && current.status === 'awaiting_user') {
         $('screen-state').textContent = 'Connection lost; reconnecting…';
+        showPlaceholder('The connection to the secure browser was lost; reconnecting…');
         setTimeout(connectScreen, 1500);
       }
     });
@@ -140,6 +147,11 @@ async function connectScreen() {
   } finally {
     connecting = false;
   }
+}
+
+function showPlaceholder(text) {
+  $('screen-placeholder-text').textContent = text;
+  $('screen-placeholder').hidden = false;
 }
 
 function disconnectScreen() {
