@@ -5,7 +5,6 @@ user-mode network (10.0.2.2 is the host's loopback as seen from a guest).
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -20,11 +19,9 @@ import uvicorn
 
 from remotecli.api.app import create_app
 from remotecli.context import AppContext
-from remotecli.domain.states import VmStatus
 from remotecli.services import users as users_service
-from remotecli.services import vm_manager
 from remotecli.services.users import Principal
-from tests.integration.conftest import qemu_settings, require_images
+from tests.integration.conftest import close_and_clean, qemu_settings, require_images
 from tests.support.idp_server import CLIENT_IDS, GEMINI_CLIENT_SECRET, Idp, run_idp
 
 IDP_PASSWORD = "correct-horse-battery"
@@ -102,11 +99,4 @@ def controller(tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> Ite
     finally:
         server.should_exit = True
         thread.join(15)
-        for vm in vm_manager.list_vms(ctx, None):
-            if vm.status != VmStatus.DESTROYED.value:
-                try:
-                    vm_manager.destroy_vm(ctx, None, vm.id, reason="test cleanup")
-                except Exception:
-                    ctx.driver.destroy(vm_manager.spec_of(ctx, vm))
-        ctx.close()
-        shutil.rmtree(settings.data_dir, ignore_errors=True)
+        close_and_clean(ctx)

@@ -48,6 +48,18 @@ def require_images(settings: Settings, *vm_types: str) -> None:
                     f"REMOTECLI_DATA_DIR={TEST_DATA_DIR} remotecli images build all (scripts/test.sh does)")
 
 
+def close_and_clean(ctx: AppContext) -> None:
+    """Destroy every VM the context made (even if a test failed midway), close it, remove its data dir."""
+    for vm in vm_manager.list_vms(ctx, None):
+        if vm.status != VmStatus.DESTROYED.value:
+            try:
+                vm_manager.destroy_vm(ctx, None, vm.id, reason="test cleanup")
+            except Exception:
+                ctx.driver.destroy(vm_manager.spec_of(ctx, vm))
+    ctx.close()
+    shutil.rmtree(ctx.settings.data_dir, ignore_errors=True)
+
+
 @pytest.fixture
 def qctx(db_url: str) -> Iterator[AppContext]:
     """An app context with the real QEMU driver; destroys every VM it made at the end."""
@@ -57,14 +69,7 @@ def qctx(db_url: str) -> Iterator[AppContext]:
     try:
         yield ctx
     finally:
-        for vm in vm_manager.list_vms(ctx, None):
-            if vm.status != VmStatus.DESTROYED.value:
-                try:
-                    vm_manager.destroy_vm(ctx, None, vm.id, reason="test cleanup")
-                except Exception:
-                    ctx.driver.destroy(vm_manager.spec_of(ctx, vm))
-        ctx.close()
-        shutil.rmtree(settings.data_dir, ignore_errors=True)
+        close_and_clean(ctx)
 
 
 @pytest.fixture
