@@ -111,8 +111,8 @@ class GarbageCollector:
             log.exception("could not remove a failed VM's resources; the next pass retries", extra={"vm_id": vm.id})
             return "error"
         with self.ctx.db.transaction() as session:
-            gone = session.execute(delete(Vm).where(Vm.id == vm.id, Vm.status == VmStatus.FAILED.value)).rowcount
-            if gone != 1:  # type: ignore[attr-defined]
+            result = session.execute(delete(Vm).where(Vm.id == vm.id, Vm.status == VmStatus.FAILED.value))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
                 return "lost"
             record_event(session, module=MODULE, kind="gc.collected", user_id=vm.user_id, vm_id=vm.id,
                          message="Failed VM removed with its resources (its row is deleted; this timeline stays)",
