@@ -347,7 +347,8 @@ def test_cli_gc_and_doctor_drift(cli, tmp_path: Path) -> None:  # type: ignore[n
 def test_gc_of_a_failed_cli_vm_whose_user_already_has_a_replacement(
     ctx: AppContext, alice: Principal, fake_driver: FakeDriver, rec: Reconciler,
 ) -> None:
-    """failed → destroying would break the one-live-CLI-VM index: resources and row go, events stay."""
+    """failed → destroying → destroyed while the user's new CLI VM runs (migration 0004: 'destroying'
+    is not live for the one-live-CLI-VM index)."""
     old, _ = vm_manager.ensure_cli_vm(ctx, alice)
     fake_driver.kill(old.id)
     rec.run_once()
@@ -356,7 +357,8 @@ def test_gc_of_a_failed_cli_vm_whose_user_already_has_a_replacement(
     report = GarbageCollector(ctx, failed_ttl_s=0).run_once()
     assert [(f.kind, f.result) for f in report.findings] == [("failed_vm", "done")] and report.errors == 0
     assert old.id not in _host_dirs(ctx) and old.id not in fake_driver._vms
+    assert _status(ctx, old.id) == "destroyed"
     with ctx.db.read() as session:
-        assert session.get(Vm, old.id) is None
-        assert "gc.collected" in [e.kind for e in session.scalars(select(Event).where(Event.vm_id == old.id))]
+        statuses = [e.to_status for e in session.scalars(select(Event).where(Event.vm_id == old.id))]
+    assert statuses[-3:] == ["failed", "destroying", "destroyed"]
     assert _status(ctx, new.id) == "running"

@@ -215,3 +215,13 @@ def test_twenty_concurrent_ensure_calls_share_one_vm(
     assert [vm.id for vm in live] == [results[0]]
     assert len(vm_manager.list_vms(ctx, alice)) == 1  # no failed leftovers either
     assert sum(1 for call, _ in fake_driver.calls if call == "create") == 1
+
+
+def test_failed_cli_vm_can_be_destroyed_beside_its_replacement(ctx: AppContext, alice: Principal) -> None:
+    old = vm_manager.create_vm(ctx, alice, "cli")
+    vm_manager.fail_vm(ctx, old.id, "test")
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created
+    # failed -> destroying -> destroyed must not collide with the one-live-CLI-VM index.
+    assert vm_manager.destroy_vm(ctx, alice, old.id).status == "destroyed"
+    assert vm_manager.get_vm(ctx, alice, new.id).status == "running"

@@ -14,7 +14,6 @@ import datetime as dt
 import time
 
 from sqlalchemy import and_, delete, func, or_, select
-from sqlalchemy.exc import IntegrityError
 
 from remotecli.background.common import (
     STATS,
@@ -22,7 +21,6 @@ from remotecli.background.common import (
     LoopThread,
     PassReport,
     claim_vms,
-    host_spec,
     new_owner,
     release_vms,
 )
@@ -32,7 +30,7 @@ from remotecli.domain.states import VmStatus
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger
 from remotecli.services import vm_manager
-from remotecli.services.transitions import StatusChanged, record_event
+from remotecli.services.transitions import StatusChanged
 
 MODULE = "gc"
 log = get_logger(MODULE)
@@ -91,11 +89,6 @@ class GarbageCollector:
                     vm_manager.destroy_vm(self.ctx, None, vm.id, reason="garbage collection of a failed VM",
                                           module=MODULE)
                     finding.result = "done"
-                except IntegrityError:
-                    # The one-live-CLI-VM index counts 'destroying': a failed CLI VM cannot pass through
-                    # it while its user already has a replacement. Remove its resources and its row
-                    # (the events stay), instead of leaving them for ever. See ADR 0006.
-                    finding.result = self._collect_without_transition(vm)
                 except StatusChanged:
                     finding.result = "lost"
                 except RemotecliError:
@@ -103,21 +96,6 @@ class GarbageCollector:
         finally:
             if not dry_run:
                 release_vms(self.ctx, self.owner, sorted(taken))
-
-    def _collect_without_transition(self, vm: Vm) -> str:
-        try:
-            self.ctx.driver.destroy(host_spec(self.ctx, vm))
-        except Exception:
-            log.exception("could not remove a failed VM's resources; the next pass retries", extra={"vm_id": vm.id})
-            return "error"
-        with self.ctx.db.transaction() as session:
-            result = session.execute(delete(Vm).where(Vm.id == vm.id, Vm.status == VmStatus.FAILED.value))
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                return "lost"
-            record_event(session, module=MODULE, kind="gc.collected", user_id=vm.user_id, vm_id=vm.id,
-                         message="Failed VM removed with its resources (its row is deleted; this timeline stays)",
-                         from_status=VmStatus.FAILED.value, details={"controller": self.owner})
-        return "done"
 
     def _destroyed_rows(self, report: PassReport, dry_run: bool) -> None:
         retention = self.ctx.settings.gc_destroyed_retention_s

@@ -36,7 +36,9 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-LIVE_CLI_VM_WHERE = "vm_type = 'cli' AND status NOT IN ('failed', 'destroyed')"
+# Migration 0004: 'destroying' is not live either (a failed VM's garbage collection passes through it
+# while the user already has a new CLI VM).
+LIVE_CLI_VM_WHERE = "vm_type = 'cli' AND status NOT IN ('failed', 'destroying', 'destroyed')"
 
 
 def utcnow() -> dt.datetime:

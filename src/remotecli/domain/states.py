@@ -42,7 +42,10 @@ class VmStatus(enum.StrEnum):
 #: Statuses a VM never leaves for work. (``failed`` may still be garbage-collected.)
 VM_TERMINAL: frozenset[VmStatus] = frozenset({VmStatus.FAILED, VmStatus.DESTROYED})
 #: Statuses the database's "one live CLI VM per user" index counts.
-VM_LIVE: frozenset[VmStatus] = frozenset(set(VmStatus) - VM_TERMINAL)
+VM_LIVE: frozenset[VmStatus] = frozenset(set(VmStatus) - VM_TERMINAL - {VmStatus.DESTROYING})
+#: A VM in one of these will never do work again: it is not the user's CLI VM any more, so a new
+#: one may exist beside it (a failed VM being garbage-collected passes through ``destroying``).
+VM_ENDING: frozenset[VmStatus] = VM_TERMINAL | {VmStatus.DESTROYING}
 #: Statuses in which the VM is expected to have a hypervisor process on the host.
 VM_EXPECTS_PROCESS: frozenset[VmStatus] = frozenset(
     {VmStatus.STARTING, VmStatus.RUNNING, VmStatus.PAUSED, VmStatus.STOPPING}

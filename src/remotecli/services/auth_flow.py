@@ -40,7 +40,7 @@ from sqlalchemy import func, or_, select, update
 
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, User, Vm, WsTicket, utcnow
-from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
 from remotecli.errors import (
     AgentError,
     AuthSessionEnded,
@@ -631,12 +631,12 @@ def _live_cli_vm(ctx: AppContext, auth: AuthSession) -> Vm | None:
             vm = vm_manager.get_vm(ctx, None, auth.cli_vm_id)
         except RemotecliError:
             vm = None
-        if vm is not None and VmStatus(vm.status) not in VM_TERMINAL:
+        if vm is not None and VmStatus(vm.status) not in VM_ENDING:
             return vm
     with ctx.db.read() as session:
         return session.scalars(select(Vm).where(
             Vm.user_id == auth.user_id, Vm.vm_type == VmType.CLI.value,
-            Vm.status.not_in([s.value for s in VM_TERMINAL]),
+            Vm.status.not_in([s.value for s in VM_ENDING]),
         )).one_or_none()
 
 

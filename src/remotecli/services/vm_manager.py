@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from remotecli.context import AppContext
 from remotecli.db.models import Vm, utcnow
-from remotecli.domain.states import VM_TERMINAL, VmStatus, VmType
+from remotecli.domain.states import VM_ENDING, VM_TERMINAL, VmStatus, VmType
 from remotecli.drivers.base import ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
 from remotecli.errors import (
     AgentError,
@@ -368,7 +368,7 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
                     select(Vm).where(
                         Vm.user_id == principal.user_id,
                         Vm.vm_type == VmType.CLI.value,
-                        Vm.status.not_in([s.value for s in VM_TERMINAL]),
+                        Vm.status.not_in([s.value for s in VM_ENDING]),
                     )
                 ).one_or_none()
             if vm is None:
@@ -379,7 +379,7 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
                 except StatusChanged:
                     continue
             status = VmStatus(vm.status)
-            if status in (VmStatus.CREATING, VmStatus.STARTING, VmStatus.STOPPING, VmStatus.DESTROYING):
+            if status in (VmStatus.CREATING, VmStatus.STARTING, VmStatus.STOPPING):
                 _wait_while(ctx, vm, status, session_id=session_id)
                 continue
             if status is VmStatus.RUNNING:
