@@ -10,12 +10,15 @@ SUDO=()
 
 APT_PACKAGES=(
   # VMs and guest images
-  qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd kmod
+  qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd
   # Controller runtime and tools
-  python3 python3-venv python3-dev build-essential nodejs npm ca-certificates
+  python3 python3-venv python3-dev build-essential ca-certificates
   # Tests and benchmarks
   postgresql wrk iproute2 procps chromium xvfb xdotool
 )
+# Node.js and npm (front-end packages, the test IdP, the CLIs in the cli image): Debian's unless a
+# node/npm is already installed another way (Debian's npm conflicts with NodeSource's nodejs).
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
