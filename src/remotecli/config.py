@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     public_url: str | None = Field(default=None, description="URL users reach the dashboard at")
+    tls_cert: Path | None = Field(default=None, description="Serve HTTPS with this certificate (PEM)")
+    tls_key: Path | None = Field(default=None, description="Private key for tls_cert (PEM)")
+    trusted_proxies: str = Field(
+        default="", description="Comma-separated proxy addresses whose X-Forwarded-* headers are honoured"
+    )
 
     shared_images_dir: Path | None = Field(
         default=None, description="Read guest images from here instead of <data_dir>/images (tests, shared hosts)"

@@ -11,7 +11,7 @@ import click
 from remotecli.cli.common import app_context, handle_errors, print_json, print_table, settings_from_env
 from remotecli.config import Settings
 from remotecli.context import AppContext
-from remotecli.errors import RemotecliError
+from remotecli.errors import InvalidInput, RemotecliError
 from remotecli.logging import configure_logging
 
 
@@ -20,9 +20,36 @@ def _serve(ctx: AppContext, host: str, port: int) -> None:
 
     from remotecli.api.app import create_app
 
+    settings = ctx.settings
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise InvalidInput("Give both --tls-cert and --tls-key (or neither).")
     app = create_app(ctx)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        # X-Forwarded-For/-Proto are honoured only from the configured proxies (none by default).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
+    )
     uvicorn.Server(config).run()
+
+
+def _tls_options(func: Any) -> Any:
+    func = click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="Private key (PEM) for --tls-cert.")(func)
+    func = click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="Serve HTTPS with this certificate (PEM); session cookies become Secure.")(func)
+    return func
+
+
+def _apply_tls(settings: Settings, tls_cert: str | None, tls_key: str | None) -> None:
+    from pathlib import Path
+
+    if tls_cert:
+        settings.tls_cert = Path(tls_cert)
+    if tls_key:
+        settings.tls_key = Path(tls_key)
 
 
 def _needs_images(ctx: AppContext) -> bool:
@@ -69,10 +96,12 @@ def build_images(settings: Settings, vm_types: list[str], force: bool = False) -
 @click.option("--host", default=None, help="Bind address (default from settings: 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default from settings: 8080).")
 @click.option("--skip-images", is_flag=True, help="Do not build missing guest images before serving.")
+@_tls_options
 @handle_errors
-def up(host: str | None, port: int | None, skip_images: bool) -> None:
+def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | None, tls_key: str | None) -> None:
     """First run and every run: migrate, build missing images, create an admin, serve."""
     settings = settings_from_env()
+    _apply_tls(settings, tls_cert, tls_key)
     settings.ensure_dirs()
     configure_logging(settings.log_level, settings.logs_dir / "controller.log", stderr=False)
     click.echo(f"remotecli: data directory {settings.data_dir}", err=True)
@@ -92,7 +121,8 @@ def up(host: str | None, port: int | None, skip_images: bool) -> None:
         click.echo(f"  {token}", err=True)
     bind_host = host or settings.host
     bind_port = port or settings.port
-    url = settings.public_url or f"http://{bind_host}:{bind_port}"
+    scheme = "https" if settings.tls_cert else "http"
+    url = settings.public_url or f"{scheme}://{bind_host}:{bind_port}"
     click.echo(f"remotecli: serving on {url}  (dashboard: {url}/dashboard, API: {url}/api/v1, docs: {url}/docs)",
                err=True)
     configure_logging(settings.log_level, settings.logs_dir / "controller.log", stderr=settings.log_to_stderr)
@@ -102,10 +132,12 @@ def up(host: str | None, port: int | None, skip_images: bool) -> None:
 @click.command()
 @click.option("--host", default=None, help="Bind address (default from settings).")
 @click.option("--port", type=int, default=None, help="Port (default from settings).")
+@_tls_options
 @handle_errors
-def serve(host: str | None, port: int | None) -> None:
+def serve(host: str | None, port: int | None, tls_cert: str | None, tls_key: str | None) -> None:
     """Run the controller (API, dashboard, background loops) in the foreground."""
     settings = settings_from_env()
+    _apply_tls(settings, tls_cert, tls_key)
     settings.ensure_dirs()
     configure_logging(settings.log_level, settings.logs_dir / "controller.log", stderr=settings.log_to_stderr)
     ctx = AppContext.create(settings)
