@@ -107,12 +107,24 @@ def _assert_no_tokens_anywhere(controller: Controller, session_id: str) -> None:
         events = [f"{e.message} {e.details}" for e in db.query(Event).all()]
         auth = db.get(AuthSession, session_id)
         assert auth is not None and auth.credential_enc is None
+    # Every column of every table, as stored (the encrypted columns hold only ciphertext).
+    from sqlalchemy import text
+
+    from remotecli.db.models import Base
+
+    dump: list[str] = []
+    with controller.ctx.db.engine.connect() as connection:
+        for table in Base.metadata.sorted_tables:
+            for row in connection.execute(text(f"SELECT * FROM {table.name}")):
+                dump.extend(repr(value) for value in row)
+    database = "\n".join(dump)
     log_file = controller.ctx.settings.logs_dir / "controller.log"
     logs = log_file.read_text() if log_file.exists() else ""
     for secret in (PLANTED_ACCESS, PLANTED_REFRESH):
         assert all(secret not in text for text in controller.responses)
         assert all(secret not in text for text in events)
         assert secret not in logs
+        assert secret not in database
 
 
 def test_claude_code_login_over_vnc_from_the_seeds_state(controller: Controller, caplog: Any) -> None:
