@@ -415,13 +415,16 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: Any) -> None:
     principal = _principal_of(ctx, auth.user_id)
 
     def ensure_cli() -> str | None:
-        try:
-            vm, _created = vm_manager.ensure_cli_vm(ctx, principal, session_id=auth.id)
-            return vm.id
-        except RemotecliError as exc:
-            # Not fatal: the transfer step ensures a CLI VM again.
-            _event(ctx, auth, "auth.cli_vm_deferred", f"CLI workspace not ready yet ({exc.code}); will retry")
-            return None
+        for attempt in range(2):  # a failed boot is retried once, like the Browser VM's
+            try:
+                vm, _created = vm_manager.ensure_cli_vm(ctx, principal, session_id=auth.id)
+                return vm.id
+            except RemotecliError as exc:
+                if attempt == 1:
+                    # Not fatal: the transfer step ensures a CLI VM again.
+                    _event(ctx, auth, "auth.cli_vm_deferred",
+                           f"CLI workspace not ready yet ({exc.code}); will retry before saving credentials")
+        return None
 
     def browser() -> Vm:
         browser_vm = _usable_browser_vm(ctx, auth)
