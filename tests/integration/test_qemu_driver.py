@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from remotecli.config import Settings
 from remotecli.drivers.base import ImageRef, Liveness, PowerState, VmGone, VmSpec
 from remotecli.drivers.qemu import QemuDriver
 from remotecli.errors import VmBootFailed
+from tests.support.net import stops_listening
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,14 +116,8 @@ def port_of(endpoint: str) -> int:
 
 
 def port_free(port: int) -> bool:
-    """Nothing listens there any more (TIME_WAIT leftovers are fine, as for any server)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    """Nothing listens there any more (closed connections lingering in FIN_WAIT/TIME_WAIT are fine)."""
+    return stops_listening(port)
 
 
 def process_gone(pid: int, timeout: float = 10.0) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from remotecli.drivers.base import Liveness
 from remotecli.errors import AgentRejected, VmNotRunning
 from remotecli.services import vm_manager
 from remotecli.services.users import Principal
+from tests.support.net import stops_listening
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,15 +48,6 @@ def _port_of(endpoint: str) -> int:
     return int(endpoint.rsplit(":", 1)[1])
 
 
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 def test_cli_vm_lifecycle(qctx: AppContext, owner: Principal) -> None:
     vm = vm_manager.create_vm(qctx, owner, "cli")
     assert vm.status == "running" and vm.endpoint
@@ -81,8 +72,8 @@ def test_cli_vm_lifecycle(qctx: AppContext, owner: Principal) -> None:
     with pytest.raises(VmNotRunning):
         vm_manager.exec_in_vm(qctx, owner, vm.id, ["true"], timeout_s=5)
     # Even straight to the agent, a paused guest does not answer.
-    with pytest.raises(Exception) as paused_error:
-        AgentClient(vm.endpoint, qctx.agent_secret(vm), timeout=2).health()
+    with pytest.raises(Exception) as paused_error, AgentClient(vm.endpoint, qctx.agent_secret(vm), timeout=2) as c:
+        c.health()
     assert getattr(paused_error.value, "code", "") in ("agent_timeout", "agent_unreachable")
     vm_manager.resume_vm(qctx, owner, vm.id)
     assert vm_manager.exec_in_vm(qctx, owner, vm.id, ["true"], timeout_s=30).exit_code == 0
@@ -99,7 +90,7 @@ def test_cli_vm_lifecycle(qctx: AppContext, owner: Principal) -> None:
     vm_manager.destroy_vm(qctx, owner, vm.id)
     assert not vm_dir.exists()
     assert pid is not None and _process_gone(pid)
-    assert not _port_in_use(port)
+    assert stops_listening(port)
 
 
 def test_agent_refuses_missing_or_foreign_secret(qctx: AppContext, owner: Principal) -> None:

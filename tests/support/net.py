@@ -1,0 +1,38 @@
+"""Host network checks for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def listening(port: int) -> bool:
+    """True while a socket LISTENs on ``port`` (IPv4 or IPv6) on this host.
+
+    After a VM is destroyed its forwarded port must not be listened on any more. A plain bind()
+    test is the wrong check: the kernel keeps closed connections (FIN_WAIT, TIME_WAIT) on the port
+    for a while after the process is gone, which is not a leak.
+    """
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def stops_listening(port: int, timeout: float = 10.0) -> bool:
+    """True once nothing LISTENs on ``port``; the kernel tears a killed process's sockets down a
+    moment after the process is gone, so poll for a few seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while listening(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
