@@ -25,7 +25,7 @@ from remotecli.config import Settings
 from remotecli.drivers.base import ImageRef, Liveness, PowerState, VmGone, VmSpec
 from remotecli.drivers.qemu import QemuDriver
 from remotecli.errors import VmBootFailed
-from tests.support.net import stops_listening
+from tests.support.net import process_gone, stops_listening
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,19 +118,6 @@ def port_of(endpoint: str) -> int:
 def port_free(port: int) -> bool:
     """Nothing listens there any more (closed connections lingering in FIN_WAIT/TIME_WAIT are fine)."""
     return stops_listening(port)
-
-
-def process_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def agent_health(endpoint: str, secret: str) -> None:

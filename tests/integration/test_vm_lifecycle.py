@@ -16,7 +16,7 @@ from remotecli.drivers.base import Liveness
 from remotecli.errors import AgentRejected, VmNotRunning
 from remotecli.services import vm_manager
 from remotecli.services.users import Principal
-from tests.support.net import stops_listening
+from tests.support.net import process_gone, stops_listening
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,20 +28,6 @@ def _pid(vm_dir: Path) -> int | None:
         except (FileNotFoundError, ValueError):
             continue
     return None
-
-
-def _process_gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once ``pid`` no longer runs (gone, or a zombie waiting for init to reap it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _port_of(endpoint: str) -> int:
@@ -89,7 +75,7 @@ def test_cli_vm_lifecycle(qctx: AppContext, owner: Principal) -> None:
     pid = _pid(vm_dir)
     vm_manager.destroy_vm(qctx, owner, vm.id)
     assert not vm_dir.exists()
-    assert pid is not None and _process_gone(pid)
+    assert pid is not None and process_gone(pid)
     assert stops_listening(port)
 
 

@@ -1,4 +1,4 @@
-"""Host network checks for tests."""
+"""Host checks for tests: is a process gone, does anything still listen on a port."""
 
 from __future__ import annotations
 
@@ -36,3 +36,19 @@ def stops_listening(port: int, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def process_gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once ``pid`` no longer runs (gone, or a zombie waiting for init to reap it)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
