@@ -333,10 +333,17 @@ class Flow:
         self._profile_dir = tempfile.mkdtemp(prefix=f"remotecli-oauth-{self.flow_id[:32]}-")
         home = os.path.join(self._profile_dir, "home")
         profile = os.path.join(self._profile_dir, "profile")
-        for path in (home, profile):
+        default = os.path.join(profile, "Default")
+        for path in (home, profile, default):
             os.mkdir(path, 0o700)
+        # A fresh profile whose password manager is off: no "Save password?" bubble over the
+        # provider's page after the user logs in.
+        preferences = os.path.join(default, "Preferences")
+        with open(preferences, "w", encoding="utf-8") as handle:
+            json.dump({"credentials_enable_service": False,
+                       "profile": {"password_manager_enabled": False}}, handle)
         if identity:
-            for path in (self._profile_dir, home, profile):
+            for path in (self._profile_dir, home, profile, default, preferences):
                 os.chown(path, uid, entry.pw_gid)
         self._debug_port = _pick_debug_port()
         argv = [
