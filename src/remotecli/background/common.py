@@ -11,6 +11,7 @@ process assumed) the same code runs, serialised by ``BEGIN IMMEDIATE``.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 import uuid
@@ -108,6 +109,28 @@ class LoopStats:
 
 
 STATS = LoopStats()
+
+
+def run_pass(loop: str, owner: str, steps: Sequence[Callable[[PassReport, bool], None]], dry_run: bool,
+             log: logging.Logger) -> PassReport:
+    """Run one pass of a background loop: every step, a failing step logged and skipped (the loop
+    goes on), the pass timed, and (unless a dry run) recorded for /metrics and logged."""
+    report = PassReport(loop=loop, controller=owner, started_at=utcnow())
+    started = time.monotonic()
+    for step in steps:
+        try:
+            step(report, dry_run)
+        except Exception:
+            report.errors += 1
+            log.exception("%s step %s failed; going on", loop, step.__name__)
+    report.duration_s = time.monotonic() - started
+    if not dry_run:
+        STATS.record(report)
+        done = report.count("done")
+        if done:
+            log.info("%s pass: %s", loop, dict(done),
+                     extra={"x_duration_s": round(report.duration_s, 3)})
+    return report
 
 
 def new_owner(prefix: str) -> str:

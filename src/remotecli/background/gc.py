@@ -11,18 +11,17 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 from sqlalchemy import and_, delete, func, or_, select
 
 from remotecli.background.common import (
-    STATS,
     Finding,
     LoopThread,
     PassReport,
     claim_vms,
     new_owner,
     release_vms,
+    run_pass,
 )
 from remotecli.context import AppContext
 from remotecli.db.models import Vm, WsTicket, utcnow
@@ -50,21 +49,7 @@ class GarbageCollector:
         self._loop.stop()
 
     def run_once(self, *, dry_run: bool = False) -> PassReport:
-        report = PassReport(loop="gc", controller=self.owner, started_at=utcnow())
-        started = time.monotonic()
-        for step in (self._failed_vms, self._destroyed_rows, self._tickets):
-            try:
-                step(report, dry_run)
-            except Exception:
-                report.errors += 1
-                log.exception("gc step %s failed; going on", step.__name__)
-        report.duration_s = time.monotonic() - started
-        if not dry_run:
-            STATS.record(report)
-            done = report.count("done")
-            if done:
-                log.info("gc pass: %s", dict(done))
-        return report
+        return run_pass("gc", self.owner, (self._failed_vms, self._destroyed_rows, self._tickets), dry_run, log)
 
     def _failed_vms(self, report: PassReport, dry_run: bool) -> None:
         cutoff = utcnow() - dt.timedelta(seconds=self.failed_ttl_s)

@@ -35,7 +35,6 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from remotecli.background.common import (
-    STATS,
     Finding,
     LoopThread,
     PassReport,
@@ -45,6 +44,7 @@ from remotecli.background.common import (
     new_owner,
     release_vms,
     renew_vms,
+    run_pass,
 )
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, HostOrphan, Vm, utcnow
@@ -93,21 +93,8 @@ class Reconciler:
     # ------------------------------------------------------------------------------ a pass
     def run_once(self, *, dry_run: bool = False) -> PassReport:
         """One pass. With ``dry_run`` nothing is written or changed: the findings say what would be."""
-        report = PassReport(loop="reconciler", controller=self.owner, started_at=utcnow())
-        started = time.monotonic()
-        for step in (self._expire_sessions, self._check_rows, self._check_host, self._browser_vms):
-            try:
-                step(report, dry_run)
-            except Exception:
-                report.errors += 1
-                log.exception("reconciler step %s failed; going on", step.__name__)
-        report.duration_s = time.monotonic() - started
-        if not dry_run:
-            STATS.record(report)
-            done = report.count("done")
-            if done:
-                log.info("reconciler pass: %s", dict(done), extra={"duration_s": round(report.duration_s, 3)})
-        return report
+        steps = (self._expire_sessions, self._check_rows, self._check_host, self._browser_vms)
+        return run_pass("reconciler", self.owner, steps, dry_run, log)
 
     # ------------------------------------------------------------------------------ database → host
     def _check_rows(self, report: PassReport, dry_run: bool) -> None:

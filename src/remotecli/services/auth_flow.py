@@ -448,10 +448,7 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: Any) -> None:
     flow_id = auth.oauth_flow_id or f"flow-{uuid.uuid4().hex[:16]}"
     agent = ctx.agent(browser_vm)
     try:
-        spec = profile.oauth_spec(flow_id)
-        spec.setdefault("browser", {})
-        spec["browser"].setdefault("user", ctx.settings.browser_guest_user)
-        agent.oauth_start(spec)
+        agent.oauth_start(_oauth_spec(ctx, profile, flow_id))
         _set_fields(ctx, auth, oauth_flow_id=flow_id)
         _event(ctx, auth, "auth.browser_started", "Secure browser opening the sign-in page",
                vm_id=browser_vm.id)
@@ -472,6 +469,13 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: Any) -> None:
         raise SessionFailure("browser_failed", exc.log_detail or exc.code) from exc
     finally:
         agent.close()
+
+
+def _oauth_spec(ctx: AppContext, profile: Any, flow_id: str) -> dict[str, Any]:
+    """The OAuth agent's flow request for ``profile``, run as the Browser VM's browser user."""
+    spec: dict[str, Any] = profile.oauth_spec(flow_id)
+    spec.setdefault("browser", {}).setdefault("user", ctx.settings.browser_guest_user)
+    return spec
 
 
 def _usable_browser_vm(ctx: AppContext, auth: AuthSession) -> Vm | None:
@@ -551,9 +555,7 @@ def _reprovision_in_place(ctx: AppContext, auth: AuthSession, profile: Any) -> N
     flow_id = f"flow-{uuid.uuid4().hex[:16]}"
     agent = ctx.agent(vm)
     try:
-        spec = profile.oauth_spec(flow_id)
-        spec.setdefault("browser", {}).setdefault("user", ctx.settings.browser_guest_user)
-        agent.oauth_start(spec)
+        agent.oauth_start(_oauth_spec(ctx, profile, flow_id))
     except AgentError as exc:
         raise SessionFailure("browser_failed", exc.log_detail or exc.code) from exc
     finally:
