@@ -17,7 +17,8 @@ from remotecli.db.models import Vm
 from remotecli.services import users as users_service
 from remotecli.services import vm_manager
 from remotecli.services.users import Principal
-from tests.integration.test_vm_lifecycle import _pid, _port_of, _process_gone
+from tests.integration.test_vm_lifecycle import _pid, _port_of
+from tests.support.net import process_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,7 +77,7 @@ def test_killed_deleted_and_orphaned_vms_leave_nothing(qctx: AppContext) -> None
     import signal
 
     os.kill(pids[0] or 0, signal.SIGKILL)  # 1: the process dies
-    assert _process_gone(pids[0] or 0)
+    assert process_gone(pids[0] or 0)
     shutil.rmtree(dirs[1])  # 2: the directory goes, QEMU keeps running
     with qctx.db.transaction() as session:  # 3: the row goes, the VM keeps running (orphan)
         session.execute(delete(Vm).where(Vm.id == orphan.id))
