@@ -55,7 +55,7 @@ def main() -> int:
             os.environ[prefix + "CLIENT_ID"] = client_id
             os.environ[prefix + "SCOPES"] = "openid email offline_access"
         os.environ["REMOTECLI_PROVIDER_GEMINI_CLIENT_SECRET"] = GEMINI_CLIENT_SECRET
-        settings = qemu_settings(f"sqlite:///{work / 'bench.db'}")
+        settings = qemu_settings(f"sqlite:///{work / 'bench.db'}", guest_host_allowed_ports=[idp.port])
         try:
             require_images(settings, "cli", "browser")
         except BaseException:

@@ -10,6 +10,7 @@
 #   cpio, zstd       inspecting/repacking initramfs images by hand
 #   npm, nodejs      host-side npm install of the CLIs into the cli image
 #   ca-certificates  HTTPS to the npm registry
+#   nftables         guest network isolation (rules on QEMU's user; drivers/qemu/confinement.py)
 set -euo pipefail
 
 PACKAGES=(
@@ -22,6 +23,7 @@ PACKAGES=(
     zstd
     ca-certificates
     util-linux
+    nftables
 )
 # npm: skip if a node/npm is already installed some other way (e.g. NodeSource), since Debian's
 # npm package conflicts with NodeSource's nodejs.

@@ -11,6 +11,8 @@ SUDO=()
 APT_PACKAGES=(
   # VMs and guest images
   qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio zstd
+  # Guest confinement: host firewall rules on QEMU's user (drivers/qemu/confinement.py)
+  nftables passwd
   # Controller runtime and tools
   python3 python3-venv python3-dev build-essential ca-certificates
   # Tests and benchmarks

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -50,7 +50,8 @@ class _TomlFileSource(PydanticBaseSettingsSource):
 class Settings(BaseSettings):
     """All configuration of one controller process."""
 
-    model_config = SettingsConfigDict(env_prefix="REMOTECLI_", extra="ignore")
+    # Errors never echo the input: it may hold a secret (oidc_client_secret, metrics_token).
+    model_config = SettingsConfigDict(env_prefix="REMOTECLI_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: str | None = Field(
@@ -65,11 +66,53 @@ class Settings(BaseSettings):
         default="", description="Comma-separated proxy addresses whose X-Forwarded-* headers are honoured"
     )
 
+    # Dashboard single sign-on through OpenID Connect (services/oidc.py, ADR 0008). Off while oidc_issuer is unset.
+    oidc_issuer: str | None = Field(
+        default=None, description="OpenID Connect issuer URL (https; http only on loopback); unset: no single sign-on"
+    )
+    oidc_client_id: str | None = Field(default=None, description="Client id registered at the identity provider")
+    oidc_client_secret: SecretStr | None = Field(
+        default=None, description="Client secret (never logged or shown); unset: a public client (PKCE only)"
+    )
+    oidc_scopes: str = Field(default="openid email profile", description="Scopes to ask for; must include openid")
+    oidc_display_name: str = Field(default="single sign-on", description="Login button: 'Sign in with <this>'")
+    oidc_auto_create_users: bool = Field(
+        default=True, description="Create a user at the first sign-in of an unknown identity (else: 403)"
+    )
+    oidc_allowed_email_domains: str = Field(
+        default="", description="Comma-separated; if set, new users need a verified email in one of these domains"
+    )
+    oidc_admin_emails: str = Field(
+        default="", description="Comma-separated verified emails that get the admin role when they sign in"
+    )
+    oidc_http_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of each call to the provider")
+
     shared_images_dir: Path | None = Field(
         default=None, description="Read guest images from here instead of <data_dir>/images (tests, shared hosts)"
     )
     driver: Literal["auto", "qemu", "firecracker", "fake"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+    # Guest confinement (drivers/qemu/confinement.py; docs/security.md, ADR 0007).
+    qemu_user: str = Field(
+        default="remotecli-qemu",
+        description="When the controller runs as root, QEMU drops to this system user (created if missing); "
+        "empty keeps QEMU as the controller's user",
+    )
+    guest_network_isolation: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Refuse guests' connections to the host's own addresses (controller API, other VMs' agents) "
+        "with nftables rules on QEMU's user; 'auto' enforces when root and nft are there, 'on' refuses to boot "
+        "a VM without it",
+    )
+    guest_host_allowed_ports: list[int] = Field(
+        default_factory=list,
+        description="TCP ports on the host's loopback that guests may still reach (e.g. a local proxy or IdP)",
+    )
+    guest_blocked_networks: list[str] = Field(
+        default_factory=lambda: ["169.254.0.0/16"],
+        description="Further IPv4 networks guests may not reach (default: link-local, i.e. cloud metadata)",
+    )
 
     cli_vm_memory_mib: int = Field(default=2048, ge=128)
     cli_vm_vcpus: int = Field(default=2, ge=1)
@@ -132,6 +175,27 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @field_validator("guest_host_allowed_ports")
+    @classmethod
+    def _ports_in_range(cls, value: list[int]) -> list[int]:
+        bad = [port for port in value if not 1 <= port <= 65535]
+        if bad:
+            raise ValueError(f"ports must be 1-65535, got {bad}")
+        return sorted(set(value))
+
+    @field_validator("guest_blocked_networks")
+    @classmethod
+    def _ipv4_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        networks = []
+        for item in value:
+            try:
+                networks.append(str(ipaddress.IPv4Network(item.strip(), strict=False)))
+            except ValueError as exc:
+                raise ValueError(f"not an IPv4 network: {item!r}") from exc
+        return networks
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -178,3 +242,56 @@ class Settings(BaseSettings):
         if vm_type == "browser":
             return self.browser_vm_vcpus, self.browser_vm_memory_mib
         return self.cli_vm_vcpus, self.cli_vm_memory_mib
+
+    # Single sign-on (OpenID Connect): checked once, when the settings are read.
+    @field_validator("oidc_issuer", "oidc_client_id")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        if self.oidc_issuer is None:
+            if self.oidc_client_id or self.oidc_client_secret:
+                raise ValueError("REMOTECLI_OIDC_CLIENT_ID/_SECRET are set but REMOTECLI_OIDC_ISSUER is not; "
+                                 "set the issuer URL to turn single sign-on on, or remove them")
+            return self
+        problem = oidc_issuer_problem(self.oidc_issuer)
+        if problem:
+            raise ValueError(f"REMOTECLI_OIDC_ISSUER: {problem}")
+        if not self.oidc_client_id:
+            raise ValueError("REMOTECLI_OIDC_ISSUER is set but REMOTECLI_OIDC_CLIENT_ID is not: set the client id "
+                             "registered at the identity provider (and REMOTECLI_OIDC_CLIENT_SECRET)")
+        if "openid" not in self.oidc_scopes.split():
+            raise ValueError("REMOTECLI_OIDC_SCOPES must include 'openid'")
+        return self
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return self.oidc_issuer is not None
+
+
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def oidc_issuer_problem(issuer: str) -> str | None:
+    """Why ``issuer`` cannot be an OpenID Connect issuer (None if it can): an absolute https URL
+    without query or fragment; plain http only for a loopback host (tests, a local IdP)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(issuer)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"{issuer!r} is not an absolute https:// URL"
+    if parts.query or parts.fragment:
+        return "an issuer URL has no query or fragment"
+    if parts.scheme == "http" and not _is_loopback_host(parts.hostname):
+        return "the identity provider must be reached over https (plain http only on a loopback address)"
+    return None

@@ -80,7 +80,8 @@ def controller(tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> Ite
         monkeypatch.setenv(prefix + "CLIENT_ID", client_id)
         monkeypatch.setenv(prefix + "SCOPES", "openid email offline_access")
     monkeypatch.setenv("REMOTECLI_PROVIDER_GEMINI_CLIENT_SECRET", GEMINI_CLIENT_SECRET)
-    settings = qemu_settings(f"sqlite:///{tmp_path / 'e2e.db'}")
+    # The browser VM reaches the IdP on the host's loopback: the one host port guests may use.
+    settings = qemu_settings(f"sqlite:///{tmp_path / 'e2e.db'}", guest_host_allowed_ports=[idp.port])
     require_images(settings, "cli", "browser")
     ctx = AppContext.create(settings)
     port = free_port()

@@ -109,6 +109,10 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
     click.echo(f"remotecli: database ready ({ctx.db.dialect}, schema {ctx.db.current_revision()})", err=True)
     availability = ctx.driver.availability()
     click.echo(f"remotecli: driver {ctx.driver.name}: {availability.detail}", err=True)
+    confined = ctx.driver.guest_confinement() if availability.ok else None
+    if confined is not None:
+        marker = "" if confined.ok else "WARNING: "
+        click.echo(f"remotecli: {marker}guest isolation: {confined.detail}", err=True)
     if _needs_images(ctx) and not skip_images:
         click.echo("remotecli: checking guest images (the first build takes a few minutes)…", err=True)
         build_images(settings, ["cli", "browser"])
@@ -176,6 +180,9 @@ def doctor(as_json: bool) -> None:
             facts = ", ".join(f"{k} {v}" for k, v in availability.facts.items())
             checks.append((f"driver {ctx.driver.name}", availability.ok,
                            availability.detail + (f" ({facts})" if facts else "")))
+            confined = ctx.driver.guest_confinement() if availability.ok else None
+            if confined is not None:
+                checks.append(("guest isolation", confined.ok, confined.detail))
             if _needs_images(ctx):
                 from remotecli import images
 

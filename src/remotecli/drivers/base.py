@@ -148,6 +148,14 @@ class VmDriver(abc.ABC):
     def availability(self) -> Availability:
         """Can this driver run VMs on this host? Cheap after the first call (cached probes)."""
 
+    def guest_confinement(self) -> Availability | None:
+        """How this driver keeps guests off the host (its user, its network rules), for ``doctor``.
+
+        ``ok`` is False when the operator asked for confinement the host cannot give. May install
+        host rules (idempotent; see drivers/qemu/confinement.py). None: the driver does not say.
+        """
+        return None
+
     @abc.abstractmethod
     def create(self, spec: VmSpec) -> BootInfo:
         """Prepare ``spec.directory`` and boot the VM. Returns once the hypervisor process runs.

@@ -50,7 +50,7 @@ from remotecli.drivers.base import (
     VmGone,
     VmSpec,
 )
-from remotecli.drivers.qemu import kvm_probe
+from remotecli.drivers.qemu import confinement, kvm_probe
 from remotecli.drivers.qemu.qmp import QmpError, QmpUnavailable, qmp_execute
 from remotecli.errors import DriverError, DriverUnavailable, ImageMissing, VmBootFailed
 
@@ -396,7 +396,24 @@ class QemuDriver(VmDriver):
 
     # ---------------------------------------------------------------- boot
 
-    def _argv(self, spec: VmSpec, paths: _Paths, kernel: Path, initrd: Path, accel: str, port: int) -> list[str]:
+    def guest_confinement(self) -> Availability:
+        try:
+            confined = confinement.confine(self.settings)
+        except DriverUnavailable as exc:
+            return Availability(ok=False, detail=exc.message)
+        wanted = self.settings.guest_network_isolation != "off"
+        return Availability(ok=confined.firewall or not wanted, detail=confined.detail)
+
+    def _argv(
+        self,
+        spec: VmSpec,
+        paths: _Paths,
+        kernel: Path,
+        initrd: Path,
+        accel: str,
+        port: int,
+        user: confinement.QemuUser | None = None,
+    ) -> list[str]:
         cmdline = f"console=ttyS0 root=/dev/vda rw panic=-1 quiet remotecli.vm_type={spec.vm_type}"
         if accel == "tcg":
             cmdline += TCG_CMDLINE
@@ -406,8 +423,9 @@ class QemuDriver(VmDriver):
         accel_args = (
             ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg,thread=multi", "-cpu", "max"]
         )
+        qemu = self._qemu_binary()
         return [
-            self._qemu_binary(),
+            qemu,
             "-name",
             f"guest={_qemu_opt(spec.vm_id)}",
             "-M",
@@ -452,8 +470,10 @@ class QemuDriver(VmDriver):
             f"unix:{_qemu_opt(paths.qmp)},server=on,wait=off",
             "-pidfile",
             str(paths.pidfile),
+            # elevateprivileges=deny and spawn=deny would also block QEMU's own -runas / -daemonize.
             "-sandbox",
             "on,obsolete=deny,resourcecontrol=deny",
+            *confinement.runas_args(qemu, user),
             "-daemonize",
         ]
 
@@ -495,9 +515,11 @@ class QemuDriver(VmDriver):
         record = _read_json(paths.record)
         previous = record.get("port")
         _write_file_atomic(paths.config, encode_config_disk(config_document(spec)), 0o600)
+        # Before every launch: the rules are replaced atomically, so a flushed ruleset comes back.
+        confined = confinement.confine(self.settings)
         attempts = TCG_BOOT_ATTEMPTS if accel == "tcg" else 1
         for attempt in range(1, attempts + 1):
-            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous)
+            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, confined.user)
             new_record = {
                 "vm_id": spec.vm_id,
                 "vm_type": spec.vm_type,
@@ -506,6 +528,8 @@ class QemuDriver(VmDriver):
                 "port": port,
                 "endpoint": f"tcp://127.0.0.1:{port}",
                 "accel": accel,
+                "qemu_user": confined.runas_name,
+                "guest_network_isolation": confined.firewall,
                 "vcpus": spec.vcpus,
                 "memory_mib": spec.memory_mib,
                 "image": image_info,
@@ -545,14 +569,21 @@ class QemuDriver(VmDriver):
         return False
 
     def _spawn(
-        self, spec: VmSpec, paths: _Paths, kernel: Path, initrd: Path, accel: str, previous: object
+        self,
+        spec: VmSpec,
+        paths: _Paths,
+        kernel: Path,
+        initrd: Path,
+        accel: str,
+        previous: object,
+        user: confinement.QemuUser | None = None,
     ) -> tuple[int, int, list[str]]:
         """Start QEMU (retrying on a port collision) and wait for QMP. Returns (pid, port, argv)."""
         last_error = ""
         for attempt in range(PORT_ATTEMPTS):
             reuse = attempt == 0 and isinstance(previous, int) and _port_free(previous)
             port = int(previous) if reuse and isinstance(previous, int) else _free_port()
-            argv = self._argv(spec, paths, kernel, initrd, accel, port)
+            argv = self._argv(spec, paths, kernel, initrd, accel, port, user)
             for stale in (paths.qmp, paths.pidfile):
                 stale.unlink(missing_ok=True)
             if paths.console.exists():
