@@ -35,10 +35,20 @@ the log (after redaction) and never to a client.
     ├── VmError                         502 vm_error
     │   ├── VmBootFailed                502 vm_boot_failed
     │   └── DriverError                 502 driver_error
-    └── AgentError                      502 agent_error
-        ├── AgentUnreachable            502 agent_unreachable
-        ├── AgentTimeout                504 agent_timeout
-        └── AgentRejected               502 agent_rejected
+    ├── AgentError                      502 agent_error
+    │   ├── AgentUnreachable            502 agent_unreachable
+    │   ├── AgentTimeout                504 agent_timeout
+    │   └── AgentRejected               502 agent_rejected
+    └── SsoError                        502 sso_error         (dashboard single sign-on, OpenID Connect)
+        ├── SsoNotConfigured            404 sso_not_configured
+        ├── SsoStateInvalid             400 sso_state_invalid
+        ├── SsoCallbackInvalid          400 sso_callback_invalid
+        ├── SsoDenied                   403 sso_denied
+        ├── SsoAccountDisabled          403 sso_account_disabled
+        ├── SsoNoAccount                403 sso_no_account
+        ├── SsoUnavailable              503 sso_unavailable
+        ├── SsoTokenExchangeFailed      502 sso_token_exchange_failed
+        └── SsoIdTokenInvalid           502 sso_id_token_invalid
 """
 
 from __future__ import annotations
@@ -222,3 +232,67 @@ class AgentTimeout(AgentError):
 class AgentRejected(AgentError):
     code = "agent_rejected"
     default_message = "The VM's guest agent refused the request."
+
+
+class SsoError(RemotecliError):
+    """Dashboard single sign-on (OpenID Connect) did not sign the user in; nothing was changed."""
+
+    code = "sso_error"
+    http_status = 502
+    default_message = "Single sign-on did not work; try again, or sign in with your password."
+
+
+class SsoNotConfigured(SsoError):
+    code = "sso_not_configured"
+    http_status = 404
+    default_message = "Single sign-on is not set up on this controller; sign in with your user name and password."
+
+
+class SsoStateInvalid(SsoError):
+    code = "sso_state_invalid"
+    http_status = 400
+    default_message = ("This sign-in link is out of date, was already used, or was opened in another browser. "
+                       "Start again from the sign-in page.")
+
+
+class SsoCallbackInvalid(SsoError):
+    code = "sso_callback_invalid"
+    http_status = 400
+    default_message = "The identity provider sent the browser back without a sign-in result; start again."
+
+
+class SsoDenied(SsoError):
+    code = "sso_denied"
+    http_status = 403
+    default_message = "The identity provider did not sign you in. Try again, or ask an operator for help."
+
+
+class SsoAccountDisabled(SsoError):
+    code = "sso_account_disabled"
+    http_status = 403
+    default_message = "This account is disabled; ask an operator to enable it."
+
+
+class SsoNoAccount(SsoError):
+    code = "sso_no_account"
+    http_status = 403
+    default_message = ("No remotecli account belongs to this identity; ask an operator to link one "
+                       "('remotecli users link-sso NAME --subject ...').")
+
+
+class SsoUnavailable(SsoError):
+    code = "sso_unavailable"
+    http_status = 503
+    default_message = ("The identity provider cannot be reached right now; try again in a minute, "
+                       "or sign in with your password.")
+
+
+class SsoTokenExchangeFailed(SsoError):
+    code = "sso_token_exchange_failed"
+    default_message = "The identity provider refused to complete the sign-in; start again from the sign-in page."
+
+
+class SsoIdTokenInvalid(SsoError):
+    code = "sso_id_token_invalid"
+    default_message = ("The identity provider's answer could not be verified, so you were not signed in; "
+                       "the operator can see details in the log.")

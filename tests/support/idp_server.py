@@ -5,6 +5,9 @@
     with run_idp(password="pw") as idp:
         idp.url, idp.issuer, idp.port, idp.clients["codex"], idp.discovery["token_endpoint"]
 
+    # the dashboard's single sign-on client, with the controller's callback URL:
+    with run_idp(dashboard_redirect_uris=["http://127.0.0.1:8123/auth/oidc/callback"]) as idp: ...
+
 ``npm ci`` (or ``npm install`` without a lock file) runs once when ``node_modules`` is missing. The
 IdP listens on 127.0.0.1 only. See ``idp/idp.mjs`` for the clients, accounts and pages.
 """
@@ -35,6 +38,9 @@ CLIENT_IDS = {
     "gemini": "remotecli-gemini",
 }
 GEMINI_CLIENT_SECRET = "remotecli-gemini-test-secret"
+# The dashboard's single sign-on client (a confidential web client; redirect URIs given to run_idp).
+DASHBOARD_CLIENT_ID = "remotecli-dashboard"
+DASHBOARD_CLIENT_SECRET = "remotecli-dashboard-test-secret"
 
 
 class IdpUnavailable(RuntimeError):
@@ -96,6 +102,7 @@ def run_idp(
     *,
     planted_access_token: str | None = None,
     planted_refresh_token: str | None = None,
+    dashboard_redirect_uris: list[str] | None = None,
     start_timeout: float = 30.0,
 ) -> Iterator[Idp]:
     node = shutil.which("node")
@@ -109,6 +116,8 @@ def run_idp(
         argv += ["--planted-access-token", planted_access_token]
     if planted_refresh_token:
         argv += ["--planted-refresh-token", planted_refresh_token]
+    for uri in dashboard_redirect_uris or []:
+        argv += ["--dashboard-redirect-uri", uri]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NODE_ENV": "test", "HOME": tempfile.gettempdir()}
     process = subprocess.Popen(
         argv,

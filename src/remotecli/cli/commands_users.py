@@ -8,6 +8,7 @@ import sys
 import click
 
 from remotecli.cli.common import app_context, fmt_time, handle_errors, print_json, print_table
+from remotecli.errors import InvalidInput
 from remotecli.services import users as users_service
 
 
@@ -60,6 +61,59 @@ def users_set_password(name: str, password_stdin: bool) -> None:
     with app_context() as ctx:
         user = users_service.set_password(ctx.db, name, password)
     click.echo(f"Password of {user.name} set; they can sign in to the dashboard at /login.")
+
+
+@users.command("disable")
+@click.argument("name")
+@handle_errors
+def users_disable(name: str) -> None:
+    """Disable user NAME: their API tokens, dashboard sessions and single sign-ons stop working at once."""
+    with app_context() as ctx:
+        users_service.set_disabled(ctx.db, name, True)
+    click.echo(f"Disabled {name}; 'remotecli users enable {name}' undoes it.")
+
+
+@users.command("enable")
+@click.argument("name")
+@handle_errors
+def users_enable(name: str) -> None:
+    """Enable user NAME again."""
+    with app_context() as ctx:
+        users_service.set_disabled(ctx.db, name, False)
+    click.echo(f"Enabled {name}.")
+
+
+@users.command("link-sso")
+@click.argument("name")
+@click.option("--subject", required=True, help="The user's 'sub' claim at the identity provider.")
+@click.option("--issuer", default=None, help="The provider's issuer URL (default: REMOTECLI_OIDC_ISSUER).")
+@handle_errors
+def users_link_sso(name: str, subject: str, issuer: str | None) -> None:
+    """Let user NAME sign in to the dashboard with single sign-on as the provider account SUBJECT.
+
+    Single sign-on never links accounts by name or email by itself: without this, a first sign-in
+    creates a new user (REMOTECLI_OIDC_AUTO_CREATE_USERS) even if a local user has the same name.
+    """
+    from remotecli.services import oidc
+
+    with app_context() as ctx:
+        issuer = issuer or ctx.settings.oidc_issuer
+        if not issuer:
+            raise InvalidInput("Give --issuer, or set REMOTECLI_OIDC_ISSUER.")
+        identity = oidc.link_identity(ctx.db, name, subject, issuer)
+    click.echo(f"Linked {name} to subject {subject!r} at {identity.issuer}.")
+
+
+@users.command("unlink-sso")
+@click.argument("name")
+@handle_errors
+def users_unlink_sso(name: str) -> None:
+    """Remove user NAME's single sign-on identities (without a password they can no longer sign in)."""
+    from remotecli.services import oidc
+
+    with app_context() as ctx:
+        count = oidc.unlink_identities(ctx.db, name)
+    click.echo(f"Removed {count} single sign-on identit{'y' if count == 1 else 'ies'} of {name}.")
 
 
 @click.group()

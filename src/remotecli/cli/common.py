@@ -27,7 +27,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def settings_from_env() -> Settings:
-    return Settings()
+    """The settings, or ``InvalidInput`` naming each bad setting in words (never its value)."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"{'.'.join(str(part) for part in error['loc'])}: " if error["loc"] else "")
+            + error["msg"].removeprefix("Value error, ")
+            for error in exc.errors(include_input=False, include_url=False)
+        )
+        raise InvalidInput(f"The configuration is not valid: {problems}") from None
 
 
 @contextmanager

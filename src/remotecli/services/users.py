@@ -163,6 +163,19 @@ def verify_password(db: Database, name: str, password: str) -> Principal:
     return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)
 
 
+def set_disabled(db: Database, name: str, disabled: bool) -> User:
+    """Disable (or enable again) user ``name``: a disabled user's API tokens, dashboard sessions and
+    single sign-ons are refused at once; nothing is deleted."""
+    user = get_user_by_name(db, name)
+    if user.disabled != disabled:
+        with db.transaction() as session:
+            session.execute(update(User).where(User.id == user.id).values(disabled=disabled))
+            record_event(session, module="users", kind="user.disabled" if disabled else "user.enabled",
+                         message=f"User {name} {'disabled' if disabled else 'enabled'}", user_id=user.id)
+        user.disabled = disabled
+    return user
+
+
 def list_tokens(db: Database, user: User | None = None) -> list[tuple[ApiToken, str]]:
     """API tokens (newest first) with their owner's name; never the token itself."""
     stmt = select(ApiToken, User.name).join(User, User.id == ApiToken.user_id).order_by(ApiToken.created_at.desc())

@@ -24,11 +24,11 @@ from sqlalchemy import select
 
 from remotecli.api.schemas import AuthSessionOut
 from remotecli.context import AppContext
-from remotecli.db.models import AuthSession, User, Vm
+from remotecli.db.models import AuthSession, User, UserIdentity, Vm
 from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, AuthStatus, VmStatus, VmType
 from remotecli.errors import AuthenticationRequired, NotFound, RemotecliError
 from remotecli.logging import get_logger
-from remotecli.services import auth_flow, vm_manager
+from remotecli.services import auth_flow, oidc, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 from remotecli.web import sessions, views
@@ -172,8 +172,11 @@ def _record_failure(key: str) -> None:
 def _login_page(request: Request, *, error: str = "", name: str = "", next_path: str = "/dashboard",
                 status_code: int = 200, notice: str = "") -> HTMLResponse:
     login_csrf = sessions.new_login_csrf()
+    settings = _ctx(request).settings
+    sso = {"label": f"Sign in with {settings.oidc_display_name}",
+           "href": f"{oidc.LOGIN_PATH}?next={quote(next_path, safe='')}"} if settings.oidc_enabled else None
     response = _page(request, "login.html", {"error": error, "name": name, "next": next_path,
-                                             "login_csrf": login_csrf, "notice": notice},
+                                             "login_csrf": login_csrf, "notice": notice, "sso": sso},
                      status_code=status_code)
     response.set_cookie(sessions.LOGIN_CSRF_COOKIE, login_csrf, max_age=3600, path="/login", httponly=True,
                         samesite="strict", secure=_secure(request))
@@ -216,9 +219,79 @@ async def login(request: Request) -> Response:
         return _login_page(request, error=exc.message, name=name, next_path=next_path, status_code=401)
     token, _expires = sessions.create_session(ctx.db, principal, client=client)
     response = RedirectResponse(next_path, status_code=303)
+    _set_session_cookie(request, response, token)
+    response.delete_cookie(sessions.LOGIN_CSRF_COOKIE, path="/login")
+    return response
+
+
+def _set_session_cookie(request: Request, response: Response, token: str) -> None:
+    """The dashboard session cookie, the same for a password and a single sign-on."""
     response.set_cookie(sessions.SESSION_COOKIE, token, max_age=int(sessions.SESSION_TTL.total_seconds()),
                         path="/", httponly=True, samesite="lax", secure=_secure(request))
-    response.delete_cookie(sessions.LOGIN_CSRF_COOKIE, path="/login")
+
+
+# ----------------------------------------------------------------------------------------------
+# Single sign-on (OpenID Connect; services/oidc.py)
+
+
+def _wants_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def _sso_error(request: Request, exc: RemotecliError, state: str = "") -> Response:
+    """A failed single sign-on: a page (or JSON ``{code, message}``) in words, with the stable code."""
+    level = log.warning if exc.http_status >= 500 else log.info
+    level("single sign-on refused", extra={"x_code": exc.code, "x_detail": exc.log_detail or ""})
+    response: Response
+    if _wants_json(request):
+        response = JSONResponse(exc.to_dict(), status_code=exc.http_status, headers={"Cache-Control": "no-store"})
+    else:
+        response = _page(request, "error.html", {
+            "title": "Single sign-on did not work", "message": exc.message, "code": exc.code,
+            "actions": [("Try again", oidc.LOGIN_PATH), ("Back to sign in", "/login")]
+            if _ctx(request).settings.oidc_enabled else [("Back to sign in", "/login")],
+        }, status_code=exc.http_status)
+    # The callback's address holds the (spent) code: never send it on as a referrer.
+    response.headers["Referrer-Policy"] = "no-referrer"
+    if state:
+        response.delete_cookie(oidc.attempt_cookie_name(state), path=oidc.ATTEMPT_COOKIE_PATH, httponly=True,
+                               samesite="lax", secure=_secure(request))
+    return response
+
+
+@router.get(oidc.LOGIN_PATH, response_model=None)
+def oidc_login(request: Request, next: str = "/dashboard") -> Response:
+    """Send the browser to the identity provider (authorization-code flow, PKCE, state, nonce)."""
+    ctx = _ctx(request)
+    try:
+        start = oidc.start_login(ctx, redirect_to=oidc.redirect_uri(ctx.settings, str(request.base_url)),
+                                 next_path=_safe_next(next))
+    except RemotecliError as exc:
+        return _sso_error(request, exc)
+    response = RedirectResponse(start.authorize_url, status_code=303)
+    response.set_cookie(start.cookie_name, start.cookie_value, max_age=start.max_age, path=oidc.ATTEMPT_COOKIE_PATH,
+                        httponly=True, samesite="lax", secure=_secure(request))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.get(oidc.CALLBACK_PATH, response_model=None)
+def oidc_callback(request: Request) -> Response:
+    """The provider sends the browser back here: verify, sign the user in, go to the dashboard."""
+    ctx = _ctx(request)
+    params = {key: value for key, value in request.query_params.items()}
+    try:
+        result = oidc.complete_login(ctx, params=params, cookies=request.cookies)
+    except RemotecliError as exc:
+        return _sso_error(request, exc, params.get("state", ""))
+    client = request.client.host if request.client else ""
+    token, _expires = sessions.create_session(ctx.db, result.principal, client=client, method="oidc")
+    response = RedirectResponse(_safe_next(result.next_path), status_code=303)
+    _set_session_cookie(request, response, token)
+    response.delete_cookie(oidc.attempt_cookie_name(params["state"]), path=oidc.ATTEMPT_COOKIE_PATH, httponly=True,
+                           samesite="lax", secure=_secure(request))
+    response.headers["Referrer-Policy"] = "no-referrer"
     return response
 
 
@@ -416,6 +489,7 @@ def admin(request: Request, user: str = "", vm_type: str = "", status: str = "",
     ctx = _ctx(request)
     with ctx.db.read() as db:
         users = list(db.scalars(select(User).order_by(User.name)))
+        sso_users = set(db.scalars(select(UserIdentity.user_id)))
         names = {u.id: u.name for u in users}
         user_id = next((u.id for u in users if u.name == user), None) if user else None
         vm_stmt = select(Vm).order_by(Vm.created_at.desc()).limit(200)
@@ -438,6 +512,7 @@ def admin(request: Request, user: str = "", vm_type: str = "", status: str = "",
     gc_available, gc_rows, gc_error = gc_dry_run(ctx)
     return _page(request, "admin.html", {
         "vms": [views.vm_row(vm) for vm in vms], "sessions": auths, "users": users, "names": names,
+        "sso_users": sso_users,
         "filters": {"user": user, "vm_type": vm_type, "status": status, "provider": provider,
                     "session_status": session_status, "ended": ended},
         "vm_statuses": [s.value for s in VmStatus], "auth_statuses": [s.value for s in AuthStatus],

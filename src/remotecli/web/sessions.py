@@ -22,7 +22,7 @@ import uuid
 
 from sqlalchemy import select, update
 
-from remotecli.db.models import ApiToken, User, utcnow
+from remotecli.db.models import ApiToken, User, UserIdentity, utcnow
 from remotecli.db.session import Database
 from remotecli.errors import AuthenticationRequired, PermissionDenied
 from remotecli.services.transitions import record_event
@@ -52,8 +52,10 @@ def check_csrf(session_token: str, presented: str | None) -> None:
         raise CsrfFailed()
 
 
-def create_session(db: Database, principal: Principal, *, client: str = "") -> tuple[str, dt.datetime]:
-    """Start a login session; returns the cookie value (shown to nobody else) and its expiry."""
+def create_session(db: Database, principal: Principal, *, client: str = "",
+                   method: str = "password") -> tuple[str, dt.datetime]:
+    """Start a login session; returns the cookie value (shown to nobody else) and its expiry.
+    ``method`` (``password`` or ``oidc``) goes into the sign-in event."""
     token = SESSION_PREFIX + secrets.token_urlsafe(32)
     now = utcnow()
     expires = now + SESSION_TTL
@@ -62,8 +64,10 @@ def create_session(db: Database, principal: Principal, *, client: str = "") -> t
             id=str(uuid.uuid4()), user_id=principal.user_id, name=SESSION_NAME, token_hash=hash_token(token),
             prefix=token[: len(SESSION_PREFIX) + 4], created_at=now, expires_at=expires, last_used_at=now,
         ))
-        record_event(session, module="dashboard", kind="user.login", message=f"{principal.name} signed in",
-                     user_id=principal.user_id, details={"client": client[:64]} if client else None)
+        how = " with single sign-on" if method == "oidc" else ""
+        details = {"method": method, **({"client": client[:64]} if client else {})}
+        record_event(session, module="dashboard", kind="user.login", message=f"{principal.name} signed in{how}",
+                     user_id=principal.user_id, details=details)
     return token, expires
 
 
@@ -83,8 +87,14 @@ def authenticate_session(db: Database, token: str) -> Principal:
     api_token, user = row
     if api_token.revoked_at is not None or (api_token.expires_at is not None and api_token.expires_at <= now):
         raise expired
-    if user.disabled or not user.password_hash:
+    if user.disabled:
         raise expired
+    if not user.password_hash:
+        # Without a password, only a linked single sign-on identity keeps a session alive.
+        with db.read() as session:
+            linked = session.scalar(select(UserIdentity.id).where(UserIdentity.user_id == user.id).limit(1))
+        if linked is None:
+            raise expired
     if api_token.last_used_at is None or now - api_token.last_used_at > dt.timedelta(minutes=1):
         with db.transaction() as session:
             session.execute(update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now))

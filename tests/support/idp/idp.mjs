@@ -1,7 +1,7 @@
 // A real, local OpenID Connect provider (panva/oidc-provider 9.13) for remotecli's OAuth tests.
 //
 //   node idp.mjs --port P [--issuer URL] --password PW
-//                [--planted-access-token X] [--planted-refresh-token Y]
+//                [--planted-access-token X] [--planted-refresh-token Y] [--dashboard-redirect-uri URI ...]
 //
 // Listens on 127.0.0.1 only. Prints one JSON line {"event": "listening", ...} on stdout when ready.
 // Accounts: any user name ([A-Za-z0-9._-]{1,64}) with the given password; email <name>@example.test.
@@ -10,6 +10,9 @@
 //   remotecli-claude-code  public (PKCE)   http://localhost/callback, http://127.0.0.1/callback
 //   remotecli-codex        public (PKCE)   http://localhost/auth/callback
 //   remotecli-gemini       secret + PKCE   http://127.0.0.1/oauth2callback (secret: remotecli-gemini-test-secret)
+//   remotecli-dashboard    web, secret (client_secret_basic) + PKCE: the dashboard's single sign-on; its
+//                          redirect URIs (exact, with port) come from --dashboard-redirect-uri (repeatable;
+//                          default http://127.0.0.1/auth/oidc/callback). Secret: remotecli-dashboard-test-secret
 // Every grant issues a refresh token; PKCE is required for every client; id_tokens carry `email`.
 // The token endpoint also accepts a JSON body (as Anthropic's does): it is re-posted form-encoded.
 // Interaction pages are our own and keyboard-drivable: the login form autofocuses the user name
@@ -29,6 +32,7 @@ const { values: args } = parseArgs({
     password: { type: 'string' },
     'planted-access-token': { type: 'string' },
     'planted-refresh-token': { type: 'string' },
+    'dashboard-redirect-uri': { type: 'string', multiple: true },
   },
 });
 if (!args.password) {
@@ -63,6 +67,15 @@ export const CLIENTS = [
     grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
     redirect_uris: ['http://127.0.0.1/oauth2callback', 'http://localhost/oauth2callback'],
+  },
+  {
+    client_id: 'remotecli-dashboard',
+    client_secret: 'remotecli-dashboard-test-secret',
+    application_type: 'web',
+    token_endpoint_auth_method: 'client_secret_basic',
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+    redirect_uris: args['dashboard-redirect-uri'] || ['http://127.0.0.1/auth/oidc/callback'],
   },
 ];
 
