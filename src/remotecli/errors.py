@@ -27,7 +27,8 @@ the log (after redaction) and never to a client.
     │   └── AlreadyExists               409 already_exists
     ├── LimitExceeded                   429 limit_exceeded
     │   ├── TooManyAuthSessions         429 too_many_auth_sessions
-    │   └── VmRateLimited               429 vm_rate_limited
+    │   ├── VmRateLimited               429 vm_rate_limited
+    │   └── TooManyLoginAttempts        429 too_many_login_attempts
     ├── RequestTooLarge                 413 request_too_large
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable
@@ -172,6 +173,11 @@ class TooManyAuthSessions(LimitExceeded):
 class VmRateLimited(LimitExceeded):
     code = "vm_rate_limited"
     default_message = "Too many VMs created in the last minute; wait a moment and try again."
+
+
+class TooManyLoginAttempts(LimitExceeded):
+    code = "too_many_login_attempts"
+    default_message = "Too many failed sign-ins for this account or from this address. Wait 15 minutes and try again."
 
 
 class RequestTooLarge(RemotecliError):

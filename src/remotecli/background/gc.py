@@ -5,7 +5,8 @@
   VM's lease). A destroy that fails leaves the row ``destroying``; the reconciler retries it.
 * ``destroyed`` rows older than ``gc_destroyed_retention_s`` (default 7 days; ``None`` keeps them)
   are deleted. Their events stay: the timeline outlives the rows it describes.
-* Expired and used websocket tickets are purged.
+* Expired and used websocket tickets are purged, and failed sign-ins older than the login limit's
+  window (15 minutes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from remotecli.background.common import (
     run_pass,
 )
 from remotecli.context import AppContext
-from remotecli.db.models import Vm, WsTicket, utcnow
+from remotecli.db.models import LoginFailure, Vm, WsTicket, utcnow
 from remotecli.domain.states import VmStatus
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger
@@ -49,7 +50,8 @@ class GarbageCollector:
         self._loop.stop()
 
     def run_once(self, *, dry_run: bool = False) -> PassReport:
-        return run_pass("gc", self.owner, (self._failed_vms, self._destroyed_rows, self._tickets), dry_run, log)
+        steps = (self._failed_vms, self._destroyed_rows, self._tickets, self._login_failures)
+        return run_pass("gc", self.owner, steps, dry_run, log)
 
     def _failed_vms(self, report: PassReport, dry_run: bool) -> None:
         cutoff = utcnow() - dt.timedelta(seconds=self.failed_ttl_s)
@@ -115,6 +117,22 @@ class GarbageCollector:
             return
         with self.ctx.db.transaction() as session:
             session.execute(delete(WsTicket).where(where))
+        finding.result = "done"
+
+    def _login_failures(self, report: PassReport, dry_run: bool) -> None:
+        from remotecli.services import login_limits
+
+        cutoff = utcnow() - login_limits.WINDOW
+        with self.ctx.db.read() as session:
+            count = session.scalar(select(func.count()).select_from(LoginFailure).where(LoginFailure.at < cutoff)) or 0
+        if not count:
+            return
+        finding = Finding("login_failures", f"{count} row(s)", None, "failed sign-ins older than the limit's window",
+                          "purge")
+        report.findings.append(finding)
+        if dry_run:
+            return
+        login_limits.purge_old(self.ctx.db)
         finding.result = "done"
 
 

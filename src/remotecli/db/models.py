@@ -243,3 +243,13 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
+
+class LoginFailure(Base):
+    """One failed password sign-in, counted per account and per address (services/login_limits.py)."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_key_at", "key", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(280))  # "account:<name>" or "address:<ip>"
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
