@@ -656,6 +656,15 @@ def test_no_secret_reaches_a_log_an_event_or_a_page(sso: tuple[TestClient, AppCo
             assert secret not in haystack
 
 
+def test_the_log_formatter_redacts_oauth_values_in_urls() -> None:
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "/auth/oidc/callback?code=c0de-SECRET_1&state=st4te"
+                                "&iss=https%3A%2F%2Fidp.test", "1.1", 303), None)
+    line = JsonFormatter().format(record)
+    assert "c0de-SECRET_1" not in line and "st4te" not in line
+    assert "code=[redacted]&state=[redacted]&iss=https" in line
+
+
 def test_migration_0005_goes_down_and_up(empty_db_url: str) -> None:
     from alembic import command
 
