@@ -216,6 +216,17 @@ def issue_ticket(ctx: AppContext, principal: Principal, kind: str, subject_id: s
     return token
 
 
+def vnc_ticket(ctx: AppContext, principal: Principal, auth: AuthSession) -> str | None:
+    """A one-time ticket for the session's login screen, or ``None``: only while the session awaits
+    the user, and only for its owner. An admin may read anyone's session, but the screen is the
+    owner's (``vnc_target`` refuses everyone else), so no ticket is issued to anyone else."""
+    if auth.user_id != principal.user_id:
+        return None
+    if auth.status != AuthStatus.AWAITING_USER.value or not auth.browser_vm_id:
+        return None
+    return issue_ticket(ctx, principal, "vnc", auth.id)
+
+
 def redeem_ticket(ctx: AppContext, token: str, kind: str, subject_id: str) -> str:
     """Use a ticket once; returns its user id. ``TicketInvalid`` if unknown, used, expired or for another subject."""
     digest = hashlib.sha256(token.encode()).hexdigest()

@@ -22,7 +22,6 @@ from remotecli.api.schemas import (
 )
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession
-from remotecli.domain.states import AuthStatus
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger
 from remotecli.services import auth_flow
@@ -38,8 +37,8 @@ def _out(ctx: AppContext, request: Request, principal: Principal, auth: AuthSess
     profiles = auth_flow._profiles(ctx)
     profile = profiles.get(auth.provider)
     vnc_url = None
-    if auth.status == AuthStatus.AWAITING_USER.value and auth.browser_vm_id:
-        ticket = auth_flow.issue_ticket(ctx, principal, "vnc", auth.id)
+    ticket = auth_flow.vnc_ticket(ctx, principal, auth)
+    if ticket:
         base = str(request.base_url).rstrip("/")
         ws_base = "wss" + base[len("https"):] if base.startswith("https") else "ws" + base[len("http"):]
         vnc_url = f"{ws_base}/api/v1/auth-sessions/{auth.id}/vnc?token={ticket}"
