@@ -330,6 +330,33 @@ def test_next_page_is_kept_but_never_leaves_the_site(sso: tuple[TestClient, AppC
     assert sign_in(client, idp, next_path="//evil.example").headers["location"] == "/dashboard"
 
 
+def test_starting_again_while_signed_in_goes_straight_on(sso: tuple[TestClient, AppContext], idp: FakeIdp) -> None:
+    client, _ = sso
+    assert sign_in(client, idp).status_code == 303
+    again = client.get("/auth/oidc/login", params={"next": "/admin"}, follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"] == "/admin"
+    assert idp.hits["/token"] == 1
+
+
+def test_doctor_checks_the_provider(sso: tuple[TestClient, AppContext], idp: FakeIdp,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from remotecli.cli.main import main
+
+    _client, ctx = sso
+    for name, value in {"DATA_DIR": str(ctx.settings.data_dir), "DATABASE_URL": ctx.settings.effective_database_url,
+                        "DRIVER": "fake", "OIDC_ISSUER": ISSUER, "OIDC_CLIENT_ID": CLIENT_ID,
+                        "OIDC_CLIENT_SECRET": CLIENT_SECRET, "PUBLIC_URL": "https://rc.example.com"}.items():
+        monkeypatch.setenv(f"REMOTECLI_{name}", value)
+    result = CliRunner().invoke(main, ["doctor", "--json"])
+    line = next(c for c in json.loads(result.output) if c["check"] == "single sign-on")
+    assert line["ok"] and "https://rc.example.com/auth/oidc/callback" in line["detail"]
+    idp.down.add("*")
+    result = CliRunner().invoke(main, ["doctor", "--json"])
+    line = next(c for c in json.loads(result.output) if c["check"] == "single sign-on")
+    assert not line["ok"] and "discovery" in line["detail"] and result.exit_code == 1
+    assert CLIENT_SECRET not in result.output
+
+
 def test_the_same_identity_is_the_same_user_whatever_its_name_or_email(sso: tuple[TestClient, AppContext],
                                                                       idp: FakeIdp) -> None:
     client, ctx = sso

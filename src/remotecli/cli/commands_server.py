@@ -129,6 +129,9 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
     url = settings.public_url or f"{scheme}://{bind_host}:{bind_port}"
     click.echo(f"remotecli: serving on {url}  (dashboard: {url}/dashboard, API: {url}/api/v1, docs: {url}/docs)",
                err=True)
+    if settings.oidc_enabled:
+        click.echo(f"remotecli: single sign-on through {settings.oidc_issuer}; the redirect URI to register there "
+                   f"is {url.rstrip('/')}/auth/oidc/callback", err=True)
     configure_logging(settings.log_level, settings.logs_dir / "controller.log", stderr=settings.log_to_stderr)
     _serve(ctx, bind_host, bind_port)
 
@@ -192,6 +195,10 @@ def doctor(as_json: bool) -> None:
                     else:
                         detail = f"not built for the current recipe (hash {item.hash}): run 'remotecli images build'"
                     checks.append((f"image {item.target}", item.built, detail))
+            if ctx.settings.oidc_enabled:
+                from remotecli.services import oidc
+
+                checks.append(("single sign-on", *oidc.check_provider(ctx.settings)))
             checks.append(_drift_check(ctx))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))

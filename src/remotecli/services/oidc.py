@@ -221,6 +221,20 @@ def _keys(settings: Settings, meta: ProviderMetadata, *, refresh: bool = False) 
     return keys
 
 
+def check_provider(settings: Settings) -> tuple[bool, str]:
+    """``remotecli doctor``'s line: the discovery document and the keys, fetched now."""
+    try:
+        meta = metadata(settings, refresh=True)
+        keys = _keys(settings, meta, refresh=True)
+    except SsoNotConfigured:
+        return True, "off (REMOTECLI_OIDC_ISSUER is not set)"
+    except SsoUnavailable as exc:
+        return False, f"{settings.oidc_issuer}: {exc.log_detail or exc.message}"
+    base = settings.public_url or f"http://{settings.host}:{settings.port}"
+    return True, (f"{meta.issuer}: discovery and {len(keys.keys)} signing key(s) reachable; "
+                  f"redirect URI to register: {redirect_uri(settings, base)}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Starting a sign-in
 

@@ -263,6 +263,8 @@ def _sso_error(request: Request, exc: RemotecliError, state: str = "") -> Respon
 @router.get(oidc.LOGIN_PATH, response_model=None)
 def oidc_login(request: Request, next: str = "/dashboard") -> Response:
     """Send the browser to the identity provider (authorization-code flow, PKCE, state, nonce)."""
+    if _current(request):
+        return RedirectResponse(_safe_next(next), status_code=303)
     ctx = _ctx(request)
     try:
         start = oidc.start_login(ctx, redirect_to=oidc.redirect_uri(ctx.settings, str(request.base_url)),
