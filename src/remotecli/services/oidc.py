@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from authlib.common.errors import AuthlibBaseError
 from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
@@ -391,7 +392,7 @@ def _verify_id_token(settings: Settings, meta: ProviderMetadata, id_token: str, 
     claims = CodeIDToken(token.claims, token.header, options, params)
     try:
         claims.validate(leeway=CLOCK_LEEWAY_S)
-    except (JoseError, ValueError, TypeError) as exc:
+    except (JoseError, AuthlibBaseError, ValueError, TypeError) as exc:
         claim = getattr(exc, "claim", "") or ""
         raise SsoIdTokenInvalid(log_detail=f"id_token claims: {type(exc).__name__} {claim}".rstrip()) from None
     subject = claims.get("sub")
