@@ -10,7 +10,8 @@ dashboard's session cookie. All answers as designed:
 - anonymous, expired and revoked credentials: 401 ``authentication_required`` from the API, a
   redirect to the sign-in page from the dashboard (401 JSON from the page's poll endpoint);
 - state-changing requests with the cookie need the session's CSRF token (403, nothing changes);
-- ``/metrics``: open to loopback clients; otherwise ``metrics_token`` or an admin's API token.
+- ``/metrics``: open to loopback clients (not requests relayed by a proxy); otherwise ``metrics_token`` or an
+  admin's API token.
 
 ``test_every_route_is_in_the_matrix`` enumerates the app's routes (HTTP, websockets, mounts): a
 route that is neither in a matrix nor in ``PUBLIC`` (with the reason it is public) fails it.
@@ -493,6 +494,10 @@ def test_metrics_matrix(world: World) -> None:
     for token, status in ((METRICS_TOKEN, 200), ("not-the-metrics-token", 401), ("", 401)):
         response = remote.get("/metrics", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == status, token
+    # A reverse proxy on this host relays from loopback, with forwarded headers: not exempt.
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+        relayed = world.client.get("/metrics", headers={header: "203.0.113.9"})
+        assert relayed.status_code == 401 and relayed.json()["code"] == "authentication_required", header
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from remotecli.errors import (
     UnknownProvider,
 )
 from remotecli.logging import get_logger, log_context
-from remotecli.services import vm_manager
+from remotecli.services import access, vm_manager
 from remotecli.services.transitions import StatusChanged, record_event, set_auth_status
 from remotecli.services.users import Principal
 
@@ -109,8 +109,8 @@ def _credential_aad(session_id: str) -> bytes:
 
 
 def _visible(auth: AuthSession | None, principal: Principal | None) -> AuthSession:
-    if auth is None or (principal is not None and not principal.is_admin and auth.user_id != principal.user_id):
-        raise AuthSessionNotFound()
+    access.ensure_visible(principal, auth.user_id if auth else None, AuthSessionNotFound())
+    assert auth is not None
     return auth
 
 
@@ -122,8 +122,9 @@ def get_session(ctx: AppContext, principal: Principal | None, session_id: str) -
 def list_sessions(ctx: AppContext, principal: Principal | None, *, all_users: bool = False,
                   limit: int = 100) -> list[AuthSession]:
     stmt = select(AuthSession).order_by(AuthSession.created_at.desc()).limit(limit)
-    if principal is not None and not (principal.is_admin and all_users):
-        stmt = stmt.where(AuthSession.user_id == principal.user_id)
+    owner = access.owner_filter(principal, all_users=all_users)
+    if owner is not None:
+        stmt = stmt.where(AuthSession.user_id == owner)
     with ctx.db.read() as session:
         return list(session.scalars(stmt))
 
@@ -220,7 +221,7 @@ def vnc_ticket(ctx: AppContext, principal: Principal, auth: AuthSession) -> str 
     """A one-time ticket for the session's login screen, or ``None``: only while the session awaits
     the user, and only for its owner. An admin may read anyone's session, but the screen is the
     owner's (``vnc_target`` refuses everyone else), so no ticket is issued to anyone else."""
-    if auth.user_id != principal.user_id:
+    if auth.user_id != principal.user_id:  # see access.ensure_own: the screen is the owner's
         return None
     if auth.status != AuthStatus.AWAITING_USER.value or not auth.browser_vm_id:
         return None
@@ -239,7 +240,9 @@ def redeem_ticket(ctx: AppContext, token: str, kind: str, subject_id: str) -> st
             .values(used_at=now)
             .returning(WsTicket.user_id)
         ).one_or_none()
-    if result is None:
+        # A ticket lives 120 s; a user disabled meanwhile opens nothing with it.
+        user = session.get(User, result[0]) if result is not None else None
+    if result is None or user is None or user.disabled:
         raise TicketInvalid()
     return str(result[0])
 
@@ -248,8 +251,8 @@ def vnc_target(ctx: AppContext, user_id: str, session_id: str) -> Vm:
     """The Browser VM whose screen a ticket holder may see (only while the session awaits the user)."""
     with ctx.db.read() as session:
         auth = session.get(AuthSession, session_id)
-        if auth is None or auth.user_id != user_id:
-            raise AuthSessionNotFound()
+        access.ensure_own(user_id, auth.user_id if auth else None, AuthSessionNotFound())
+        assert auth is not None
         if auth.status != AuthStatus.AWAITING_USER.value or not auth.browser_vm_id:
             raise AuthSessionEnded("The login screen is not available any more.")
         vm = session.get(Vm, auth.browser_vm_id)

@@ -43,6 +43,7 @@ from remotecli.errors import (
     VmTerminal,
 )
 from remotecli.logging import get_logger, log_context
+from remotecli.services import access
 from remotecli.services.guest import vm_agent_aad
 from remotecli.services.transitions import StatusChanged, load_vm, record_event, set_vm_status
 from remotecli.services.users import Principal
@@ -98,9 +99,8 @@ class VmView:
 
 
 def _visible(vm: Vm | None, principal: Principal | None) -> Vm:
-    # Another user's VM answers exactly like a missing one, so ids do not leak.
-    if vm is None or (principal is not None and not principal.is_admin and vm.user_id != principal.user_id):
-        raise VmNotFound()
+    access.ensure_visible(principal, vm.user_id if vm else None, VmNotFound())
+    assert vm is not None
     return vm
 
 
@@ -119,8 +119,9 @@ def list_vms(
     status: str | None = None,
 ) -> list[Vm]:
     stmt = select(Vm).order_by(Vm.created_at.desc())
-    if principal is not None and not (principal.is_admin and all_users):
-        stmt = stmt.where(Vm.user_id == principal.user_id)
+    owner = access.owner_filter(principal, all_users=all_users)
+    if owner is not None:
+        stmt = stmt.where(Vm.user_id == owner)
     if not include_ended:
         stmt = stmt.where(Vm.status.not_in([s.value for s in VM_TERMINAL]))
     if vm_type:

@@ -63,7 +63,10 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def _authorize(request: Request, ctx: Ctx) -> None:
-    if _is_loopback(request.client.host if request.client else None):
+    # A request relayed by a proxy on this host arrives from loopback too: it carries forwarded
+    # headers (an untrusted proxy's are not applied to request.client), so it is not exempt.
+    relayed = any(name in request.headers for name in ("x-forwarded-for", "forwarded", "x-real-ip"))
+    if not relayed and _is_loopback(request.client.host if request.client else None):
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()

@@ -32,7 +32,7 @@ from remotecli.db.models import Vm
 from remotecli.domain.states import VmStatus, VmType
 from remotecli.errors import AgentError, RemotecliError, VmNotFound, VmNotRunning
 from remotecli.logging import get_logger
-from remotecli.services import auth_flow, vm_manager
+from remotecli.services import access, auth_flow, vm_manager
 
 router = APIRouter(tags=["terminal"])
 log = get_logger("terminal")
@@ -50,7 +50,8 @@ class TerminalTicketOut(BaseModel):
 def _own_cli_vm(ctx: AppContext, user_id: str, vm_id: str) -> Vm:
     """The user's own CLI VM, running; ``VmNotFound`` / ``VmNotRunning`` otherwise."""
     vm = vm_manager.get_vm(ctx, None, vm_id)
-    if vm.user_id != user_id or vm.vm_type != VmType.CLI.value:
+    access.ensure_own(user_id, vm.user_id, VmNotFound())
+    if vm.vm_type != VmType.CLI.value:
         raise VmNotFound()
     if vm.status != VmStatus.RUNNING.value:
         raise VmNotRunning("Your CLI workspace is not running; it is being prepared again.")
