@@ -51,7 +51,6 @@ from remotecli.services import auth_flow, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.transitions import set_auth_status
 from remotecli.services.users import Principal
-from remotecli.web import routes as web_routes
 from remotecli.web import sessions
 from tests.conftest import _database
 
@@ -657,7 +656,6 @@ def test_vnc_websocket_matrix(world: World, fake_streams: list[str]) -> None:
 
 
 def test_login_form_and_logout(world: World) -> None:
-    web_routes._failures.clear()
     client = world.client
     client.cookies.clear()
     name = world.names["other"]
@@ -686,7 +684,6 @@ def test_login_form_and_logout(world: World) -> None:
     api = client.get("/api/v1/vms", headers={"Cookie": f"{sessions.SESSION_COOKIE}={cookie}"})
     assert api.status_code == 401 and api.json()["code"] == "authentication_required"
     client.cookies.clear()
-    web_routes._failures.clear()
 
 
 # ----------------------------------------------------------------------------------------------

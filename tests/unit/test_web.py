@@ -25,13 +25,6 @@ from remotecli.web import routes, sessions
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(autouse=True)
-def _no_throttle_between_tests() -> Iterator[None]:
-    routes._failures.clear()
-    yield
-    routes._failures.clear()
-
-
 @pytest.fixture
 def client(ctx: AppContext) -> Iterator[TestClient]:
     with TestClient(create_app(ctx, background=False), raise_server_exceptions=False) as test_client:
@@ -178,10 +171,22 @@ def test_login_refuses_bad_passwords_forged_forms_and_open_redirects(ctx: AppCon
 
 def test_repeated_failures_are_throttled(ctx: AppContext, client: TestClient) -> None:
     _user(ctx, "alice")
-    for _ in range(routes.LOGIN_MAX_FAILURES):
+    for _ in range(ctx.settings.max_login_attempts_per_15min):
         assert _login(client, "alice", "wrong password!").status_code == 401
     blocked = _login(client, "alice")  # even the right password waits
-    assert blocked.status_code == 429 and "Too many" in blocked.text
+    assert blocked.status_code == 429 and 'data-code="too_many_login_attempts"' in blocked.text
+    assert client.get("/dashboard", follow_redirects=False).status_code == 303  # no session was made
+    # The limit lives in the database: a restarted controller (a new app) still refuses.
+    with TestClient(create_app(ctx, background=False)) as restarted:
+        assert _login(restarted, "alice").status_code == 429
+
+
+def test_login_limit_per_address_spans_accounts(ctx: AppContext, client: TestClient) -> None:
+    for name in ("bob", "carol"):
+        _user(ctx, name)
+    for attempt in range(ctx.settings.max_login_attempts_per_15min):
+        assert _login(client, f"guess{attempt}", "wrong password!").status_code == 401
+    assert _login(client, "bob").status_code == 429  # same address (the test client), any account
 
 
 def test_new_password_ends_existing_sessions(ctx: AppContext, client: TestClient) -> None:

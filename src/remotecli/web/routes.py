@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import importlib.util
-import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -26,9 +24,9 @@ from remotecli.api.schemas import AuthSessionOut
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, User, UserIdentity, Vm
 from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, AuthStatus, VmStatus, VmType
-from remotecli.errors import AuthenticationRequired, NotFound, RemotecliError
+from remotecli.errors import AuthenticationRequired, NotFound, RemotecliError, TooManyLoginAttempts
 from remotecli.logging import get_logger
-from remotecli.services import auth_flow, oidc, vm_manager
+from remotecli.services import auth_flow, login_limits, oidc, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 from remotecli.web import sessions, views
@@ -55,8 +53,6 @@ NOTICES = {
     "destroy": "The VM was removed.",
     "signed_out": "You are signed out.",
 }
-LOGIN_WINDOW_S = 300.0
-LOGIN_MAX_FAILURES = 5
 
 
 class _LoginRedirect(Exception):
@@ -151,31 +147,13 @@ def vendor_ready() -> bool:
 # Login and logout
 
 
-_failures: dict[str, deque[float]] = {}
-
-
-def _throttled(key: str) -> bool:
-    window = _failures.get(key)
-    if not window:
-        return False
-    while window and window[0] < time.monotonic() - LOGIN_WINDOW_S:
-        window.popleft()
-    return len(window) >= LOGIN_MAX_FAILURES
-
-
-def _record_failure(key: str) -> None:
-    if len(_failures) > 10000:
-        _failures.clear()
-    _failures.setdefault(key, deque(maxlen=LOGIN_MAX_FAILURES * 2)).append(time.monotonic())
-
-
 def _login_page(request: Request, *, error: str = "", name: str = "", next_path: str = "/dashboard",
-                status_code: int = 200, notice: str = "") -> HTMLResponse:
+                status_code: int = 200, notice: str = "", error_code: str = "") -> HTMLResponse:
     login_csrf = sessions.new_login_csrf()
     settings = _ctx(request).settings
     sso = {"label": f"Sign in with {settings.oidc_display_name}",
            "href": f"{oidc.LOGIN_PATH}?next={quote(next_path, safe='')}"} if settings.oidc_enabled else None
-    response = _page(request, "login.html", {"error": error, "name": name, "next": next_path,
+    response = _page(request, "login.html", {"error": error, "error_code": error_code, "name": name, "next": next_path,
                                              "login_csrf": login_csrf, "notice": notice, "sso": sso},
                      status_code=status_code)
     response.set_cookie(sessions.LOGIN_CSRF_COOKIE, login_csrf, max_age=3600, path="/login", httponly=True,
@@ -205,18 +183,21 @@ async def login(request: Request) -> Response:
         return _login_page(request, error="This form was open too long or came from another site. "
                            "Please sign in again.", name=name, next_path=next_path, status_code=403)
     client = request.client.host if request.client else ""
-    keys = [f"user:{name}", f"ip:{client}"]
-    if any(_throttled(key) for key in keys):
-        return _login_page(request, error="Too many failed sign-ins. Wait five minutes and try again.",
-                           name=name, next_path=next_path, status_code=429)
     ctx = _ctx(request)
+    try:
+        login_limits.check(ctx.db, ctx.settings, name, client)
+    except TooManyLoginAttempts as exc:
+        log.info("dashboard sign-in refused: %s", exc.code, extra={"client": client})
+        return _login_page(request, error=exc.message, name=name, next_path=next_path,
+                           status_code=exc.http_status, error_code=exc.code)
     try:
         principal = users_service.verify_password(ctx.db, name, form.get("password", ""))
     except AuthenticationRequired as exc:
-        for key in keys:
-            _record_failure(key)
+        login_limits.record_failure(ctx.db, name, client)
         log.info("dashboard sign-in refused", extra={"client": client})
-        return _login_page(request, error=exc.message, name=name, next_path=next_path, status_code=401)
+        return _login_page(request, error=exc.message, name=name, next_path=next_path, status_code=401,
+                           error_code=exc.code)
+    login_limits.record_success(ctx.db, name)
     token, _expires = sessions.create_session(ctx.db, principal, client=client)
     response = RedirectResponse(next_path, status_code=303)
     _set_session_cookie(request, response, token)
