@@ -98,6 +98,24 @@ def test_happy_path_delivers_0600_files_and_forgets_tokens(
     assert TOKENS["access_token"] not in everything and TOKENS["refresh_token"] not in everything
 
 
+def test_claude_json_is_merged_not_replaced(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+) -> None:
+    """~/.claude.json also holds the user's Claude Code settings and projects: delivery keeps them."""
+    cli, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    existing = {"theme": "dark", "projects": {"/home/cli/app": {"allowedTools": ["Bash"]}},
+                "oauthAccount": {"emailAddress": "old@example.test"}}
+    fake_driver._vms[cli.id].files["/home/cli/.claude.json"] = (json.dumps(existing).encode(), 0o644, "cli")
+    fake_driver.login_outcome = ("complete", {**TOKENS, "account": {"email_address": "alice@example.test"}})
+    auth = wait_for(ctx, auth_flow.start_session(ctx, alice, "claude_code").id, status_is("completed", "failed"))
+    assert auth.status == "completed" and auth.cli_vm_id == cli.id, auth.message
+    data, mode, owner = _cli_file(fake_driver, cli.id, "/home/cli/.claude.json")
+    merged = json.loads(data)
+    assert merged["theme"] == "dark" and merged["projects"] == existing["projects"]
+    assert merged["oauthAccount"] == {"emailAddress": "alice@example.test"} and merged["hasCompletedOnboarding"]
+    assert mode == 0o600 and owner == "cli"
+
+
 @pytest.mark.parametrize("provider,path,check", [
     ("codex", "/home/cli/.codex/auth.json",
      lambda b: b["auth_mode"] == "chatgpt" and b["tokens"]["access_token"] == TOKENS["access_token"]),

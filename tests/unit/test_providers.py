@@ -337,3 +337,13 @@ def test_no_secret_in_repr_str_or_metadata(settings: Settings) -> None:
         # ... but the files do carry the tokens.
         assert ACCESS.encode() in rendered.files[0].content
     assert "<set>" in repr(profiles["gemini"])
+
+
+def test_merge_json_file_keeps_other_keys_and_survives_bad_input() -> None:
+    from remotecli.services.providers import merge_json_file
+
+    update = b'{"oauthAccount": {"emailAddress": "a@x.test"}, "hasCompletedOnboarding": true}'
+    merged = json.loads(merge_json_file(b'{"theme": "dark", "oauthAccount": {"emailAddress": "old"}}', update))
+    assert merged == {"theme": "dark", "oauthAccount": {"emailAddress": "a@x.test"}, "hasCompletedOnboarding": True}
+    for existing in (None, b"", b"not json", b"[1, 2]", b"\xff\xfe"):
+        assert merge_json_file(existing, update) == update

@@ -660,6 +660,9 @@ def _live_cli_vm(ctx: AppContext, auth: AuthSession) -> Vm | None:
 
 
 def _write_and_verify(ctx: AppContext, vm: Vm, files: list[Any]) -> None:
+    from remotecli.agent.client import AgentFileNotFound
+    from remotecli.services.providers import merge_json_file
+
     user = ctx.settings.cli_guest_user
     home = ctx.settings.cli_guest_home.rstrip("/")
     agent = ctx.agent(vm)
@@ -667,9 +670,16 @@ def _write_and_verify(ctx: AppContext, vm: Vm, files: list[Any]) -> None:
         for item in files:
             path = f"{home}/{str(item.path).lstrip('/')}"
             mode = int(getattr(item, "mode", 0o600))
-            agent.write_file(path, item.content, mode=mode, owner=user)
+            content = item.content
+            if getattr(item, "merge_json", False):
+                try:
+                    existing: bytes | None = agent.read_file(path).data
+                except AgentFileNotFound:
+                    existing = None
+                content = merge_json_file(existing, content)
+            agent.write_file(path, content, mode=mode, owner=user)
             back = agent.read_file(path)
-            if back.data != item.content or (back.mode & 0o777) != mode or back.owner != user:
+            if back.data != content or (back.mode & 0o777) != mode or back.owner != user:
                 raise _VerifyFailed()
     finally:
         agent.close()

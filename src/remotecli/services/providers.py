@@ -295,6 +295,9 @@ class CredentialFile:
     path: str  # relative to the CLI user's home, e.g. ".codex/auth.json"
     content: bytes = field(repr=False)
     mode: int = 0o600
+    # A JSON object merged into the file the CLI already has (its own settings, projects, history
+    # live there too) instead of replacing it: our top-level keys win, the others stay.
+    merge_json: bool = False
 
     def __repr__(self) -> str:
         return f"CredentialFile(path={self.path!r}, size={len(self.content)}, mode={oct(self.mode)})"
@@ -391,8 +394,23 @@ def _rfc3339(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _json_file(path: str, doc: dict[str, Any]) -> CredentialFile:
-    return CredentialFile(path=path, content=(json.dumps(doc, indent=2) + "\n").encode("utf-8"), mode=0o600)
+def _json_file(path: str, doc: dict[str, Any], *, merge: bool = False) -> CredentialFile:
+    content = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+    return CredentialFile(path=path, content=content, mode=0o600, merge_json=merge)
+
+
+def merge_json_file(existing: bytes | None, update: bytes) -> bytes:
+    """``update`` (a JSON object) laid over ``existing``: top-level keys of ``update`` replace those
+    of ``existing``, the rest of ``existing`` stays. A missing, unreadable or non-object
+    ``existing`` yields ``update`` unchanged."""
+    new = json.loads(update)
+    try:
+        old = json.loads(existing) if existing else None
+    except (ValueError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return update
+    return (json.dumps({**old, **new}, indent=2) + "\n").encode("utf-8")
 
 
 def _email(ctx: _Context) -> str | None:
@@ -424,7 +442,8 @@ def _render_claude(ctx: _Context) -> tuple[list[CredentialFile], str | None]:
         organization = ctx.response.get("organization")
         if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
             oauth_account["organizationUuid"] = organization["uuid"]
-        files.append(_json_file(".claude.json", {"hasCompletedOnboarding": True, "oauthAccount": oauth_account}))
+        files.append(_json_file(".claude.json", {"hasCompletedOnboarding": True, "oauthAccount": oauth_account},
+                                merge=True))
     return files, email
 
 
