@@ -1,6 +1,11 @@
 """Boot benchmark for the QEMU driver: create request -> guest agent ready, and memory overhead.
 
-    .venv/bin/python bench/boot.py [--runs 5] [--data-dir DIR] [--memory-mib 1024] [--no-write]
+    .venv/bin/python bench/boot.py [--runs 6] [--data-dir DIR] [--memory-mib 1024] [--no-write]
+
+Runs alternate between guest confinement on (QEMU as its own user, nftables rules installed
+before the launch; drivers/qemu/confinement.py) and off, so the cost of confinement is measured
+side by side in one run; the time of one ``confine()`` call (useradd lookup + one nft
+transaction) is timed on its own too. As root only; otherwise every run is unconfined.
 
 Each run creates a fresh ``cli`` VM (new directory, new qcow2 overlay: a cold boot of the guest),
 times ``driver.create()`` until ``AgentClient.health()`` answers on the forwarded port, then
@@ -37,6 +42,7 @@ from remotecli.agent.client import AgentClient  # noqa: E402
 from remotecli.config import Settings  # noqa: E402
 from remotecli.drivers.base import VmSpec  # noqa: E402
 from remotecli.drivers.qemu import QemuDriver  # noqa: E402
+from remotecli.errors import VmBootFailed  # noqa: E402
 
 BENCH_DOC = REPO / "docs" / "benchmarks.md"
 
@@ -106,7 +112,7 @@ def write_section(text: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=6)
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -124,18 +130,38 @@ def main() -> int:
         return 2
     # VMs in a data directory of their own (images come from --data-dir): integration tests that
     # share the image directory may reconcile away VMs they have no database row for.
-    own = Settings(data_dir=args.data_dir.parent / "bench-boot", driver="qemu")
-    own.ensure_dirs()
-    driver = QemuDriver(own)
-    availability = driver.availability()
+    drivers = {}
+    for mode in ("on", "off"):
+        own = Settings(data_dir=args.data_dir.parent / "bench-boot", driver="qemu", guest_network_isolation=mode)
+        own.ensure_dirs()
+        drivers[mode] = QemuDriver(own)
+    availability = drivers["on"].availability()
     accel = availability.facts.get("accel", "?")
     print(f"QEMU driver: {availability.detail}")
+    confinable = os.geteuid() == 0
+    confine_ms: list[float] = []
+    if confinable:
+        from remotecli.drivers.qemu import confinement
+
+        for _ in range(20):
+            started = time.perf_counter()
+            confinement.confine(drivers["on"].settings)
+            confine_ms.append((time.perf_counter() - started) * 1000)
     runs = []
+    failures: list[str] = []
     for index in range(args.runs):
-        result = run_once(driver, settings, args.memory_mib, args.timeout)
+        mode = "on" if confinable and index % 2 == 0 else "off"
+        try:
+            result = run_once(drivers[mode], settings, args.memory_mib, args.timeout)
+        except VmBootFailed as exc:  # reported, not hidden: a failed boot is a finding of the run
+            print(f"run {index + 1}/{args.runs} (confinement {mode}): FAILED {exc.message}\n{exc.log_detail}",
+                  flush=True)
+            failures.append(f"run {index + 1} (confinement {mode}): {exc.message}")
+            continue
+        result["confined"] = 1.0 if mode == "on" else 0.0
         runs.append(result)
         print(
-            f"run {index + 1}/{args.runs}: qemu up {result['qemu_up_s']:.2f}s, agent ready "
+            f"run {index + 1}/{args.runs} (confinement {mode}): qemu up {result['qemu_up_s']:.2f}s, agent ready "
             f"{result['agent_ready_s']:.2f}s, RSS {result['rss_mib']:.0f} MiB (guest RAM touched "
             f"{result['guest_touched_mib']:.0f} MiB, overhead {result['overhead_mib']:.0f} MiB), "
             f"boot attempts {result['boot_attempts']:.0f}",
@@ -150,14 +176,24 @@ def main() -> int:
         f"median QEMU overhead per VM: {statistics.median(overhead):.0f} MiB "
         f"(+ {statistics.median(touched):.0f} MiB guest RAM touched of {args.memory_mib} MiB)"
     )
+    by_mode = {mode: [r["agent_ready_s"] for r in runs if r["confined"] == (1.0 if mode == "on" else 0.0)]
+               for mode in ("on", "off")}
+    if by_mode["on"] and by_mode["off"]:
+        on, off = statistics.median(by_mode["on"]), statistics.median(by_mode["off"])
+        summary += (
+            f"; confinement on {on:.2f}s vs off {off:.2f}s (ratio {on / off:.2f}, n={len(by_mode['on'])}"
+            f"+{len(by_mode['off'])}); one confine() call: median {statistics.median(confine_ms):.1f} ms"
+        )
     print(summary)
     if not args.no_write:
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         rows = "\n".join(
-            f"| {i + 1} | {r['qemu_up_s']:.2f} | {r['agent_ready_s']:.2f} | {r['rss_mib']:.0f} | "
+            f"| {i + 1} | {'on' if r['confined'] else 'off'} | {r['qemu_up_s']:.2f} | {r['agent_ready_s']:.2f} | "
+            f"{r['rss_mib']:.0f} | "
             f"{r['guest_touched_mib']:.0f} | {r['overhead_mib']:.0f} | {r['boot_attempts']:.0f} |"
             for i, r in enumerate(runs)
         )
+        failed = ("\nFailed boots in this run: " + "; ".join(failures) + ".\n") if failures else ""
         section = f"""## Boot
 
 Measured by `bench/boot.py` on {now}: {platform.node()}, {os.cpu_count()} cores, accel **{accel}**
@@ -167,13 +203,15 @@ overlay). "Agent ready" is from the `driver.create()` call until the guest agent
 guest-RAM mapping (read from `/proc/<pid>/smaps`, see the script's docstring), right after the
 agent answered; under TCG QEMU's own share includes the translated-code cache. "boots" > 1 means
 the driver's TCG early-boot watchdog restarted a kernel that stalled (docs/decisions/0003).
+Confinement "on": QEMU drops to its own user and the host firewall rules are (re)installed before
+the launch (docs/decisions/0007); runs alternate on/off so both share the same host conditions.
 
 **{summary}**
 
-| run | QEMU up (s) | agent ready (s) | QEMU RSS (MiB) | guest RAM touched (MiB) | overhead (MiB) | boots |
-| --- | --- | --- | --- | --- | --- | --- |
+| run | confined | QEMU up (s) | agent ready (s) | QEMU RSS (MiB) | guest RAM touched (MiB) | overhead (MiB) | boots |
+| --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
-
+{failed}
 """
         write_section(section)
         print(f"wrote the Boot section of {BENCH_DOC}")
