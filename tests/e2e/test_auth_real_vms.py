@@ -159,6 +159,9 @@ def test_claude_code_login_over_vnc_from_the_seeds_state(controller: Controller,
     assert (oauth["accessToken"], oauth["refreshToken"]) == (PLANTED_ACCESS, PLANTED_REFRESH)
     assert isinstance(oauth["expiresAt"], int) and oauth["expiresAt"] > time.time() * 1000
     assert mode == 0o600 and owner == "cli"
+    state, mode, owner = _read_in_cli_vm(controller, done["cli_vm_id"], "/home/cli/.claude.json")
+    assert state["oauthAccount"]["emailAddress"] == "alice@example.test" and state["hasCompletedOnboarding"]
+    assert mode == 0o600 and owner == "cli"
     # The stale VM was never resumed or touched after the session began.
     assert vm_manager.get_vm(ctx, None, stale.id).status == "failed"
     with ctx.db.read() as db:
