@@ -166,6 +166,9 @@ class Settings(BaseSettings):
     max_live_auth_sessions_per_user: int = Field(default=3, ge=1)
     max_vm_creations_per_user_per_minute: int = Field(default=10, ge=1)
     max_login_attempts_per_15min: int = Field(default=10, ge=1)
+    max_concurrent_execs_per_user: int = Field(
+        default=4, ge=1, description="Commands one user may have running at once through the API (vms/{id}/exec)"
+    )
 
     log_level: str = "INFO"
     log_to_stderr: bool = True

@@ -28,7 +28,8 @@ the log (after redaction) and never to a client.
     ├── LimitExceeded                   429 limit_exceeded
     │   ├── TooManyAuthSessions         429 too_many_auth_sessions
     │   ├── VmRateLimited               429 vm_rate_limited
-    │   └── TooManyLoginAttempts        429 too_many_login_attempts
+    │   ├── TooManyLoginAttempts        429 too_many_login_attempts
+    │   └── TooManyExecs                429 too_many_execs
     ├── RequestTooLarge                 413 request_too_large
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable
@@ -173,6 +174,11 @@ class TooManyAuthSessions(LimitExceeded):
 class VmRateLimited(LimitExceeded):
     code = "vm_rate_limited"
     default_message = "Too many VMs created in the last minute; wait a moment and try again."
+
+
+class TooManyExecs(LimitExceeded):
+    code = "too_many_execs"
+    default_message = "You already have as many commands running as allowed; wait for one to finish."
 
 
 class TooManyLoginAttempts(LimitExceeded):

@@ -263,6 +263,8 @@ API_ROWS = [
     Row("POST", "/api/v1/vms/{vm_id}/pause", OK, VM_NOT_FOUND, OK, params=VM),
     Row("POST", "/api/v1/vms/{vm_id}/resume", OK, VM_NOT_FOUND, OK, params=VM, prepare="pause"),
     Row("DELETE", "/api/v1/vms/{vm_id}", OK, VM_NOT_FOUND, OK, params=VM),
+    # Running a command is *use*, like the terminal: the owner's only, admins included.
+    Row("POST", "/api/v1/vms/{vm_id}/exec", OK, VM_NOT_FOUND, VM_NOT_FOUND, params=VM, body={"argv": ["true"]}),
     # A terminal is the owner's only, admins included (a shell in someone's workspace is not a feature).
     Row("POST", "/api/v1/vms/{vm_id}/terminal", OK, VM_NOT_FOUND, VM_NOT_FOUND, params={"vm_id": "cli"}),
     Row("GET", "/api/v1/providers", OK, OK, OK),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,48 @@ class VmEnsureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vm_type: Literal["cli"] = "cli"
+
+
+NoNul = Annotated[str, Field(pattern=r"^[^\x00]*$", max_length=65536)]
+EnvName = Annotated[str, Field(pattern=r"^[^=\x00]+$", max_length=256)]
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _env_names_schema(schema: dict[str, Any]) -> None:
+    """Pydantic renders constrained dict keys as ``patternProperties``, which lets any other key
+    through; say it as JSON Schema means it: every name matches, every value is a string."""
+    for option in schema["properties"]["env"].get("anyOf", []):
+        if option.get("type") == "object":
+            option.pop("patternProperties", None)
+            option["propertyNames"] = {"pattern": r"^[^=\x00]+$", "maxLength": 256}
+            option["additionalProperties"] = {"type": "string", "pattern": r"^[^\x00]*$", "maxLength": 65536}
+
+
+class VmExecIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_env_names_schema)
+
+    argv: list[NoNul] = Field(min_length=1, max_length=256, description="Program and arguments (no shell)")
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Kill the command after this many seconds")
+    user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+                             description="Guest user to run as (default: the agent's, root)")
+    cwd: str | None = Field(default=None, pattern=r"^/[^\x00]*$", max_length=4096,
+                            description="Absolute working directory in the guest (default: the user's home)")
+    env: dict[EnvName, NoNul] | None = Field(default=None, max_length=256, description="Extra environment variables")
+    stdin_b64: str | None = Field(default=None, pattern=BASE64, max_length=1_000_000,
+                                  description="Standard input, base64")
+
+
+class VmExecOut(BaseModel):
+    exit_code: int = Field(description="128+N when killed by signal N")
+    stdout: str = Field(description="Standard output as UTF-8 (undecodable bytes replaced); exact bytes in stdout_b64")
+    stderr: str
+    stdout_b64: str
+    stderr_b64: str
+    timed_out: bool
+    duration_s: float
+    signal: int | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
 
 class VmOut(BaseModel):

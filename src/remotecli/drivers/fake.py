@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remotecli.agent.protocol import FileContent
+from remotecli.agent.protocol import ExecResult, FileContent
 from remotecli.drivers.base import (
     Availability,
     BootInfo,
@@ -213,6 +213,26 @@ class FakeAgent:
 
     def write_file(self, path: str, data: bytes, *, mode: int, owner: str | None = None) -> None:
         self._vm().files[path] = (data, mode, owner)
+
+    def exec(self, argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None, cwd: str | None = None,
+             user: str | None = None, stdin: bytes | None = None) -> ExecResult:
+        """A few commands, enough for control-logic tests: ``echo``, ``cat FILE`` (fake files),
+        ``true``, ``false``; anything else exits 127 as a shell would."""
+        vm = self._vm()
+        program, args = argv[0], argv[1:]
+        out, err, code = b"", b"", 0
+        if program == "echo":
+            out = (" ".join(args) + "\n").encode()
+        elif program == "cat":
+            try:
+                out = b"".join(vm.files[path][0] for path in args) if args else (stdin or b"")
+            except KeyError as missing:
+                err, code = f"cat: {missing.args[0]}: No such file or directory\n".encode(), 1
+        elif program in ("true", "false"):
+            code = 0 if program == "true" else 1
+        else:
+            err, code = f"{program}: command not found\n".encode(), 127
+        return ExecResult(exit_code=code, stdout=out, stderr=err, timed_out=False, duration_s=0.001)
 
     def read_file(self, path: str) -> FileContent:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from remotecli.api.deps import Ctx, CurrentPrincipal
-from remotecli.api.schemas import ErrorOut, VmCreateIn, VmEnsureIn, VmListOut, VmOut
+from remotecli.api.schemas import ErrorOut, VmCreateIn, VmEnsureIn, VmExecIn, VmExecOut, VmListOut, VmOut
 from remotecli.services import vm_manager
 from remotecli.services.vm_manager import VmView
 
@@ -77,3 +77,12 @@ def pause_vm(vm_id: str, ctx: Ctx, principal: CurrentPrincipal) -> VmOut:
 @router.post("/{vm_id}/resume", response_model=VmOut, responses=ERRORS)
 def resume_vm(vm_id: str, ctx: Ctx, principal: CurrentPrincipal) -> VmOut:
     return _out(vm_manager.resume_vm(ctx, principal, vm_id))
+
+
+@router.post("/{vm_id}/exec", response_model=VmExecOut, responses=ERRORS)
+def exec_in_vm(vm_id: str, body: VmExecIn, ctx: Ctx, principal: CurrentPrincipal) -> VmExecOut:
+    """Run a command in my running VM and wait for it (no shell: ``argv`` as given). A timeout is
+    not an error: ``timed_out`` is true and the command was killed."""
+    result = vm_manager.exec_api(ctx, principal, vm_id, body.argv, timeout_s=body.timeout_s, user=body.user,
+                                 cwd=body.cwd, env=body.env, stdin_b64=body.stdin_b64)
+    return VmExecOut.model_validate(result)
