@@ -230,18 +230,30 @@ def test_guest_reaches_neither_controller_nor_other_vm(
     assert refused and int(refused[0]) >= 3, listing
 
 
-def test_flushed_rules_come_back_at_the_next_boot(confined_ctx: tuple[AppContext, _Responder, int]) -> None:
+def test_flushed_rules_come_back(confined_ctx: tuple[AppContext, _Responder, int]) -> None:
+    """An nftables restart flushes every table while VMs keep running: doctor says so, and the
+    reconciler's next pass (or the next boot) puts the rules back."""
+    from remotecli.background.reconciler import Reconciler
+
     ctx, _allowed, _api_port = confined_ctx
     qemu_user = confinement.ensure_qemu_user(ctx.settings.qemu_user)
-    confinement.remove_firewall(qemu_user.uid)  # e.g. an operator restarted nftables
-    assert not confinement.firewall_present(qemu_user.uid)
-    doctor = ctx.driver.guest_confinement()
-    assert doctor is not None and doctor.ok and "cannot reach the host" in doctor.detail
-    assert confinement.firewall_present(qemu_user.uid)
-    confinement.remove_firewall(qemu_user.uid)
     owner = users_service.create_user(ctx.db, "carol")
     vm, _ = vm_manager.ensure_cli_vm(ctx, Principal(owner.id, owner.name, False))
-    assert vm.status == "running"
     assert confinement.firewall_present(qemu_user.uid)
     record = json.loads((Path(vm.directory) / "vm.json").read_text())
     assert record["qemu_user"] == qemu_user.name and record["guest_network_isolation"] is True
+
+    confinement.remove_firewall(qemu_user.uid)
+    doctor = ctx.driver.guest_confinement()  # what doctor shows: the truth, and changes nothing
+    assert doctor is not None and not doctor.ok and "not loaded" in doctor.detail
+    assert not confinement.firewall_present(qemu_user.uid)
+    report = Reconciler(ctx).run_once()
+    restored = [f for f in report.findings if f.kind == "guest_firewall"]
+    assert restored and restored[0].result == "done", report.findings
+    assert confinement.firewall_present(qemu_user.uid)
+    after = ctx.driver.guest_confinement()
+    assert after is not None and after.ok and "cannot reach the host" in after.detail
+
+    confinement.remove_firewall(qemu_user.uid)
+    second = vm_manager.create_vm(ctx, Principal(owner.id, owner.name, False), "browser")
+    assert second.status == "running" and confinement.firewall_present(qemu_user.uid)  # the boot restored it

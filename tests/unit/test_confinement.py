@@ -115,3 +115,30 @@ def test_settings_validate_ports_and_networks(tmp_path: Path) -> None:
         _settings(tmp_path, guest_host_allowed_ports=[70000])
     with pytest.raises(ValueError):
         _settings(tmp_path, guest_blocked_networks=["not-a-network"])
+
+
+def test_inspect_changes_nothing_and_tells_the_truth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    entry = pwd.struct_passwd(("remotecli-qemu", "x", 999, 999, "", "/nonexistent", "/usr/sbin/nologin"))
+    calls: list[str] = []
+    monkeypatch.setattr(confinement, "apply_firewall", lambda *a: calls.append("apply"))
+    monkeypatch.setattr(confinement, "ensure_qemu_user", lambda name: calls.append("useradd"))
+    monkeypatch.setattr(confinement.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(confinement.pwd, "getpwnam", lambda name: entry)
+    present = {"value": False}
+    monkeypatch.setattr(confinement, "firewall_present", lambda uid: present["value"])
+    missing = confinement.inspect(_settings(tmp_path))
+    assert not missing.firewall and "not loaded" in missing.detail and missing.user is not None
+    present["value"] = True
+    assert confinement.inspect(_settings(tmp_path)).firewall
+    assert not confinement.inspect(_settings(tmp_path, guest_network_isolation="off")).firewall
+
+    def no_user(name: str) -> object:
+        raise KeyError(name)
+
+    monkeypatch.setattr(confinement.pwd, "getpwnam", no_user)
+    assert "does not exist yet" in confinement.inspect(_settings(tmp_path)).detail
+    monkeypatch.setattr(confinement.os, "geteuid", lambda: 1000)
+    assert "not root" in confinement.inspect(_settings(tmp_path)).detail
+    assert calls == []  # inspect never created a user or loaded rules

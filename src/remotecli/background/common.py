@@ -36,7 +36,7 @@ class Finding:
     """One thing a loop found (and, unless planning only, did something about)."""
 
     kind: str  # dead_vm, unknown_vm, wedged_vm, destroy_retry, stray_process, orphan, browser_vm,
-    #            session_expired, failed_vm, destroyed_row, tickets, login_failures
+    #            session_expired, failed_vm, destroyed_row, tickets, login_failures, guest_firewall
     id: str
     owner: str | None
     why: str

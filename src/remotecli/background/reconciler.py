@@ -93,8 +93,22 @@ class Reconciler:
     # ------------------------------------------------------------------------------ a pass
     def run_once(self, *, dry_run: bool = False) -> PassReport:
         """One pass. With ``dry_run`` nothing is written or changed: the findings say what would be."""
-        steps = (self._expire_sessions, self._check_rows, self._check_host, self._browser_vms)
+        steps = (self._expire_sessions, self._check_rows, self._check_host, self._browser_vms, self._guest_firewall)
         return run_pass("reconciler", self.owner, steps, dry_run, log)
+
+    # ------------------------------------------------------------------------------ host rules
+    def _guest_firewall(self, report: PassReport, dry_run: bool) -> None:
+        """The host rules that keep guests off the host are back within a pass after something
+        removed them (an nftables restart flushes every table while the VMs keep running)."""
+        before = self.ctx.driver.guest_confinement()
+        if before is None or before.ok or before.facts.get("repairable") != "yes":
+            return  # in force, or nothing a pass could change (not root: doctor and 'up' say so)
+        finding = Finding("guest_firewall", "host", None, before.detail, "restore")
+        report.findings.append(finding)
+        if dry_run:
+            return
+        after = self.ctx.driver.guest_confinement(repair=True)
+        finding.result = "done" if after is not None and after.ok else f"failed: {after.detail if after else '-'}"
 
     # ------------------------------------------------------------------------------ database → host
     def _check_rows(self, report: PassReport, dry_run: bool) -> None:

@@ -109,7 +109,7 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
     click.echo(f"remotecli: database ready ({ctx.db.dialect}, schema {ctx.db.current_revision()})", err=True)
     availability = ctx.driver.availability()
     click.echo(f"remotecli: driver {ctx.driver.name}: {availability.detail}", err=True)
-    confined = ctx.driver.guest_confinement() if availability.ok else None
+    confined = ctx.driver.guest_confinement(repair=True) if availability.ok else None
     if confined is not None:
         marker = "" if confined.ok else "WARNING: "
         click.echo(f"remotecli: {marker}guest isolation: {confined.detail}", err=True)

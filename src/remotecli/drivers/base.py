@@ -148,11 +148,12 @@ class VmDriver(abc.ABC):
     def availability(self) -> Availability:
         """Can this driver run VMs on this host? Cheap after the first call (cached probes)."""
 
-    def guest_confinement(self) -> Availability | None:
-        """How this driver keeps guests off the host (its user, its network rules), for ``doctor``.
+    def guest_confinement(self, *, repair: bool = False) -> Availability | None:
+        """How this driver keeps guests off the host (its user, its network rules).
 
-        ``ok`` is False when the operator asked for confinement the host cannot give. May install
-        host rules (idempotent; see drivers/qemu/confinement.py). None: the driver does not say.
+        ``ok`` is False when confinement the settings ask for is not in force. Without ``repair``
+        nothing changes (``doctor``); with it, missing host rules are installed first (idempotent,
+        well under a second; ``up`` and every reconciler pass). None: the driver does not say.
         """
         return None
 

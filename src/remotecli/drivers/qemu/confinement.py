@@ -17,14 +17,15 @@ packets leave from sockets owned by QEMU's user. So:
    ``guest_host_allowed_ports``. Replies on connections the controller opened to QEMU's port
    forwards are ``ct state established`` and pass.
 
-The table is replaced atomically (one ``nft -f`` transaction) before every VM launch, so a flushed
-ruleset is restored by the next boot and the rules always match the settings; it is left in place
-when the controller stops, since VMs outlive controller restarts. Operators see the state in
-``remotecli doctor``.
+The table is replaced atomically (one ``nft -f`` transaction) before every VM launch, so the
+rules always match the settings, and a flushed ruleset is restored by the next boot or the
+reconciler's next pass (``driver.guest_confinement(repair=True)``). It is left in place when the
+controller stops, since VMs outlive controller restarts. ``remotecli doctor`` shows the state.
 
-Contract: :func:`confine` never blocks for long (a ``useradd`` and an ``nft`` call, each well
-under a second) and is idempotent. It raises :class:`~remotecli.errors.DriverUnavailable` only when
-``guest_network_isolation = "on"`` and the rules cannot be installed; with ``"auto"`` the reason is
+Contract: :func:`inspect` changes nothing. :func:`confine` never blocks for long (a ``useradd``
+and an ``nft`` call, each well under a second) and is idempotent. It raises
+:class:`~remotecli.errors.DriverUnavailable` only when ``guest_network_isolation = "on"`` and the
+rules cannot be installed; with ``"auto"`` the reason is
 returned in :attr:`Confinement.detail` instead.
 """
 
@@ -187,6 +188,32 @@ def confine(settings: Settings) -> Confinement:
         firewall=True,
         detail=f"QEMU runs as {user.name}; guests cannot reach the host (allowed host ports: {allowed})",
     )
+
+
+def inspect(settings: Settings) -> Confinement:
+    """What is in force now, changing nothing (for ``doctor``): QEMU's user and whether this
+    user's table is loaded. ``firewall`` False with a reason when it is not."""
+    mode = settings.guest_network_isolation
+    if os.geteuid() != 0:
+        return Confinement(None, False, "the controller is not root, so QEMU runs as its user and guests can "
+                                        "reach the host's loopback")
+    if not settings.qemu_user:
+        return Confinement(None, False, "qemu_user is empty, so QEMU runs as root")
+    try:
+        entry = pwd.getpwnam(settings.qemu_user)
+    except KeyError:
+        return Confinement(None, False, f"the user {settings.qemu_user!r} does not exist yet (created at the first "
+                                        "VM boot or 'remotecli up')")
+    user = QemuUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+    if mode == "off":
+        return Confinement(user, False, f"QEMU runs as {user.name}; guest network isolation off")
+    if not firewall_present(user.uid):
+        return Confinement(user, False, f"QEMU runs as {user.name}; the guest firewall table "
+                                        f"{table_name(user.uid)} is not loaded (restored at the next VM boot, "
+                                        "reconciler pass or 'remotecli up')")
+    allowed = ", ".join(str(port) for port in settings.guest_host_allowed_ports) or "none"
+    return Confinement(user, True, f"QEMU runs as {user.name}; guests cannot reach the host "
+                                   f"(allowed host ports: {allowed})")
 
 
 @functools.cache

@@ -396,13 +396,19 @@ class QemuDriver(VmDriver):
 
     # ---------------------------------------------------------------- boot
 
-    def guest_confinement(self) -> Availability:
-        try:
-            confined = confinement.confine(self.settings)
-        except DriverUnavailable as exc:
-            return Availability(ok=False, detail=exc.message)
+    def guest_confinement(self, *, repair: bool = False) -> Availability:
         wanted = self.settings.guest_network_isolation != "off"
-        return Availability(ok=confined.firewall or not wanted, detail=confined.detail)
+        current = confinement.inspect(self.settings)
+        if repair and (current.firewall != wanted or (current.user is None and self.settings.qemu_user)):
+            try:
+                current = confinement.confine(self.settings)
+            except DriverUnavailable as exc:
+                return Availability(ok=False, detail=exc.message)
+        # Worth a repair: rules are wanted and the host could load them (root, a QEMU user, nft).
+        repairable = (wanted and not current.firewall and os.geteuid() == 0 and bool(self.settings.qemu_user)
+                      and shutil.which("nft") is not None)
+        return Availability(ok=current.firewall or not wanted, detail=current.detail,
+                            facts={"repairable": "yes" if repairable else "no"})
 
     def _argv(
         self,
