@@ -93,3 +93,30 @@ def test_keys_rotate_keeps_every_secret_readable(run, tmp_path: Path) -> None:  
         assert ctx.agent_secret(vm_manager.get_vm(ctx, None, vm_id)) == secret_before
     finally:
         ctx.close()
+
+
+def test_up_first_run_prints_a_dashboard_login_once(run, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    from remotecli.cli import commands_server
+    from remotecli.config import Settings
+    from remotecli.context import AppContext
+    from remotecli.services import users as users_service
+
+    served: list[int] = []
+    monkeypatch.setattr(commands_server, "_serve", lambda ctx, host, port: served.append(port))
+    out = run("up", "--skip-images", "--port", "18111")
+    match = re.search(r"first dashboard login \(shown once\): user admin, password (\S+)", out)
+    assert match and served == [18111], out
+    password = match.group(1)
+    assert len(password) >= 16 and "rcli_" in out  # the API token too
+    ctx = AppContext.create(Settings())
+    try:
+        assert users_service.verify_password(ctx.db, "admin", password).is_admin
+        log_files = list(ctx.settings.logs_dir.glob("*.log"))
+        assert all(password not in f.read_text() for f in log_files)
+    finally:
+        ctx.close()
+    again = run("up", "--skip-images", "--port", "18111")
+    assert "first dashboard login" not in again and password not in again

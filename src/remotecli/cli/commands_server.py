@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from typing import Any
@@ -118,9 +119,14 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
         build_images(settings, ["cli", "browser"])
     from remotecli.services import users as users_service
 
+    first_login: tuple[str, str] | None = None
     if not users_service.list_users(ctx.db):
         admin = users_service.create_user(ctx.db, "admin", is_admin=True)
         _row, token = users_service.create_token(ctx.db, admin, name="first-run")
+        # A generated password (never a default): shown once here, stored as an Argon2id hash.
+        password = secrets.token_urlsafe(12)
+        users_service.set_password(ctx.db, admin.name, password)
+        first_login = (admin.name, password)
         click.echo("remotecli: created the first admin user 'admin'. Its API token (shown once):", err=True)
         click.echo(f"  {token}", err=True)
     bind_host = host or settings.host
@@ -129,6 +135,9 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
     url = settings.public_url or f"{scheme}://{bind_host}:{bind_port}"
     click.echo(f"remotecli: serving on {url}  (dashboard: {url}/dashboard, API: {url}/api/v1, docs: {url}/docs)",
                err=True)
+    if first_login:
+        click.echo(f"remotecli: first dashboard login (shown once): user {first_login[0]}, password "
+                   f"{first_login[1]}  — change it with 'remotecli users set-password admin'", err=True)
     if settings.oidc_enabled:
         click.echo(f"remotecli: single sign-on through {settings.oidc_issuer}; the redirect URI to register there "
                    f"is {url.rstrip('/')}/auth/oidc/callback", err=True)
