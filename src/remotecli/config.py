@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     auth_session_ttl_s: float = Field(default=900.0, gt=0, description="Sign-in sessions expire after this")
     auth_page_timeout_s: float = Field(default=240.0, gt=0, description="Browser VM boot + login page on screen")
     vnc_ticket_ttl_s: float = Field(default=120.0, gt=0)
+    websocket_access_check_s: float = Field(
+        default=15.0, gt=0, description="Open terminal and VNC websockets of a disabled user close within this"
+    )
     cli_guest_user: str = "cli"
     cli_guest_home: str = "/home/cli"
     browser_guest_user: str = "browser"

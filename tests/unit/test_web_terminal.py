@@ -142,3 +142,19 @@ def test_terminal_of_a_stopped_or_foreign_vm(ctx: AppContext, client: TestClient
     bob_vm, _ = vm_manager.ensure_cli_vm(ctx, Principal(bob.id, bob.name, False))
     assert client.post(f"/api/v1/vms/{bob_vm.id}/terminal", headers={"X-CSRF-Token": csrf}).status_code == 404
     assert ptys == []
+
+
+def test_open_terminal_closes_when_the_user_is_disabled(ctx: AppContext, client: TestClient,
+                                                        ptys: list[FakePty]) -> None:
+    ctx.settings.websocket_access_check_s = 0.1
+    alice, csrf = _login(ctx, client, "alice")
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    with client.websocket_connect(_ticket_path(client, vm.id, csrf)) as ws:
+        ws.send_bytes(b"whoami\r")
+        assert ws.receive_bytes() == b"echo:whoami\r"
+        users_service.set_disabled(ctx.db, "alice", True)
+        with pytest.raises(WebSocketDisconnect) as closed:
+            while True:
+                ws.receive_bytes()
+        assert closed.value.code == 4401 and closed.value.reason == "user_disabled"
+    assert ptys[0].closed

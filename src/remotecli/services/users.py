@@ -163,6 +163,13 @@ def verify_password(db: Database, name: str, password: str) -> Principal:
     return Principal(user_id=user.id, name=user.name, is_admin=user.is_admin)
 
 
+def is_active(db: Database, user_id: str) -> bool:
+    """Does user ``user_id`` still exist, not disabled? (Open websockets ask this now and then.)"""
+    with db.read() as session:
+        user = session.get(User, user_id)
+    return user is not None and not user.disabled
+
+
 def set_disabled(db: Database, name: str, disabled: bool) -> User:
     """Disable (or enable again) user ``name``: a disabled user's API tokens, dashboard sessions and
     single sign-ons are refused at once; nothing is deleted."""

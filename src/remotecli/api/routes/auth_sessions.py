@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, WebSocket, status
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
+from remotecli.api import ws_access
 from remotecli.api.deps import Ctx, CurrentPrincipal
 from remotecli.api.schemas import (
     AuthSessionCreateIn,
@@ -127,9 +128,14 @@ async def vnc_proxy(websocket: WebSocket, session_id: str, token: str = "") -> N
                 writer.write(data)
                 await writer.drain()
 
-    tasks = [asyncio.create_task(guest_to_browser()), asyncio.create_task(browser_to_guest())]
+    watch = asyncio.create_task(ws_access.until_access_ends(ctx, user_id))
+    tasks = [asyncio.create_task(guest_to_browser()), asyncio.create_task(browser_to_guest()), watch]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if watch in done:
+            log.info("VNC view closed: user disabled", extra={"session_id": session_id, "user_id": user_id})
+            with contextlib.suppress(Exception):
+                await websocket.close(code=ws_access.CLOSE_CODE, reason=ws_access.REASON)
     except (WebSocketDisconnect, ConnectionError):
         pass
     finally:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from remotecli.api import ws_access
 from remotecli.api.deps import Ctx, CurrentPrincipal
 from remotecli.api.schemas import ErrorOut
 from remotecli.context import AppContext
@@ -134,9 +135,14 @@ async def terminal(websocket: WebSocket, vm_id: str, token: str = "", cols: str 
                 with contextlib.suppress(ValueError):
                     await pty.resize(_size(control.get("cols"), 80), _size(control.get("rows"), 24))
 
-    tasks = [asyncio.create_task(guest_to_browser()), asyncio.create_task(browser_to_guest())]
+    watch = asyncio.create_task(ws_access.until_access_ends(ctx, user_id))
+    tasks = [asyncio.create_task(guest_to_browser()), asyncio.create_task(browser_to_guest()), watch]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if watch in done:
+            log.info("terminal closed: user disabled", extra={"vm_id": vm_id, "user_id": user_id})
+            with contextlib.suppress(Exception):
+                await websocket.close(code=ws_access.CLOSE_CODE, reason=ws_access.REASON)
         for task in done:
             failure = None if task.cancelled() else task.exception()
             if failure is not None and not isinstance(failure, WebSocketDisconnect | ConnectionError | AgentError):
