@@ -97,7 +97,7 @@ def main() -> int:
                       f"callback -> completed {callback_to_done[-1]:.2f} s", file=sys.stderr)
         finally:
             server.should_exit = True
-            thread.join(15)
+            thread.join(90)
             for vm in vm_manager.list_vms(ctx, None):
                 if vm.status != "destroyed":
                     vm_manager.destroy_vm(ctx, None, vm.id, reason="bench cleanup")

@@ -99,5 +99,5 @@ def controller(tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> Ite
                          {"Authorization": f"Bearer {token}"}, [])
     finally:
         server.should_exit = True
-        thread.join(15)
+        thread.join(90)  # the auth runner lets a VM boot in progress finish (AuthRunner.stop)
         close_and_clean(ctx)

@@ -7,8 +7,10 @@ its own database (SQLite and PostgreSQL) and its VMs live under the shared data 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +60,28 @@ def close_and_clean(ctx: AppContext) -> None:
                 ctx.driver.destroy(vm_manager.spec_of(ctx, vm))
     ctx.close()
     shutil.rmtree(ctx.settings.data_dir, ignore_errors=True)
+    # Nothing the context started may outlive it (a worker that booted a VM after the test ended
+    # once leaked one per run): kill any such QEMU, then fail loudly.
+    leaked = _qemu_pids_under(ctx.settings.data_dir)
+    for pid in leaked:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"QEMU processes outlived their test's controller: {leaked}"
+
+
+def _qemu_pids_under(directory: Path) -> list[int]:
+    marker = f"{directory}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in argv.split(b"\0", 1)[0] and marker in argv:
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture

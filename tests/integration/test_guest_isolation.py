@@ -33,6 +33,7 @@ from tests.integration.conftest import close_and_clean, qemu_settings, require_i
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+TEST_QEMU_USER = "remotecli-qemu-it"
 NS_ALLOWED = "10.213.0.2"  # inside the test's namespace; reachable
 NS_BLOCKED = "10.213.1.2"  # inside the test's namespace; in guest_blocked_networks
 
@@ -142,6 +143,9 @@ def confined_ctx(tmp_path: Path) -> Iterator[tuple[AppContext, _Responder, int]]
     settings = qemu_settings(
         f"sqlite:///{tmp_path / 'iso.db'}",
         guest_network_isolation="on",
+        # A QEMU user of its own: the rules are per user, so no other test's VMs (or leftover
+        # controllers) can replace the rules this test checks.
+        qemu_user=TEST_QEMU_USER,
         guest_host_allowed_ports=[allowed.port],
         guest_blocked_networks=["169.254.0.0/16", "10.213.1.0/24"],
     )
@@ -162,6 +166,7 @@ def confined_ctx(tmp_path: Path) -> Iterator[tuple[AppContext, _Responder, int]]
         thread.join(15)
         allowed.close()
         close_and_clean(ctx)
+        confinement.remove_firewall(confinement.ensure_qemu_user(TEST_QEMU_USER).uid)
 
 
 def _status_field(pid: int, name: str) -> str:

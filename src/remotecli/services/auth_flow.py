@@ -367,11 +367,18 @@ def claim_sessions(ctx: AppContext, owner: str, limit: int = 8) -> list[str]:
     return claimed
 
 
-def run_session(ctx: AppContext, session_id: str, owner: str) -> None:
-    """Advance one session until it ends (or its lease is lost). Runs in a worker thread."""
+def _never() -> bool:
+    return False
+
+
+def run_session(ctx: AppContext, session_id: str, owner: str, stopping: Callable[[], bool] = _never) -> None:
+    """Advance one session until it ends, its lease is lost, or ``stopping()`` says the controller
+    is shutting down (then the lease is released and the next worker, here or elsewhere, goes on
+    from the recorded status; the step in progress, e.g. a VM boot, finishes first). Runs in a
+    worker thread."""
     with log_context(session_id=session_id):
         try:
-            _run(ctx, session_id, owner)
+            _run(ctx, session_id, owner, stopping)
         except Exception:
             log.exception("auth worker crashed", extra={"session_id": session_id})
             try:
@@ -385,9 +392,12 @@ def run_session(ctx: AppContext, session_id: str, owner: str) -> None:
             _release_lease(ctx, session_id, owner)
 
 
-def _run(ctx: AppContext, session_id: str, owner: str) -> None:
+def _run(ctx: AppContext, session_id: str, owner: str, stopping: Callable[[], bool] = _never) -> None:
     profiles = _profiles(ctx)
     while True:
+        if stopping():
+            log.info("controller stopping: the session is left to the next worker")
+            return
         auth = get_session(ctx, None, session_id)
         status = AuthStatus(auth.status)
         profile = profiles.get(auth.provider)
@@ -415,7 +425,7 @@ def _run(ctx: AppContext, session_id: str, owner: str) -> None:
             elif status is AuthStatus.PROVISIONING:
                 _provision(ctx, auth, profile)
             elif status in (AuthStatus.AWAITING_USER, AuthStatus.EXCHANGING):
-                _await_login(ctx, auth, profile, owner)
+                _await_login(ctx, auth, profile, owner, stopping)
             elif status is AuthStatus.TRANSFERRING:
                 _deliver(ctx, auth, profile)
         except StatusChanged:
@@ -515,7 +525,8 @@ def _expired_or_ended(ctx: AppContext, auth: AuthSession) -> bool:
     return fresh.expires_at is not None and utcnow() >= fresh.expires_at
 
 
-def _await_login(ctx: AppContext, auth: AuthSession, profile: Any, owner: str) -> None:
+def _await_login(ctx: AppContext, auth: AuthSession, profile: Any, owner: str,
+                 stopping: Callable[[], bool] = _never) -> None:
     """Poll the OAuth agent until the user has logged in (or denied), then capture the tokens."""
     if not auth.browser_vm_id or not auth.oauth_flow_id:
         raise SessionFailure("exchange_interrupted", "no browser flow recorded")
@@ -546,7 +557,7 @@ def _await_login(ctx: AppContext, auth: AuthSession, profile: Any, owner: str) -
             elif flow_status == "failed":
                 code = str(state.get("error_code") or "oauth_error")
                 raise SessionFailure("token_exchange_failed" if "exchange" in code else "oauth_error", code)
-            if _expired_or_ended(ctx, auth):
+            if _expired_or_ended(ctx, auth) or stopping():
                 return
             if time.monotonic() - last_lease > ctx.settings.auth_lease_s / 3:
                 if not _renew_lease(ctx, auth, owner):
@@ -700,10 +711,12 @@ _registry = _Registry(runners={})
 class AuthRunner:
     """Background loop: claim live sessions (leases) and advance each in a worker thread."""
 
-    def __init__(self, ctx: AppContext, *, max_workers: int = 16, interval_s: float = 1.0) -> None:
+    def __init__(self, ctx: AppContext, *, max_workers: int = 16, interval_s: float = 1.0,
+                 stop_timeout_s: float = 60.0) -> None:
         self.ctx = ctx
         self.owner = f"ctl-{uuid.uuid4().hex[:12]}"
         self.interval_s = interval_s
+        self.stop_timeout_s = stop_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="auth-worker")
         self._active: set[str] = set()
         self._lock = threading.Lock()
@@ -730,6 +743,11 @@ class AuthRunner:
         if self._thread:
             self._thread.join(10)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        # Workers see the stop flag between steps; wait (bounded) for a step in progress, such as
+        # a VM boot, so that nothing this controller started keeps running after it stopped.
+        deadline = time.monotonic() + self.stop_timeout_s
+        for worker in list(getattr(self._pool, "_threads", ())):
+            worker.join(max(0.0, deadline - time.monotonic()))
         _registry.runners.pop(id(self.ctx), None)
 
     def _loop(self) -> None:
@@ -754,7 +772,7 @@ class AuthRunner:
 
     def _work(self, session_id: str) -> None:
         try:
-            run_session(self.ctx, session_id, self.owner)
+            run_session(self.ctx, session_id, self.owner, self._stop.is_set)
         finally:
             with self._lock:
                 self._active.discard(session_id)

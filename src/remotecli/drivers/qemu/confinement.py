@@ -137,14 +137,23 @@ def apply_firewall(uid: int, allowed_ports: list[int], blocked_networks: list[st
 
 
 def firewall_present(uid: int) -> bool:
-    """Is this user's table loaded (e.g. not flushed by an nftables restart)?"""
+    """Is this user's table loaded (e.g. not flushed by an nftables restart)?
+
+    Only a clear "no such table" answers False: any other failure of ``nft list`` (say, a
+    concurrent ruleset change) answers True, so that a repair never replaces rules on a guess.
+    """
     nft = shutil.which("nft")
     if nft is None:
         return False
-    result = subprocess.run(
-        [nft, "list", "table", "inet", table_name(uid)], capture_output=True, text=True, check=False, timeout=30
-    )
-    return result.returncode == 0
+    try:
+        result = subprocess.run(
+            [nft, "list", "table", "inet", table_name(uid)], capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    if result.returncode == 0:
+        return True
+    return "No such file or directory" not in result.stderr
 
 
 def remove_firewall(uid: int) -> None:
