@@ -19,24 +19,23 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import uvicorn  # noqa: E402
 
 from remotecli.api.app import create_app  # noqa: E402
 from remotecli.context import AppContext  # noqa: E402
 from remotecli.services import users as users_service  # noqa: E402
 from remotecli.services import vm_manager  # noqa: E402
 from remotecli.services.users import Principal  # noqa: E402
-from tests.e2e.conftest import IDP_PASSWORD, Controller, free_port  # noqa: E402
+from tests.e2e.conftest import IDP_PASSWORD, Controller  # noqa: E402
 from tests.e2e.test_auth_real_vms import _log_in_over_vnc  # noqa: E402
 from tests.integration.conftest import qemu_settings, require_images  # noqa: E402
 from tests.support.idp_server import CLIENT_IDS, GEMINI_CLIENT_SECRET, run_idp  # noqa: E402
+from tests.support.server import free_port, serve_app  # noqa: E402
 
 
 def main() -> int:
@@ -63,41 +62,34 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         ctx = AppContext.create(settings)
-        api_port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(ctx, background=True), host="127.0.0.1", port=api_port,
-                                               log_config=None, access_log=False, ws="websockets"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
         user = users_service.create_user(ctx.db, f"bench{int(time.time())}")
         _, token = users_service.create_token(ctx.db, user)
-        controller = Controller(ctx, f"http://127.0.0.1:{api_port}", Principal(user.id, user.name, False),
-                                {"Authorization": f"Bearer {token}"}, [])
         to_awaiting: list[float] = []
         callback_to_done: list[float] = []
         try:
-            for run in range(args.runs):
-                started = time.monotonic()
-                created = controller.api("POST", "/api/v1/auth-sessions", json={"provider": args.provider}).json()
-                body = controller.wait_status(created["id"], {"awaiting_user", "failed"})
-                if body["status"] != "awaiting_user":
-                    print(f"run {run}: {body['status']} {body['message']}", file=sys.stderr)
-                    return 1
-                to_awaiting.append(time.monotonic() - started)
-                _log_in_over_vnc(controller, body)
-                done = controller.wait_status(created["id"], {"completed", "failed"})
-                if done["status"] != "completed":
-                    print(f"run {run}: {done['status']} {done['message']}", file=sys.stderr)
-                    return 1
-                events = controller.api("GET", f"/api/v1/auth-sessions/{created['id']}/events").json()["items"]
-                at = {e["to_status"]: dt.datetime.fromisoformat(e["at"]) for e in events if e["kind"] == "auth.status"}
-                callback_to_done.append((at["completed"] - at["exchanging"]).total_seconds())
-                print(f"run {run + 1}: awaiting_user after {to_awaiting[-1]:.1f} s, "
-                      f"callback -> completed {callback_to_done[-1]:.2f} s", file=sys.stderr)
+            with serve_app(create_app(ctx, background=True), free_port(), ws="websockets") as url:
+                controller = Controller(ctx, url, Principal(user.id, user.name, False),
+                                        {"Authorization": f"Bearer {token}"}, [])
+                for run in range(args.runs):
+                    started = time.monotonic()
+                    created = controller.api("POST", "/api/v1/auth-sessions", json={"provider": args.provider}).json()
+                    body = controller.wait_status(created["id"], {"awaiting_user", "failed"})
+                    if body["status"] != "awaiting_user":
+                        print(f"run {run}: {body['status']} {body['message']}", file=sys.stderr)
+                        return 1
+                    to_awaiting.append(time.monotonic() - started)
+                    _log_in_over_vnc(controller, body)
+                    done = controller.wait_status(created["id"], {"completed", "failed"})
+                    if done["status"] != "completed":
+                        print(f"run {run}: {done['status']} {done['message']}", file=sys.stderr)
+                        return 1
+                    events = controller.api("GET", f"/api/v1/auth-sessions/{created['id']}/events").json()["items"]
+                    at = {e["to_status"]: dt.datetime.fromisoformat(e["at"])
+                          for e in events if e["kind"] == "auth.status"}
+                    callback_to_done.append((at["completed"] - at["exchanging"]).total_seconds())
+                    print(f"run {run + 1}: awaiting_user after {to_awaiting[-1]:.1f} s, "
+                          f"callback -> completed {callback_to_done[-1]:.2f} s", file=sys.stderr)
         finally:
-            server.should_exit = True
-            thread.join(90)
             for vm in vm_manager.list_vms(ctx, None):
                 if vm.status != "destroyed":
                     vm_manager.destroy_vm(ctx, None, vm.id, reason="bench cleanup")

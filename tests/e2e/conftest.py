@@ -5,8 +5,6 @@ user-mode network (10.0.2.2 is the host's loopback as seen from a guest).
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from remotecli.api.app import create_app
 from remotecli.context import AppContext
@@ -23,16 +20,11 @@ from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 from tests.integration.conftest import close_and_clean, qemu_settings, require_images
 from tests.support.idp_server import CLIENT_IDS, GEMINI_CLIENT_SECRET, Idp, run_idp
+from tests.support.server import free_port, serve_app
 
 IDP_PASSWORD = "correct-horse-battery"
 PLANTED_ACCESS = "at-planted-e2e-7f3a9c1d2b4e6f80"
 PLANTED_REFRESH = "rt-planted-e2e-1a2b3c4d5e6f7a8b"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -84,20 +76,10 @@ def controller(tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> Ite
     settings = qemu_settings(f"sqlite:///{tmp_path / 'e2e.db'}", guest_host_allowed_ports=[idp.port])
     require_images(settings, "cli", "browser")
     ctx = AppContext.create(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx, background=True), host="127.0.0.1", port=port,
-                                           log_config=None, access_log=False, ws="websockets"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     user = users_service.create_user(ctx.db, "e2e")
     _, token = users_service.create_token(ctx.db, user)
     try:
-        yield Controller(ctx, f"http://127.0.0.1:{port}", Principal(user.id, user.name, False),
-                         {"Authorization": f"Bearer {token}"}, [])
+        with serve_app(create_app(ctx, background=True), free_port(), ws="websockets") as url:
+            yield Controller(ctx, url, Principal(user.id, user.name, False), {"Authorization": f"Bearer {token}"}, [])
     finally:
-        server.should_exit = True
-        thread.join(90)  # the auth runner lets a VM boot in progress finish (AuthRunner.stop)
         close_and_clean(ctx)

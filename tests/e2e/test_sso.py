@@ -18,9 +18,6 @@ import contextlib
 import logging
 import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +26,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select
 
 from remotecli.api.app import create_app
@@ -41,6 +37,7 @@ from remotecli.logging import JsonFormatter
 from remotecli.services import oidc
 from remotecli.services import users as users_service
 from tests.support.idp_server import DASHBOARD_CLIENT_ID, DASHBOARD_CLIENT_SECRET, Idp, run_idp
+from tests.support.server import free_port, serve_app
 
 IDP_PASSWORD = "idp-sso-password-42"
 PLANTED_ACCESS = "at-planted-sso-5d1e9c3a7b2f4e60"
@@ -48,12 +45,6 @@ LOCAL_PASSWORD = "local-dashboard-password"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -75,19 +66,10 @@ def sso_stack(data_dir: Path, db_url: str) -> Iterator[Stack]:
                             oidc_client_secret=DASHBOARD_CLIENT_SECRET, oidc_display_name="Test IdP")
         oidc.clear_cache()
         ctx = AppContext.create(settings, driver=FakeDriver())
-        server = uvicorn.Server(uvicorn.Config(create_app(ctx, background=False), host="127.0.0.1", port=port,
-                                               log_config=None, access_log=False))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "the controller did not start"
         try:
-            yield Stack(idp, ctx, f"http://127.0.0.1:{port}")
+            with serve_app(create_app(ctx, background=False), port) as url:
+                yield Stack(idp, ctx, url)
         finally:
-            server.should_exit = True
-            thread.join(15)
             ctx.close()
             oidc.clear_cache()
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from remotecli.api.app import create_app
 from remotecli.context import AppContext
@@ -30,6 +29,7 @@ from remotecli.services import users as users_service
 from remotecli.services import vm_manager
 from remotecli.services.users import Principal
 from tests.integration.conftest import close_and_clean, qemu_settings, require_images
+from tests.support.server import free_port, serve_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,12 +52,6 @@ for name, host, port in json.loads(sys.argv[1]):
         results[name] = "error:" + type(exc).__name__
 print(json.dumps(results))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Responder:
@@ -151,19 +145,11 @@ def confined_ctx(tmp_path: Path) -> Iterator[tuple[AppContext, _Responder, int]]
     )
     require_images(settings, "cli")
     ctx = AppContext.create(settings)
-    api_port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx, background=False), host="127.0.0.1", port=api_port,
-                                           log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+    api_port = free_port()
     try:
-        yield ctx, allowed, api_port
+        with serve_app(create_app(ctx, background=False), api_port):
+            yield ctx, allowed, api_port
     finally:
-        server.should_exit = True
-        thread.join(15)
         allowed.close()
         close_and_clean(ctx)
         confinement.remove_firewall(confinement.ensure_qemu_user(TEST_QEMU_USER).uid)

@@ -36,6 +36,7 @@ from remotecli.agent.client import (
     PtyStream,
 )
 from remotecli.errors import AgentError, AgentRejected, AgentTimeout, AgentUnreachable
+from tests.support.server import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -158,12 +159,6 @@ def client(agent: RunningAgent) -> Iterator[AgentClient]:
         yield c
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _process_group_alive(pgid: int) -> list[int]:
     """PIDs (not zombies) whose process group is ``pgid``."""
     alive = []
@@ -247,7 +242,7 @@ def test_another_vms_secret_is_rejected(agent: RunningAgent, tmp_path: Path) -> 
 
 
 def test_repr_and_errors_never_show_the_secret(agent: RunningAgent) -> None:
-    client = AgentClient(f"tcp://127.0.0.1:{_free_port()}", SECRET, timeout=2)
+    client = AgentClient(f"tcp://127.0.0.1:{free_port()}", SECRET, timeout=2)
     assert SECRET not in repr(client)
     with pytest.raises(AgentUnreachable) as caught:
         client.health()
@@ -256,7 +251,7 @@ def test_repr_and_errors_never_show_the_secret(agent: RunningAgent) -> None:
 
 
 def test_unreachable_and_wait_ready(agent: RunningAgent) -> None:
-    with AgentClient(f"tcp://127.0.0.1:{_free_port()}", SECRET, timeout=2) as nobody:
+    with AgentClient(f"tcp://127.0.0.1:{free_port()}", SECRET, timeout=2) as nobody:
         started = time.monotonic()
         with pytest.raises(AgentTimeout):
             nobody.wait_ready(0.6, poll_interval=0.1)
@@ -620,7 +615,7 @@ def test_tcp_stream_to_echo_server(client: AgentClient, echo_server: int) -> Non
 
 def test_tcp_stream_to_closed_port(client: AgentClient) -> None:
     with pytest.raises(AgentPortUnreachable) as caught:
-        asyncio.run(client.open_tcp(_free_port()))
+        asyncio.run(client.open_tcp(free_port()))
     assert caught.value.agent_code == "port_unreachable"
     assert caught.value.status == 502
 
