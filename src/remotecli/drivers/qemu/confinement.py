@@ -165,17 +165,25 @@ def remove_firewall(uid: int) -> None:
         )
 
 
+def _cannot_switch_user(settings: Settings) -> str | None:
+    """Why QEMU cannot run as its own user here, or None when it can."""
+    if os.geteuid() != 0:
+        return "the controller is not root, so QEMU runs as its user and guests can reach the host's loopback"
+    if not settings.qemu_user:
+        return "qemu_user is empty, so QEMU runs as root"
+    return None
+
+
+def _confined_detail(user: QemuUser, settings: Settings) -> str:
+    allowed = ", ".join(str(port) for port in settings.guest_host_allowed_ports) or "none"
+    return f"QEMU runs as {user.name}; guests cannot reach the host (allowed host ports: {allowed})"
+
+
 def confine(settings: Settings) -> Confinement:
     """Resolve QEMU's user and (re)install the firewall, as the settings ask (see module docstring)."""
     mode = settings.guest_network_isolation
-    user: QemuUser | None = None
-    reason = ""
-    if os.geteuid() != 0:
-        reason = "the controller is not root, so QEMU runs as its user and guests can reach the host's loopback"
-    elif not settings.qemu_user:
-        reason = "qemu_user is empty, so QEMU runs as root"
-    else:
-        user = ensure_qemu_user(settings.qemu_user)
+    reason = _cannot_switch_user(settings)
+    user = ensure_qemu_user(settings.qemu_user) if reason is None else None
     if mode == "off" or user is None:
         if mode == "off" and user is not None:
             remove_firewall(user.uid)  # the operator turned it off: rules from earlier runs go too
@@ -191,23 +199,16 @@ def confine(settings: Settings) -> Confinement:
         return Confinement(
             user=user, firewall=False, detail=f"QEMU runs as {user.name}; guest network isolation off: {exc.message}"
         )
-    allowed = ", ".join(str(port) for port in settings.guest_host_allowed_ports) or "none"
-    return Confinement(
-        user=user,
-        firewall=True,
-        detail=f"QEMU runs as {user.name}; guests cannot reach the host (allowed host ports: {allowed})",
-    )
+    return Confinement(user=user, firewall=True, detail=_confined_detail(user, settings))
 
 
 def inspect(settings: Settings) -> Confinement:
     """What is in force now, changing nothing (for ``doctor``): QEMU's user and whether this
     user's table is loaded. ``firewall`` False with a reason when it is not."""
     mode = settings.guest_network_isolation
-    if os.geteuid() != 0:
-        return Confinement(None, False, "the controller is not root, so QEMU runs as its user and guests can "
-                                        "reach the host's loopback")
-    if not settings.qemu_user:
-        return Confinement(None, False, "qemu_user is empty, so QEMU runs as root")
+    reason = _cannot_switch_user(settings)
+    if reason is not None:
+        return Confinement(None, False, reason)
     try:
         entry = pwd.getpwnam(settings.qemu_user)
     except KeyError:
@@ -220,9 +221,7 @@ def inspect(settings: Settings) -> Confinement:
         return Confinement(user, False, f"QEMU runs as {user.name}; the guest firewall table "
                                         f"{table_name(user.uid)} is not loaded (restored at the next VM boot, "
                                         "reconciler pass or 'remotecli up')")
-    allowed = ", ".join(str(port) for port in settings.guest_host_allowed_ports) or "none"
-    return Confinement(user, True, f"QEMU runs as {user.name}; guests cannot reach the host "
-                                   f"(allowed host ports: {allowed})")
+    return Confinement(user, True, _confined_detail(user, settings))
 
 
 @functools.cache
