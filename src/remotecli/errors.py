@@ -6,15 +6,22 @@ stable (clients and tests rely on it); ``message`` is for people and says what h
 to do. Neither ever contains a secret: pass details worth logging in ``log_detail``, which goes to
 the log (after redaction) and never to a client.
 
+The tree lists every subclass of ``RemotecliError`` in the package, with its HTTP status and code;
+classes defined outside this module (next to the code that raises them) name their module in
+brackets. ``tests/unit/test_errors_tree.py`` fails when a class is missing here or its status,
+code or parent disagrees: add new error classes to this tree.
+
 ::
 
     RemotecliError                      500 internal_error
     ├── InvalidInput                    422 invalid_input
     │   ├── UnknownVmType               422 unknown_vm_type
-    │   └── UnknownProvider             422 unknown_provider
+    │   ├── UnknownProvider             422 unknown_provider
+    │   └── ProviderConfigError         422 provider_config_invalid    [services/providers.py]
     ├── AuthenticationRequired          401 authentication_required
     │   └── TicketInvalid               401 ticket_invalid
     ├── PermissionDenied                403 permission_denied
+    │   └── CsrfFailed                  403 csrf_failed                [web/sessions.py]
     ├── NotFound                        404 not_found
     │   ├── VmNotFound                  404 vm_not_found
     │   ├── UserNotFound                404 user_not_found
@@ -24,7 +31,8 @@ the log (after redaction) and never to a client.
     │   ├── VmTerminal                  409 vm_terminal
     │   ├── VmNotRunning                409 vm_not_running
     │   ├── AuthSessionEnded            409 auth_session_ended
-    │   └── AlreadyExists               409 already_exists
+    │   ├── AlreadyExists               409 already_exists
+    │   └── StatusChanged               409 status_changed             [services/transitions.py]
     ├── LimitExceeded                   429 limit_exceeded
     │   ├── TooManyAuthSessions         429 too_many_auth_sessions
     │   ├── VmRateLimited               429 vm_rate_limited
@@ -34,13 +42,25 @@ the log (after redaction) and never to a client.
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable
     │   └── ImageMissing                503 image_missing
+    │       └── BuildToolMissing        503 build_tool_missing         [images/builder.py]
     ├── VmError                         502 vm_error
     │   ├── VmBootFailed                502 vm_boot_failed
     │   └── DriverError                 502 driver_error
+    │       ├── VmGone                  502 vm_gone                    [drivers/base.py]
+    │       ├── NotSupported            409 not_supported              [drivers/base.py]
+    │       ├── FirecrackerApiError     502 driver_error               [drivers/firecracker/api.py]
+    │       └── FirecrackerUnreachable  502 driver_error               [drivers/firecracker/api.py]
     ├── AgentError                      502 agent_error
     │   ├── AgentUnreachable            502 agent_unreachable
     │   ├── AgentTimeout                504 agent_timeout
-    │   └── AgentRejected               502 agent_rejected
+    │   ├── AgentRejected               502 agent_rejected
+    │   └── AgentCallError              502 agent_error                [agent/client.py]
+    │       ├── AgentFileNotFound       502 agent_error                [agent/client.py]
+    │       └── AgentPortUnreachable    502 agent_error                [agent/client.py]
+    ├── InvalidTokenResponse            502 token_response_invalid     [services/providers.py]
+    ├── DecryptionFailed                500 decryption_failed          [crypto.py]
+    ├── ImageBuildFailed                500 image_build_failed         [images/builder.py]
+    ├── KernelLayoutError               500 image_build_failed         [images/kernel.py]
     └── SsoError                        502 sso_error         (dashboard single sign-on, OpenID Connect)
         ├── SsoNotConfigured            404 sso_not_configured
         ├── SsoStateInvalid             400 sso_state_invalid
