@@ -22,7 +22,7 @@ from remotecli.db.models import AuthSession, Event
 from remotecli.domain.states import VmStatus
 from remotecli.drivers.fake import FakeDriver
 from remotecli.errors import AuthSessionEnded, UnknownProvider
-from remotecli.services import auth_flow, vm_manager
+from remotecli.services import auth_flow, tickets, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.transitions import set_vm_status
 from remotecli.services.users import Principal
@@ -247,9 +247,9 @@ def test_api_sessions_and_vnc_ticket(
         assert body["vnc_url"].startswith("ws://") and "token=" in body["vnc_url"]
         ticket = body["vnc_url"].split("token=")[1]
         # A ticket is single-use, bound to its session, and useless to anyone else's session.
-        assert auth_flow.redeem_ticket(ctx, ticket, "vnc", session_id) == alice.user_id
+        assert tickets.redeem_ticket(ctx, ticket, "vnc", session_id) == alice.user_id
         with pytest.raises(Exception, match="expired or was already used"):
-            auth_flow.redeem_ticket(ctx, ticket, "vnc", session_id)
+            tickets.redeem_ticket(ctx, ticket, "vnc", session_id)
         fake_driver.login_outcome = ("complete", TOKENS)
         wait_for(ctx, session_id, status_is("completed"))
         done = client.get(f"/api/v1/auth-sessions/{session_id}", headers=a)

@@ -47,11 +47,11 @@ from remotecli.context import AppContext
 from remotecli.db.models import ApiToken, AuthSession, User, Vm, WsTicket, utcnow
 from remotecli.domain.states import AuthStatus
 from remotecli.drivers.fake import FakeAgent, FakeDriver
-from remotecli.services import auth_flow, vm_manager
+from remotecli.services import auth_flow, tickets, vm_manager
+from remotecli.services import dashboard_sessions as sessions
 from remotecli.services import users as users_service
 from remotecli.services.transitions import set_auth_status
 from remotecli.services.users import Principal
-from remotecli.web import sessions
 from tests.conftest import _database
 
 ROLES = ("anonymous", "expired", "revoked", "other", "admin", "owner")  # the order each row is called in
@@ -577,7 +577,7 @@ def _ws_echo(world: World, url: str) -> None:
 
 
 def _expired_ticket(world: World, kind: str, subject: str) -> str:
-    ticket = auth_flow.issue_ticket(world.ctx, world.principals["owner"], kind, subject)
+    ticket = tickets.issue_ticket(world.ctx, world.principals["owner"], kind, subject)
     with world.ctx.db.transaction() as session:
         session.execute(update(WsTicket).where(WsTicket.subject_id == subject, WsTicket.used_at.is_(None))
                         .values(expires_at=utcnow() - dt.timedelta(seconds=1)))
@@ -610,12 +610,12 @@ def test_terminal_websocket_matrix(world: World, fake_streams: list[str]) -> Non
     # refused like one for a VM that does not exist; their ticket for their own VM opens nothing here.
     for role in ("other", "admin"):
         principal = world.principals[role]
-        _ws_refused(world, f"{base}?token={auth_flow.issue_ticket(world.ctx, principal, 'terminal', cli)}", 4404)
+        _ws_refused(world, f"{base}?token={tickets.issue_ticket(world.ctx, principal, 'terminal', cli)}", 4404)
         missing = str(uuid.uuid4())
-        missing_ticket = auth_flow.issue_ticket(world.ctx, principal, "terminal", missing)
+        missing_ticket = tickets.issue_ticket(world.ctx, principal, "terminal", missing)
         _ws_refused(world, f"/api/v1/vms/{missing}/terminal?token={missing_ticket}", 4404)
         own, _ = vm_manager.ensure_cli_vm(world.ctx, principal)
-        _ws_refused(world, f"{base}?token={auth_flow.issue_ticket(world.ctx, principal, 'terminal', own.id)}", 4401)
+        _ws_refused(world, f"{base}?token={tickets.issue_ticket(world.ctx, principal, 'terminal', own.id)}", 4401)
     _ws_signed_out_and_forged(world, base, "terminal", cli, ticket)
     assert fake_streams == [f"pty:{cli}"]
 
@@ -646,9 +646,9 @@ def test_vnc_websocket_matrix(world: World, fake_streams: list[str]) -> None:
     assert _snapshot(world.ctx) == before  # and no ticket was issued to the admin
     for role in ("other", "admin"):
         principal = world.principals[role]
-        _ws_refused(world, f"{base}?token={auth_flow.issue_ticket(world.ctx, principal, 'vnc', session_id)}", 4404)
+        _ws_refused(world, f"{base}?token={tickets.issue_ticket(world.ctx, principal, 'vnc', session_id)}", 4404)
         own = auth_flow.start_session(world.ctx, principal, "codex")
-        _ws_refused(world, f"{base}?token={auth_flow.issue_ticket(world.ctx, principal, 'vnc', own.id)}", 4401)
+        _ws_refused(world, f"{base}?token={tickets.issue_ticket(world.ctx, principal, 'vnc', own.id)}", 4401)
     _ws_signed_out_and_forged(world, base, "vnc", session_id, ticket)
     assert len(fake_streams) == 2
 

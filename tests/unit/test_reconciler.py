@@ -24,7 +24,7 @@ from remotecli.background.reconciler import Reconciler
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, HostOrphan, Vm, WsTicket, utcnow
 from remotecli.drivers.fake import FakeDriver
-from remotecli.services import auth_flow, vm_manager
+from remotecli.services import auth_flow, tickets, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 
@@ -269,7 +269,7 @@ def test_gc_deletes_old_destroyed_rows_keeps_events_and_purges_tickets(
 ) -> None:
     vm = vm_manager.create_vm(ctx, alice, "browser")
     vm_manager.destroy_vm(ctx, None, vm.id)
-    auth_flow.issue_ticket(ctx, alice, "vnc", "s-1")
+    tickets.issue_ticket(ctx, alice, "vnc", "s-1")
     with ctx.db.transaction() as session:
         session.execute(update(WsTicket).values(expires_at=utcnow() - dt.timedelta(hours=1)))
     gc = GarbageCollector(ctx)

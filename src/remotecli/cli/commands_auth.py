@@ -8,7 +8,7 @@ import click
 
 from remotecli.cli.common import app_context, fmt_time, handle_errors, print_json, print_table
 from remotecli.domain.states import AUTH_TERMINAL, AuthStatus
-from remotecli.services import auth_flow
+from remotecli.services import auth_flow, tickets
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 
@@ -53,7 +53,7 @@ def auth_start(user: str, provider: str, wait: bool, as_json: bool) -> None:
                     click.echo(f"  {session.status}: {session.message}", err=True)
                     last = session.message or ""
                 if session.status == AuthStatus.AWAITING_USER.value:
-                    ticket = auth_flow.issue_ticket(ctx, principal, "vnc", session.id)
+                    ticket = tickets.issue_ticket(ctx, principal, "vnc", session.id)
                     base = ctx.settings.public_url or f"http://{ctx.settings.host}:{ctx.settings.port}"
                     ws = "ws" + base[len("http"):]
                     vnc_url = f"{ws}/api/v1/auth-sessions/{session.id}/vnc?token={ticket}"

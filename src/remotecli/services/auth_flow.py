@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
-import secrets
 import threading
 import time
 import uuid
@@ -39,14 +37,13 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 
 from remotecli.context import AppContext
-from remotecli.db.models import AuthSession, Event, User, Vm, WsTicket, utcnow
+from remotecli.db.models import AuthSession, Event, User, Vm, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
 from remotecli.errors import (
     AgentError,
     AuthSessionEnded,
     AuthSessionNotFound,
     RemotecliError,
-    TicketInvalid,
     TooManyAuthSessions,
     UnknownProvider,
 )
@@ -199,66 +196,6 @@ def cancel_session(ctx: AppContext, principal: Principal | None, session_id: str
                 raise AuthSessionEnded() from None
     _cleanup_browser(ctx, auth)
     return auth
-
-
-# ----------------------------------------------------------------------------------------------
-# One-time websocket tickets (VNC view, terminal)
-
-
-def issue_ticket(ctx: AppContext, principal: Principal, kind: str, subject_id: str) -> str:
-    token = secrets.token_urlsafe(32)
-    now = utcnow()
-    with ctx.db.transaction() as session:
-        session.add(WsTicket(
-            id=str(uuid.uuid4()), token_hash=hashlib.sha256(token.encode()).hexdigest(), kind=kind,
-            user_id=principal.user_id, subject_id=subject_id, created_at=now,
-            expires_at=now + dt.timedelta(seconds=ctx.settings.vnc_ticket_ttl_s),
-        ))
-    return token
-
-
-def vnc_ticket(ctx: AppContext, principal: Principal, auth: AuthSession) -> str | None:
-    """A one-time ticket for the session's login screen, or ``None``: only while the session awaits
-    the user, and only for its owner. An admin may read anyone's session, but the screen is the
-    owner's (``vnc_target`` refuses everyone else), so no ticket is issued to anyone else."""
-    if auth.user_id != principal.user_id:  # see access.ensure_own: the screen is the owner's
-        return None
-    if auth.status != AuthStatus.AWAITING_USER.value or not auth.browser_vm_id:
-        return None
-    return issue_ticket(ctx, principal, "vnc", auth.id)
-
-
-def redeem_ticket(ctx: AppContext, token: str, kind: str, subject_id: str) -> str:
-    """Use a ticket once; returns its user id. ``TicketInvalid`` if unknown, used, expired or for another subject."""
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    now = utcnow()
-    with ctx.db.transaction() as session:
-        result = session.execute(
-            update(WsTicket)
-            .where(WsTicket.token_hash == digest, WsTicket.kind == kind, WsTicket.subject_id == subject_id,
-                   WsTicket.used_at.is_(None), WsTicket.expires_at > now)
-            .values(used_at=now)
-            .returning(WsTicket.user_id)
-        ).one_or_none()
-        # A ticket lives 120 s; a user disabled meanwhile opens nothing with it.
-        user = session.get(User, result[0]) if result is not None else None
-    if result is None or user is None or user.disabled:
-        raise TicketInvalid()
-    return str(result[0])
-
-
-def vnc_target(ctx: AppContext, user_id: str, session_id: str) -> Vm:
-    """The Browser VM whose screen a ticket holder may see (only while the session awaits the user)."""
-    with ctx.db.read() as session:
-        auth = session.get(AuthSession, session_id)
-        access.ensure_own(user_id, auth.user_id if auth else None, AuthSessionNotFound())
-        assert auth is not None
-        if auth.status != AuthStatus.AWAITING_USER.value or not auth.browser_vm_id:
-            raise AuthSessionEnded("The login screen is not available any more.")
-        vm = session.get(Vm, auth.browser_vm_id)
-    if vm is None or vm.status != VmStatus.RUNNING.value:
-        raise AuthSessionEnded("The secure browser is not running any more.")
-    return vm
 
 
 # ----------------------------------------------------------------------------------------------

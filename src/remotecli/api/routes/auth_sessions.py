@@ -25,7 +25,7 @@ from remotecli.context import AppContext
 from remotecli.db.models import AuthSession
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger
-from remotecli.services import auth_flow
+from remotecli.services import auth_flow, tickets
 from remotecli.services.users import Principal
 
 router = APIRouter(tags=["auth-sessions"])
@@ -38,7 +38,7 @@ def _out(ctx: AppContext, request: Request, principal: Principal, auth: AuthSess
     profiles = auth_flow._profiles(ctx)
     profile = profiles.get(auth.provider)
     vnc_url = None
-    ticket = auth_flow.vnc_ticket(ctx, principal, auth)
+    ticket = tickets.vnc_ticket(ctx, principal, auth)
     if ticket:
         base = str(request.base_url).rstrip("/")
         ws_base = "wss" + base[len("https"):] if base.startswith("https") else "ws" + base[len("http"):]
@@ -99,8 +99,8 @@ async def vnc_proxy(websocket: WebSocket, session_id: str, token: str = "") -> N
     offered = websocket.scope.get("subprotocols") or []
     await websocket.accept(subprotocol="binary" if "binary" in offered else None)
     try:
-        user_id = await run_in_threadpool(auth_flow.redeem_ticket, ctx, token, "vnc", session_id)
-        vm = await run_in_threadpool(auth_flow.vnc_target, ctx, user_id, session_id)
+        user_id = await run_in_threadpool(tickets.redeem_ticket, ctx, token, "vnc", session_id)
+        vm = await run_in_threadpool(tickets.vnc_target, ctx, user_id, session_id)
         agent = ctx.agent(vm)
         reader, writer = await agent.open_tcp(ctx.settings.browser_vnc_port)
     except RemotecliError as exc:

@@ -33,7 +33,7 @@ from remotecli.db.models import Vm
 from remotecli.domain.states import VmStatus, VmType
 from remotecli.errors import AgentError, RemotecliError, VmNotFound, VmNotRunning
 from remotecli.logging import get_logger
-from remotecli.services import access, auth_flow, vm_manager
+from remotecli.services import access, tickets, vm_manager
 
 router = APIRouter(tags=["terminal"])
 log = get_logger("terminal")
@@ -68,7 +68,7 @@ def _ws_base(request: Request) -> str:
 def terminal_ticket(vm_id: str, request: Request, ctx: Ctx, principal: CurrentPrincipal) -> TerminalTicketOut:
     """A one-time websocket URL for a terminal in your own, running CLI VM."""
     _own_cli_vm(ctx, principal.user_id, vm_id)
-    ticket = auth_flow.issue_ticket(ctx, principal, TICKET_KIND, vm_id)
+    ticket = tickets.issue_ticket(ctx, principal, TICKET_KIND, vm_id)
     return TerminalTicketOut(url=f"{_ws_base(request)}/api/v1/vms/{vm_id}/terminal?token={ticket}", vm_id=vm_id)
 
 
@@ -85,7 +85,7 @@ async def terminal(websocket: WebSocket, vm_id: str, token: str = "", cols: str 
     ctx: AppContext = websocket.app.state.ctx
     await websocket.accept()
     try:
-        user_id = await run_in_threadpool(auth_flow.redeem_ticket, ctx, token, TICKET_KIND, vm_id)
+        user_id = await run_in_threadpool(tickets.redeem_ticket, ctx, token, TICKET_KIND, vm_id)
         vm = await run_in_threadpool(_own_cli_vm, ctx, user_id, vm_id)
         agent = ctx.agent(vm)
         pty = await agent.open_pty(ctx.settings.cli_guest_user, _size(cols, 80), _size(rows, 24))
