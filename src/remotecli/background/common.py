@@ -1,13 +1,10 @@
-"""What the background loops share: findings, per-VM leases, counters for /metrics, the loop thread.
+"""What the background loops share: findings and pass reports, counters for /metrics, the loop thread.
 
-**Leases.** With PostgreSQL several controllers may run against one database. Before a loop acts
-on a VM it takes that VM's lease (``vms.lease_owner``/``lease_expires_at``, migration 0003) in a
-short transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` of the rows whose lease is free or lapsed,
-then one ``UPDATE``. No transaction stays open while the driver is called; the lease is what keeps
-another controller away, and a lease whose holder died lapses and is taken over. On SQLite (one
-process assumed) the same code runs, serialised by ``BEGIN IMMEDIATE``.
+Every loop of a controller (the reconciler, the garbage collector, the sign-in worker) runs on a
+``LoopThread``: one pass at start-up, then one every ``interval_s`` or as soon as it is woken.
+A pass that fails is logged and the loop goes on. Rows are leased before a loop acts on them
+(``background.leases``); ``background.loops.BackgroundLoops`` starts and stops them all.
 """
-
 from __future__ import annotations
 
 import datetime as dt
@@ -16,12 +13,10 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-
-from sqlalchemy import or_, select, update
 
 from remotecli.context import AppContext
 from remotecli.db.models import Vm, utcnow
@@ -151,52 +146,6 @@ def host_spec(ctx: AppContext, vm: Vm | None = None, *, vm_id: str | None = None
     assert vm_id is not None
     return VmSpec(vm_id=vm_id, vm_type="unknown", vcpus=1, memory_mib=128,
                   directory=directory or ctx.settings.vms_dir / vm_id, agent_secret="")
-
-
-def _lease_free(now: dt.datetime) -> object:
-    return or_(Vm.lease_owner.is_(None), Vm.lease_expires_at < now)
-
-
-def claim_vms(ctx: AppContext, owner: str, ids: Iterable[str], lease_s: float) -> list[str]:
-    """Take the reconcile lease of those of ``ids`` nobody (alive) holds; returns the ones taken."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return []
-    now = utcnow()
-    with ctx.db.transaction() as session:
-        query = select(Vm.id).where(Vm.id.in_(wanted), _lease_free(now)).order_by(Vm.id)  # type: ignore[arg-type]
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        got = list(session.scalars(query))
-        if got:
-            session.execute(
-                update(Vm).where(Vm.id.in_(got))
-                .values(lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=lease_s))
-                .execution_options(synchronize_session=False)
-            )
-    return got
-
-
-def renew_vms(ctx: AppContext, owner: str, ids: Sequence[str], lease_s: float) -> None:
-    if not ids:
-        return
-    with ctx.db.transaction() as session:
-        session.execute(
-            update(Vm).where(Vm.id.in_(ids), Vm.lease_owner == owner)
-            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
-            .execution_options(synchronize_session=False)
-        )
-
-
-def release_vms(ctx: AppContext, owner: str, ids: Sequence[str]) -> None:
-    if not ids:
-        return
-    with ctx.db.transaction() as session:
-        session.execute(
-            update(Vm).where(Vm.id.in_(ids), Vm.lease_owner == owner)
-            .values(lease_owner=None, lease_expires_at=None)
-            .execution_options(synchronize_session=False)
-        )
 
 
 class LoopThread:

@@ -15,15 +15,8 @@ import datetime as dt
 
 from sqlalchemy import and_, delete, func, or_, select
 
-from remotecli.background.common import (
-    Finding,
-    LoopThread,
-    PassReport,
-    claim_vms,
-    new_owner,
-    release_vms,
-    run_pass,
-)
+from remotecli.background.common import Finding, LoopThread, PassReport, new_owner, run_pass
+from remotecli.background.leases import VM_LEASES
 from remotecli.context import AppContext
 from remotecli.db.models import LoginFailure, Vm, WsTicket, utcnow
 from remotecli.domain.states import VmStatus
@@ -62,7 +55,7 @@ class GarbageCollector:
         if not vms:
             return
         taken = {vm.id for vm in vms} if dry_run else set(
-            claim_vms(self.ctx, self.owner, [vm.id for vm in vms], self.ctx.settings.reconciler_lease_s))
+            VM_LEASES.claim(self.ctx.db, self.owner, self.ctx.settings.reconciler_lease_s, ids=[vm.id for vm in vms]))
         try:
             for vm in vms:
                 if vm.id not in taken:
@@ -82,7 +75,7 @@ class GarbageCollector:
                     finding.result = "error"  # stays destroying; the reconciler retries the destroy
         finally:
             if not dry_run:
-                release_vms(self.ctx, self.owner, sorted(taken))
+                VM_LEASES.release(self.ctx.db, self.owner, sorted(taken))
 
     def _destroyed_rows(self, report: PassReport, dry_run: bool) -> None:
         retention = self.ctx.settings.gc_destroyed_retention_s

@@ -1,6 +1,6 @@
 """The reconciler: the database and the host are compared both ways, on a loop and at start-up.
 
-Database → host (every non-terminal VM, under its per-VM lease, see ``background.common``):
+Database → host (every non-terminal VM, under its per-VM lease, see ``background.leases``):
 
 * ``running``/``paused``: ``driver.inspect``. DEAD → ``failed`` with the driver's reason (and any
   process left is stopped). UNKNOWN → one strike (``vms.unknown_strikes``); the second UNKNOWN in
@@ -31,21 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from remotecli.background.common import (
-    Finding,
-    LoopThread,
-    PassReport,
-    chunks,
-    claim_vms,
-    host_spec,
-    new_owner,
-    release_vms,
-    renew_vms,
-    run_pass,
-)
+from remotecli.background.common import Finding, LoopThread, PassReport, chunks, host_spec, new_owner, run_pass
+from remotecli.background.leases import ORPHAN_LEASES, SESSION_LEASES, VM_LEASES
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, HostOrphan, Vm, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
@@ -118,7 +108,8 @@ class Reconciler:
                 select(Vm.id).where(Vm.status.not_in([st.value for st in VM_TERMINAL])).order_by(Vm.id)
             ))
         for batch in chunks(ids, s.reconciler_batch_size):
-            taken = list(batch) if dry_run else claim_vms(self.ctx, self.owner, batch, s.reconciler_lease_s)
+            taken = list(batch) if dry_run else VM_LEASES.claim(self.ctx.db, self.owner, s.reconciler_lease_s,
+                                                                ids=batch)
             if not taken:
                 continue
             claimed_at = utcnow()
@@ -128,7 +119,7 @@ class Reconciler:
                     vms = list(session.scalars(select(Vm).where(Vm.id.in_(taken)).order_by(Vm.id)))
                 for vm in vms:
                     if not dry_run and time.monotonic() - renewed > s.reconciler_lease_s / 3:
-                        renew_vms(self.ctx, self.owner, taken, s.reconciler_lease_s)
+                        VM_LEASES.renew(self.ctx.db, self.owner, taken, s.reconciler_lease_s)
                         renewed = time.monotonic()
                     try:
                         with log_context(vm_id=vm.id, user_id=vm.user_id):
@@ -140,7 +131,7 @@ class Reconciler:
                         self._audit(vm, claimed_at)
             finally:
                 if not dry_run:
-                    release_vms(self.ctx, self.owner, taken)
+                    VM_LEASES.release(self.ctx.db, self.owner, taken)
 
     def _audit(self, vm: Vm, claimed_at: dt.datetime) -> None:
         with self.ctx.db.transaction() as session:
@@ -277,8 +268,8 @@ class Reconciler:
         """A ``failed`` VM must not keep burning CPU and memory until GC: stop its process."""
         if not stray:
             return
-        taken = [h.vm_id for h in stray] if dry_run else claim_vms(
-            self.ctx, self.owner, [h.vm_id for h in stray], self.ctx.settings.reconciler_lease_s)
+        taken = [h.vm_id for h in stray] if dry_run else VM_LEASES.claim(
+            self.ctx.db, self.owner, self.ctx.settings.reconciler_lease_s, ids=[h.vm_id for h in stray])
         try:
             for h in stray:
                 if h.vm_id not in taken:
@@ -296,7 +287,7 @@ class Reconciler:
                     log.warning("could not stop a failed VM's process", extra={"vm_id": h.vm_id})
         finally:
             if not dry_run:
-                release_vms(self.ctx, self.owner, taken)
+                VM_LEASES.release(self.ctx.db, self.owner, taken)
 
     def _remove_orphans(self, orphans: list[HostVm], report: PassReport, dry_run: bool) -> None:
         now = utcnow()
@@ -346,17 +337,7 @@ class Reconciler:
             ).all())
 
     def _remove_orphan(self, h: HostVm, seen_for: float) -> str:
-        now = utcnow()
-        lease_s = self.ctx.settings.reconciler_lease_s
-        with self.ctx.db.transaction() as session:
-            taken = session.execute(
-                update(HostOrphan).where(
-                    HostOrphan.vm_id == h.vm_id,
-                    or_(HostOrphan.lease_owner.is_(None), HostOrphan.lease_expires_at < now),
-                ).values(lease_owner=self.owner, lease_expires_at=now + dt.timedelta(seconds=lease_s))
-                .execution_options(synchronize_session=False)
-            ).rowcount == 1  # type: ignore[attr-defined]
-        if not taken:
+        if not ORPHAN_LEASES.claim(self.ctx.db, self.owner, self.ctx.settings.reconciler_lease_s, ids=[h.vm_id]):
             return "lost"
         try:
             with self.ctx.db.read() as session:
@@ -378,10 +359,7 @@ class Reconciler:
             return "done"
         except Exception:
             log.exception("could not remove an orphan; the next pass retries", extra={"vm_id": h.vm_id})
-            with self.ctx.db.transaction() as session:
-                session.execute(update(HostOrphan).where(HostOrphan.vm_id == h.vm_id,
-                                                         HostOrphan.lease_owner == self.owner)
-                                .values(lease_owner=None, lease_expires_at=None))
+            ORPHAN_LEASES.release(self.ctx.db, self.owner, [h.vm_id])
             return "error"
 
     # ------------------------------------------------------------------------------ sign-in sessions
@@ -395,7 +373,7 @@ class Reconciler:
                 # A held credential is still delivered: expiry only ends the wait for the user.
                 AuthSession.status != AuthStatus.TRANSFERRING.value,
                 AuthSession.expires_at < now,
-                or_(AuthSession.lease_owner.is_(None), AuthSession.lease_expires_at < now),
+                SESSION_LEASES.free(now),
             )))
         for auth in sessions:
             finding = Finding("session_expired", auth.id, auth.user_id,
@@ -433,7 +411,7 @@ class Reconciler:
         if not doomed:
             return
         taken = {vm.id for vm, _, _ in doomed} if dry_run else set(
-            claim_vms(self.ctx, self.owner, [vm.id for vm, _, _ in doomed], s.reconciler_lease_s))
+            VM_LEASES.claim(self.ctx.db, self.owner, s.reconciler_lease_s, ids=[vm.id for vm, _, _ in doomed]))
         try:
             for vm, why, session_id in doomed:
                 if vm.id not in taken:
@@ -452,4 +430,4 @@ class Reconciler:
                     log.warning("could not destroy a Browser VM", extra={"vm_id": vm.id})
         finally:
             if not dry_run:
-                release_vms(self.ctx, self.owner, sorted(taken))
+                VM_LEASES.release(self.ctx.db, self.owner, sorted(taken))
