@@ -42,9 +42,9 @@ from remotecli.db.session import Database
 from remotecli.drivers.fake import FakeDriver
 from remotecli.errors import AlreadyExists, InvalidInput
 from remotecli.logging import JsonFormatter
+from remotecli.services import dashboard_sessions as sessions
 from remotecli.services import oidc
 from remotecli.services import users as users_service
-from remotecli.web import sessions
 
 ISSUER = "https://idp.test"
 CLIENT_ID = "remotecli-dashboard"

@@ -17,10 +17,11 @@ from remotecli.db.models import ApiToken, AuthSession, User, utcnow
 from remotecli.domain.states import AuthStatus
 from remotecli.errors import AuthenticationRequired, InvalidInput
 from remotecli.services import auth_flow, vm_manager
+from remotecli.services import dashboard_sessions as sessions
 from remotecli.services import users as users_service
 from remotecli.services.transitions import set_auth_status
 from remotecli.services.users import Principal
-from remotecli.web import routes, sessions
+from remotecli.web import routes
 
 PASSWORD = "correct horse battery"
 

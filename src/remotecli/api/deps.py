@@ -4,7 +4,7 @@ A request is authenticated by exactly one of:
 
 - ``Authorization: Bearer <API token>`` (scripts, the CLI), or
 - the dashboard's login-session cookie; then every state-changing request (not GET/HEAD/OPTIONS)
-  must also carry the session's CSRF token in ``X-CSRF-Token`` (see ``remotecli.web.sessions``).
+  must also carry the session's CSRF token in ``X-CSRF-Token`` (see ``remotecli.services.dashboard_sessions``).
 
 A request that sends a bearer header is judged by it alone, never by a cookie it may also carry.
 """
@@ -17,8 +17,14 @@ from fastapi import Depends, Request
 
 from remotecli.context import AppContext
 from remotecli.errors import AuthenticationRequired
+from remotecli.services.dashboard_sessions import (
+    CSRF_HEADER,
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    authenticate_session,
+    check_csrf,
+)
 from remotecli.services.users import Principal, authenticate_token
-from remotecli.web.sessions import CSRF_HEADER, SAFE_METHODS, SESSION_COOKIE, authenticate_session, check_csrf
 
 
 def get_ctx(request: Request) -> AppContext:

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from remotecli.domain.states import VM_STATUS_WORDS, VmStatus
+from remotecli.services.auth_session_view import AuthSessionOut as AuthSessionOut  # shared with the dashboard
+from remotecli.services.auth_session_view import CredentialMetaOut as CredentialMetaOut
 from remotecli.services.vm_manager import VmView
 
 
@@ -124,57 +126,6 @@ class AuthSessionCreateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     provider: str = Field(description="Provider profile name, e.g. 'claude_code', 'codex', 'gemini'")
-
-
-class CredentialMetaOut(BaseModel):
-    """What the dashboard may know about delivered credentials: never a token."""
-
-    account: str | None = None
-    expires_at: str | None = None
-    scopes: list[str] = Field(default_factory=list)
-
-
-class AuthSessionOut(BaseModel):
-    id: str
-    provider: str
-    provider_name: str
-    status: str
-    message: str | None
-    error_code: str | None
-    error_message: str | None
-    cli_vm_id: str | None
-    vnc_url: str | None = Field(description="Websocket URL of the login screen (only while awaiting the user)")
-    credential: CredentialMetaOut | None
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    expires_at: dt.datetime | None
-
-    @classmethod
-    def of(cls, auth: object, provider_name: str, vnc_url: str | None) -> AuthSessionOut:
-        meta = getattr(auth, "credential_meta", None) or None
-        credential = None
-        if meta:
-            scopes = meta.get("scopes") or []
-            credential = CredentialMetaOut(
-                account=meta.get("account"),
-                expires_at=str(meta["expires_at"]) if meta.get("expires_at") is not None else None,
-                scopes=[str(s) for s in (scopes.split() if isinstance(scopes, str) else scopes)],
-            )
-        return cls(
-            id=auth.id,  # type: ignore[attr-defined]
-            provider=auth.provider,  # type: ignore[attr-defined]
-            provider_name=provider_name,
-            status=auth.status,  # type: ignore[attr-defined]
-            message=auth.message,  # type: ignore[attr-defined]
-            error_code=auth.error_code,  # type: ignore[attr-defined]
-            error_message=auth.error_message,  # type: ignore[attr-defined]
-            cli_vm_id=auth.cli_vm_id,  # type: ignore[attr-defined]
-            vnc_url=vnc_url,
-            credential=credential,
-            created_at=auth.created_at,  # type: ignore[attr-defined]
-            updated_at=auth.updated_at,  # type: ignore[attr-defined]
-            expires_at=auth.expires_at,  # type: ignore[attr-defined]
-        )
 
 
 class AuthSessionListOut(BaseModel):

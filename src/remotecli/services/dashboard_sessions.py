@@ -10,6 +10,10 @@ The CSRF token of a session is ``HMAC-SHA256(session token, "remotecli-csrf")``:
 without the cookie, stable for the session's life, and it reveals nothing about the cookie. Forms
 send it as ``csrf_token``; scripts send it as the ``X-CSRF-Token`` header. The login form, which
 has no session yet, uses a double-submit cookie instead.
+
+Both front doors honour these sessions (the dashboard's pages, and the REST API for the pages'
+scripts), so the session and its transport names (cookie, header, form field) live here, below
+both; ``web`` only sets and clears the cookies.
 """
 
 from __future__ import annotations

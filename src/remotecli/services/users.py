@@ -21,7 +21,7 @@ from remotecli.errors import AlreadyExists, AuthenticationRequired, InvalidInput
 from remotecli.services.transitions import record_event
 
 TOKEN_PREFIX = "rcli_"
-#: ``api_tokens.name`` of dashboard login sessions (see ``remotecli.web.sessions``).
+#: ``api_tokens.name`` of dashboard login sessions (see ``remotecli.services.dashboard_sessions``).
 DASHBOARD_SESSION_NAME = "dashboard session"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 

@@ -9,8 +9,6 @@ the CSRF header. No page, script state or response ever holds a credential: the 
 from __future__ import annotations
 
 import datetime as dt
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -18,18 +16,19 @@ from urllib.parse import quote, urlsplit
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 
-from remotecli.api.schemas import AuthSessionOut
+from remotecli.background.gc import GarbageCollector
 from remotecli.context import AppContext
-from remotecli.db.models import AuthSession, User, UserIdentity, Vm
-from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, AuthStatus, VmStatus, VmType
+from remotecli.domain.states import VM_STATUS_WORDS, AuthStatus, VmStatus
 from remotecli.errors import AuthenticationRequired, NotFound, RemotecliError, TooManyLoginAttempts
 from remotecli.logging import get_logger
-from remotecli.services import auth_flow, login_limits, oidc, vm_manager
+from remotecli.services import admin as admin_service
+from remotecli.services import dashboard as dashboard_service
+from remotecli.services import dashboard_sessions as sessions
+from remotecli.services import login_limits, oidc, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
-from remotecli.web import sessions, views
+from remotecli.web import views
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -301,16 +300,10 @@ async def logout(request: Request) -> Response:
 
 def _dashboard(request: Request, current: tuple[Principal, str], *, notice: str = "", error: str = "",
                status_code: int = 200) -> HTMLResponse:
-    ctx = _ctx(request)
-    principal = current[0]
-    vms = vm_manager.list_vms(ctx, principal)
-    shown = [vm for vm in vms if vm.status != VmStatus.DESTROYED.value]
-    hidden = len(vms) - len(shown)
-    profiles = auth_flow._profiles(ctx)
-    credentials = views.provider_credentials(ctx, principal.user_id, profiles)
+    data = dashboard_service.overview(_ctx(request), current[0])
     return _page(request, "dashboard.html", {
-        "vms": [views.vm_row(vm) for vm in shown], "hidden_vms": hidden, "credentials": credentials,
-        "notice": notice, "error": error,
+        "vms": [views.vm_row(vm) for vm in data.vms], "hidden_vms": data.hidden_vms,
+        "credentials": views.provider_credentials(data.sign_ins), "notice": notice, "error": error,
     }, status_code=status_code, current=current)
 
 
@@ -330,7 +323,7 @@ async def vm_action(request: Request, vm_id: str, action: str) -> Response:
         return _dashboard(request, current, error=exc.message, status_code=403)
     ctx = _ctx(request)
     principal = current[0]
-    own = Principal(principal.user_id, principal.name, False)  # the dashboard acts on your own VMs only
+    own = dashboard_service.own(principal)  # the dashboard acts on your own VMs only
     try:
         vm = vm_manager.get_vm(ctx, own, vm_id)
         if action not in views.vm_actions(vm.status):
@@ -358,31 +351,18 @@ async def vm_action(request: Request, vm_id: str, action: str) -> Response:
 # Sign in to a CLI (noVNC)
 
 
-def _providers(ctx: AppContext) -> list[dict[str, str]]:
-    return [{"name": name, "display_name": str(getattr(profile, "display_name", name))}
-            for name, profile in sorted(auth_flow._profiles(ctx).items())]
-
-
 @router.get("/dashboard/remote-cli/auth", response_model=None)
 def auth_page(request: Request, session: str = "", provider: str = "") -> Response:
     current = _require(request)
-    ctx = _ctx(request)
-    principal = current[0]
-    own = Principal(principal.user_id, principal.name, False)
-    auth = None
-    if session:
-        try:
-            auth = auth_flow.get_session(ctx, own, session)
-        except NotFound:
-            return _error_page(request, current, "No such sign-in",
-                               "This sign-in does not exist or is not yours. Start a new one.", 404)
-    live = [s for s in auth_flow.list_sessions(ctx, own, limit=20)
-            if AuthStatus(s.status) not in AUTH_TERMINAL and s.id != session]
-    providers = _providers(ctx)
+    try:
+        data = dashboard_service.sign_in_page(_ctx(request), current[0], session)
+    except NotFound:
+        return _error_page(request, current, "No such sign-in",
+                           "This sign-in does not exist or is not yours. Start a new one.", 404)
+    names = {p.name: p.display_name for p in data.providers}
     return _page(request, "auth.html", {
-        "providers": providers, "preselect": provider if provider in {p["name"] for p in providers} else "",
-        "session_id": auth.id if auth else "", "live": live,
-        "provider_names": {p["name"]: p["display_name"] for p in providers},
+        "providers": data.providers, "preselect": provider if provider in names else "",
+        "session_id": data.session.id if data.session else "", "live": data.live, "provider_names": names,
     }, current=current)
 
 
@@ -393,20 +373,17 @@ def auth_state(request: Request, session_id: str) -> Response:
     if current is None:
         return JSONResponse({"code": "authentication_required",
                              "message": "Your dashboard session has ended; sign in again."}, status_code=401)
-    ctx = _ctx(request)
-    own = Principal(current[0].user_id, current[0].name, False)
     try:
-        auth = auth_flow.get_session(ctx, own, session_id)
+        state = dashboard_service.sign_in_state(_ctx(request), current[0], session_id)
     except RemotecliError as exc:
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
-    profile = auth_flow._profiles(ctx).get(auth.provider)
-    out = AuthSessionOut.of(auth, str(getattr(profile, "display_name", auth.provider)), None)
-    steps = views.session_progress(ctx, auth)
-    expires = auth.expires_at
+    out = state.session
+    steps = views.auth_steps(out.status, cli_ready=state.cli_ready, ended_from=state.ended_from)
+    expires = state.expires_at
     body = {
         "session": out.model_dump(mode="json"),
         "steps": [{"key": s.key, "label": s.label, "state": s.state} for s in steps],
-        "terminal": AuthStatus(auth.status) in AUTH_TERMINAL,
+        "terminal": state.terminal,
         "expires_in_s": max(0, int((expires - dt.datetime.now(dt.UTC)).total_seconds())) if expires else None,
         "credential_expires": views.utc(views.parse_time(out.credential.expires_at)) if out.credential else "",
     }
@@ -435,34 +412,6 @@ def _require_admin(request: Request) -> tuple[Principal, str] | HTMLResponse:
     return current
 
 
-GC_KINDS = {
-    "failed_vm": "Failed VM past its TTL", "destroyed_row": "Removed VM's row", "tickets": "Websocket tickets",
-}
-
-
-def gc_dry_run(ctx: AppContext) -> tuple[bool, list[dict[str, str]] | None, str]:
-    """What the garbage collector would do now (``GarbageCollector.run_once(dry_run=True)``), if this
-    controller has one: (available, rows, error). Changes nothing."""
-    if importlib.util.find_spec("remotecli.background.gc") is None:
-        return False, None, ""
-    try:
-        module = importlib.import_module("remotecli.background.gc")
-        collector_cls = getattr(module, "GarbageCollector", None)
-        if collector_cls is None:
-            return False, None, ""
-        report = collector_cls(ctx).run_once(dry_run=True)
-        with ctx.db.read() as db:
-            names = {u.id: u.name for u in db.scalars(select(User))}
-        rows = [{
-            "kind": GC_KINDS.get(str(f.kind), str(f.kind)), "subject": str(f.id),
-            "owner": names.get(str(f.owner), "") if f.owner else "", "why": str(f.why), "action": str(f.action),
-        } for f in getattr(report, "findings", [])]
-        return True, rows, ""
-    except Exception as exc:  # the admin page must render even if the collector is mid-change
-        log.exception("gc dry run failed")
-        return True, None, f"The dry run failed ({type(exc).__name__}); see the controller log."
-
-
 @router.get("/admin", response_model=None)
 def admin(request: Request, user: str = "", vm_type: str = "", status: str = "", provider: str = "",
           session_status: str = "", ended: str = "") -> Response:
@@ -470,36 +419,15 @@ def admin(request: Request, user: str = "", vm_type: str = "", status: str = "",
     if isinstance(current, HTMLResponse):
         return current
     ctx = _ctx(request)
-    with ctx.db.read() as db:
-        users = list(db.scalars(select(User).order_by(User.name)))
-        sso_users = set(db.scalars(select(UserIdentity.user_id)))
-        names = {u.id: u.name for u in users}
-        user_id = next((u.id for u in users if u.name == user), None) if user else None
-        vm_stmt = select(Vm).order_by(Vm.created_at.desc()).limit(200)
-        session_stmt = select(AuthSession).order_by(AuthSession.created_at.desc()).limit(200)
-        if user:
-            vm_stmt = vm_stmt.where(Vm.user_id == (user_id or ""))
-            session_stmt = session_stmt.where(AuthSession.user_id == (user_id or ""))
-        if vm_type in (VmType.CLI.value, VmType.BROWSER.value):
-            vm_stmt = vm_stmt.where(Vm.vm_type == vm_type)
-        if status in {s.value for s in VmStatus}:
-            vm_stmt = vm_stmt.where(Vm.status == status)
-        elif ended != "1":
-            vm_stmt = vm_stmt.where(Vm.status != VmStatus.DESTROYED.value)
-        if provider:
-            session_stmt = session_stmt.where(AuthSession.provider == provider)
-        if session_status in {s.value for s in AuthStatus}:
-            session_stmt = session_stmt.where(AuthSession.status == session_status)
-        vms = list(db.scalars(vm_stmt))
-        auths = list(db.scalars(session_stmt))
-    gc_available, gc_rows, gc_error = gc_dry_run(ctx)
+    filters = admin_service.AdminFilters(user=user, vm_type=vm_type, status=status, provider=provider,
+                                         session_status=session_status, ended=ended)
+    data = admin_service.overview(ctx, current[0], filters)
     return _page(request, "admin.html", {
-        "vms": [views.vm_row(vm) for vm in vms], "sessions": auths, "users": users, "names": names,
-        "sso_users": sso_users,
-        "filters": {"user": user, "vm_type": vm_type, "status": status, "provider": provider,
-                    "session_status": session_status, "ended": ended},
+        "vms": [views.vm_row(vm) for vm in data.vms], "sessions": data.sessions, "users": data.users,
+        "names": data.names, "filters": filters,
         "vm_statuses": [s.value for s in VmStatus], "auth_statuses": [s.value for s in AuthStatus],
-        "providers": _providers(ctx), "gc_available": gc_available, "gc_rows": gc_rows, "gc_error": gc_error,
+        "providers": dashboard_service.provider_choices(ctx),
+        "gc": admin_service.gc_preview(ctx, current[0], GarbageCollector(ctx)),
         "ago": views.ago, "utc": views.utc,
     }, current=current)
 
@@ -509,17 +437,13 @@ def admin_session(request: Request, session_id: str) -> Response:
     current = _require_admin(request)
     if isinstance(current, HTMLResponse):
         return current
-    ctx = _ctx(request)
     try:
-        auth = auth_flow.get_session(ctx, current[0], session_id)
-        events = auth_flow.session_events(ctx, current[0], session_id)
+        detail = admin_service.session_detail(_ctx(request), current[0], session_id)
     except NotFound:
         return _error_page(request, current, "No such session", "There is no sign-in session with that id.", 404)
-    with ctx.db.read() as db:
-        owner = db.get(User, auth.user_id)
     return _page(request, "admin_timeline.html", {
-        "title": f"Sign-in {auth.id}", "subject": auth, "kind": "session", "owner": owner.name if owner else "",
-        "rows": views.timeline(events), "utc": views.utc,
+        "title": f"Sign-in {detail.session.id}", "subject": detail.session, "kind": "session",
+        "owner": detail.owner, "rows": views.timeline(detail.events), "utc": views.utc,
     }, current=current)
 
 
@@ -528,17 +452,11 @@ def admin_vm(request: Request, vm_id: str) -> Response:
     current = _require_admin(request)
     if isinstance(current, HTMLResponse):
         return current
-    ctx = _ctx(request)
-    from remotecli.db.models import Event
-
     try:
-        vm = vm_manager.get_vm(ctx, current[0], vm_id)
+        detail = admin_service.vm_detail(_ctx(request), current[0], vm_id)
     except NotFound:
         return _error_page(request, current, "No such VM", "There is no VM with that id.", 404)
-    with ctx.db.read() as db:
-        events = list(db.scalars(select(Event).where(Event.vm_id == vm_id).order_by(Event.at, Event.id)))
-        owner = db.get(User, vm.user_id)
     return _page(request, "admin_timeline.html", {
-        "title": f"VM {vm.id}", "subject": vm, "kind": "vm", "owner": owner.name if owner else "",
-        "vm": views.vm_row(vm), "rows": views.timeline(events), "utc": views.utc,
+        "title": f"VM {detail.vm.id}", "subject": detail.vm, "kind": "vm", "owner": detail.owner,
+        "vm": views.vm_row(detail.vm), "rows": views.timeline(detail.events), "utc": views.utc,
     }, current=current)

@@ -1,4 +1,4 @@
-"""What the dashboard shows, computed from the records (pure functions and small queries, no HTML).
+"""What the dashboard shows, in words, from what the services read (pure functions, no queries, no HTML).
 
 Kept apart from the routes so that the wording and the step logic are unit-tested directly.
 """
@@ -9,11 +9,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-
-from remotecli.context import AppContext
-from remotecli.db.models import AuthSession, Event, Vm, utcnow
-from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.db.models import Event, Vm, utcnow
+from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, AuthStatus, VmStatus, VmType
+from remotecli.services.dashboard import ProviderSignIn
 
 # ----------------------------------------------------------------------------------------------
 # Times in words
@@ -128,41 +126,28 @@ class ProviderCredential:
     action: str = "Authenticate"
 
 
-def provider_credentials(ctx: AppContext, user_id: str, profiles: dict[str, Any],
-                         now: dt.datetime | None = None) -> list[ProviderCredential]:
+def provider_credentials(sign_ins: list[ProviderSignIn], now: dt.datetime | None = None) -> list[ProviderCredential]:
     """For each provider: is the user's CLI workspace signed in (from completed sessions' metadata)?"""
     now = now or utcnow()
-    with ctx.db.read() as session:
-        sessions = list(session.scalars(
-            select(AuthSession).where(AuthSession.user_id == user_id).order_by(AuthSession.created_at.desc())
-        ))
-        live_cli = session.scalars(select(Vm).where(
-            Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
-            Vm.status.not_in([s.value for s in VM_TERMINAL]),
-        )).one_or_none()
     rows = []
-    for name, profile in sorted(profiles.items()):
-        display = str(getattr(profile, "display_name", name))
-        mine = [s for s in sessions if s.provider == name]
-        completed = next((s for s in mine if s.status == AuthStatus.COMPLETED.value), None)
-        live = next((s for s in mine if AuthStatus(s.status) not in AUTH_TERMINAL
-                     and (s.expires_at is None or s.expires_at > now)), None)
-        row = ProviderCredential(provider=name, name=display, state="none", state_words="Not signed in")
+    for item in sign_ins:
+        row = ProviderCredential(provider=item.provider, name=item.display_name, state="none",
+                                 state_words="Not signed in")
+        completed = item.completed
         if completed is not None:
-            meta = completed.credential_meta or {}
+            meta = completed.credential_meta
             expires = parse_time(meta.get("expires_at"))
             row.account = str(meta.get("account") or "")
             row.expires = utc(expires)
             row.expires_relative = relative(expires, now)
-            row.signed_in = relative(completed.delivered_at or completed.updated_at, now)
+            row.signed_in = relative(completed.signed_in_at, now)
             row.action = "Re-authenticate"
-            if live_cli is not None and completed.cli_vm_id == live_cli.id:
+            if completed.on_live_cli_vm:
                 row.state, row.state_words = "signed_in", "Signed in"
             else:
                 row.state = "lost"
                 row.state_words = "Signed in earlier, but that CLI workspace was replaced: sign in again"
-        if live is not None:
-            row.live_session_id = live.id
+        row.live_session_id = item.live_session_id
         rows.append(row)
     return rows
 
@@ -228,27 +213,6 @@ def auth_steps(status: str, *, cli_ready: bool, ended_from: str | None = None) -
             continue
         steps.append(Step(key, label, "done" if i < index else "active" if i == index else "todo"))
     return steps
-
-
-def session_progress(ctx: AppContext, auth: AuthSession) -> list[Step]:
-    """``auth_steps`` for a stored session (looks at its CLI VM and, once ended, its last move)."""
-    with ctx.db.read() as session:
-        cli_ready = False
-        if auth.cli_vm_id:
-            vm = session.get(Vm, auth.cli_vm_id)
-            cli_ready = vm is not None and vm.status == VmStatus.RUNNING.value
-        if not cli_ready:
-            live = session.scalars(select(Vm).where(
-                Vm.user_id == auth.user_id, Vm.vm_type == VmType.CLI.value, Vm.status == VmStatus.RUNNING.value,
-            )).first()
-            cli_ready = live is not None
-        ended_from = None
-        if AuthStatus(auth.status) in AUTH_TERMINAL:
-            ended_from = session.scalars(
-                select(Event.from_status).where(Event.session_id == auth.id, Event.to_status == auth.status)
-                .order_by(Event.id.desc()).limit(1)
-            ).first()
-    return auth_steps(auth.status, cli_ready=cli_ready, ended_from=ended_from)
 
 
 # ----------------------------------------------------------------------------------------------

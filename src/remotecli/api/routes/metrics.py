@@ -16,13 +16,12 @@ import ipaddress
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from sqlalchemy import func, select
 
 from remotecli.api.deps import Ctx
 from remotecli.background.common import STATS, reason_bucket
-from remotecli.db.models import AuthSession, Vm
 from remotecli.domain.states import AuthStatus, VmStatus, VmType
 from remotecli.errors import AuthenticationRequired, PermissionDenied
+from remotecli.services import metrics as metrics_service
 from remotecli.services.users import authenticate_token
 
 router = APIRouter(tags=["health"])
@@ -81,12 +80,8 @@ def _authorize(request: Request, ctx: Ctx) -> None:
 
 def render(ctx: Ctx) -> str:
     out = _Writer()
-    with ctx.db.read() as session:
-        vm_counts = {(t, s): n for t, s, n in session.execute(
-            select(Vm.vm_type, Vm.status, func.count()).group_by(Vm.vm_type, Vm.status)).all()}
-        session_counts = dict(session.execute(
-            select(AuthSession.status, func.count()).group_by(AuthSession.status)).all())
-        failed_reasons = list(session.scalars(select(Vm.status_reason).where(Vm.status == VmStatus.FAILED.value)))
+    counts = metrics_service.record_counts(ctx)
+    vm_counts, session_counts, failed_reasons = counts.vms, counts.sessions, counts.failed_reasons
     out.family("remotecli_vms", "gauge", "VM rows by type and status.")
     for vm_type in VmType:
         for status in VmStatus:
