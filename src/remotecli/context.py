@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from remotecli.agent.protocol import GuestAgent
 from remotecli.config import Settings
 from remotecli.crypto import SecretBox
 from remotecli.db.models import Vm
 from remotecli.db.session import Database
 from remotecli.drivers.base import VmDriver
-from remotecli.services.guest import agent_for, vm_agent_aad
+from remotecli.errors import AgentUnreachable
+
+
+def vm_agent_aad(vm: Vm | str) -> str:
+    """Associated data binding an encrypted agent secret to its VM."""
+    vm_id = vm if isinstance(vm, str) else vm.id
+    return f"agent-secret:{vm_id}"
 
 
 @dataclass
@@ -38,13 +44,18 @@ class AppContext:
     def agent_secret(self, vm: Vm) -> str:
         return self.box.decrypt_text(vm.agent_secret_enc, vm_agent_aad(vm))
 
-    def agent(self, vm: Vm, timeout: float | None = None) -> Any:
-        """A guest-agent client for ``vm`` (see ``services.guest.GuestAgent``)."""
-        return agent_for(
-            self.driver,
+    def agent(self, vm: Vm, timeout: float | None = None) -> GuestAgent:
+        """A client of ``vm``'s guest agent, from the driver (``VmDriver.agent_client``); close it.
+
+        ``timeout`` bounds each request (default ``agent_request_timeout_s``). Raises
+        ``AgentUnreachable`` while the VM has no agent address yet.
+        """
+        if not vm.endpoint:
+            raise AgentUnreachable("The VM has no guest agent address yet; it is still starting.")
+        return self.driver.agent_client(
             vm.endpoint,
             self.agent_secret(vm),
-            timeout if timeout is not None else self.settings.agent_request_timeout_s,
+            timeout=timeout if timeout is not None else self.settings.agent_request_timeout_s,
         )
 
     def close(self) -> None:

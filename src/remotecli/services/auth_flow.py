@@ -36,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
+from remotecli.agent.protocol import OAuthFlowSpec, OAuthFlowStatus
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, User, Vm, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
@@ -416,12 +417,12 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: Any) -> None:
         deadline = time.monotonic() + ctx.settings.auth_page_timeout_s
         while time.monotonic() < deadline:
             state = agent.oauth_status(flow_id)
-            flow_status = str(state.get("status"))
-            if flow_status in ("awaiting_user", "exchanging", "completed", "denied"):
+            if state.status in (OAuthFlowStatus.AWAITING_USER, OAuthFlowStatus.EXCHANGING,
+                                OAuthFlowStatus.COMPLETED, OAuthFlowStatus.DENIED):
                 _move(ctx, auth, AuthStatus.AWAITING_USER, f"Log in to {profile.display_name} below")
                 return
-            if flow_status == "failed":
-                raise SessionFailure("browser_failed", str(state.get("error_code")))
+            if state.status is OAuthFlowStatus.FAILED:
+                raise SessionFailure("browser_failed", str(state.error_code))
             if _expired_or_ended(ctx, auth):
                 return
             time.sleep(POLL_S)
@@ -432,11 +433,10 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: Any) -> None:
         agent.close()
 
 
-def _oauth_spec(ctx: AppContext, profile: Any, flow_id: str) -> dict[str, Any]:
+def _oauth_spec(ctx: AppContext, profile: Any, flow_id: str) -> OAuthFlowSpec:
     """The OAuth agent's flow request for ``profile``, run as the Browser VM's browser user."""
-    spec: dict[str, Any] = profile.oauth_spec(flow_id)
-    spec.setdefault("browser", {}).setdefault("user", ctx.settings.browser_guest_user)
-    return spec
+    spec: OAuthFlowSpec = profile.oauth_spec(flow_id)
+    return spec.with_browser(user=ctx.settings.browser_guest_user)
 
 
 def _usable_browser_vm(ctx: AppContext, auth: AuthSession) -> Vm | None:
@@ -481,18 +481,17 @@ def _await_login(ctx: AppContext, auth: AuthSession, profile: Any, owner: str,
         last_lease = time.monotonic()
         while True:
             state = agent.oauth_status(auth.oauth_flow_id)
-            flow_status = str(state.get("status"))
-            if flow_status == "exchanging" and auth.status == AuthStatus.AWAITING_USER.value:
+            if state.status is OAuthFlowStatus.EXCHANGING and auth.status == AuthStatus.AWAITING_USER.value:
                 _move(ctx, auth, AuthStatus.EXCHANGING, f"Finishing sign-in with {profile.display_name}")
-            elif flow_status == "completed":
-                _capture(ctx, auth, profile, state.get("result") or {})
+            elif state.status is OAuthFlowStatus.COMPLETED:
+                _capture(ctx, auth, profile, state.result.as_dict() if state.result else {})
                 with contextlib.suppress(AgentError):
                     agent.oauth_cancel(auth.oauth_flow_id)  # wipes the tokens from the guest's memory
                 return
-            elif flow_status == "denied":
-                raise SessionFailure("oauth_denied", str(state.get("error_code") or "access_denied"))
-            elif flow_status == "failed":
-                code = str(state.get("error_code") or "oauth_error")
+            elif state.status is OAuthFlowStatus.DENIED:
+                raise SessionFailure("oauth_denied", state.error_code or "access_denied")
+            elif state.status is OAuthFlowStatus.FAILED:
+                code = state.error_code or "oauth_error"
                 raise SessionFailure("token_exchange_failed" if "exchange" in code else "oauth_error", code)
             if _expired_or_ended(ctx, auth) or stopping():
                 return

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from remotecli.agent.protocol import OAuthBrowser, OAuthFlowSpec, OAuthRedirect
 from remotecli.config import Settings
 from remotecli.errors import InvalidInput, RemotecliError
 
@@ -150,25 +151,25 @@ class ProviderProfile:
         """Files (relative to the CLI user's home) this profile writes; ``~/.claude.json`` only with an email."""
         return list(CREDENTIAL_FORMATS[self.credential_format].paths)
 
-    def oauth_spec(self, flow_id: str) -> dict[str, Any]:
-        """The body of ``AgentClient.oauth_start`` (``POST /v1/oauth/flows``) for this provider.
+    def oauth_spec(self, flow_id: str) -> OAuthFlowSpec:
+        """The request of ``GuestAgent.oauth_start`` (``POST /v1/oauth/flows``) for this provider.
 
-        ``browser.user`` is left to the caller (the controller's ``browser_guest_user``). The dict
-        carries the client secret when the profile has one: do not log it.
+        ``browser.user`` is left to the caller (the controller's ``browser_guest_user``, through
+        ``with_browser``). The spec carries the client secret when the profile has one: do not log it.
         """
-        return {
-            "flow_id": flow_id,
-            "authorize_url": self.authorize_url,
-            "token_url": self.token_url,
-            "client_id": self.client_id,
-            "client_secret": self.client_secret or None,
-            "scopes": list(self.scopes),
-            "redirect": {"host": self.redirect_host, "port": self.redirect_port, "path": self.redirect_path},
-            "pkce": self.pkce,
-            "extra_authorize_params": dict(self.extra_authorize_params),
-            "token_request_style": self.token_request_style,
-            "browser": {"display": ":0", "executable": "chromium", "extra_args": []},
-        }
+        return OAuthFlowSpec(
+            flow_id=flow_id,
+            authorize_url=self.authorize_url,
+            token_url=self.token_url,
+            client_id=self.client_id,
+            client_secret=self.client_secret or None,
+            scopes=self.scopes,
+            redirect=OAuthRedirect(host=self.redirect_host, port=self.redirect_port, path=self.redirect_path),
+            pkce=self.pkce,
+            extra_authorize_params=dict(self.extra_authorize_params),
+            token_request_style=self.token_request_style,
+            browser=OAuthBrowser(display=":0", executable="chromium", extra_args=()),
+        )
 
 
 def load_profiles(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, ProviderProfile]:

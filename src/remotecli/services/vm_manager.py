@@ -29,7 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from remotecli.agent.client import AgentCallError
-from remotecli.context import AppContext
+from remotecli.context import AppContext, vm_agent_aad
 from remotecli.db.models import Vm, utcnow
 from remotecli.domain.states import VM_ENDING, VM_TERMINAL, VmStatus, VmType
 from remotecli.drivers.base import ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
@@ -51,7 +51,6 @@ from remotecli.errors import (
 )
 from remotecli.logging import get_logger, log_context
 from remotecli.services import access
-from remotecli.services.guest import vm_agent_aad
 from remotecli.services.transitions import StatusChanged, load_vm, record_event, set_vm_status
 from remotecli.services.users import Principal
 
@@ -165,7 +164,7 @@ def _validate_type(vm_type: str) -> VmType:
 
 
 def _resolve_image(ctx: AppContext, vm_type: VmType) -> ImageRef | None:
-    if ctx.driver.name == "fake":
+    if not ctx.driver.capabilities.guest_image:
         return None
     from remotecli import images
 
