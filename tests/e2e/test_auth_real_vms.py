@@ -34,7 +34,7 @@ def _oauth_state(ctx: AppContext, session_id: str) -> dict[str, Any]:
     vm = vm_manager.get_vm(ctx, None, auth.browser_vm_id)
     agent = ctx.agent(vm)
     try:
-        return dict(agent.oauth_status(auth.oauth_flow_id))
+        return agent.oauth_status(auth.oauth_flow_id).model_dump(mode="json")
     finally:
         agent.close()
 
