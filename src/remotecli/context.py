@@ -1,8 +1,18 @@
-"""The controller's shared objects, built once per process and handed to services."""
+"""The controller's shared objects, built once per process and handed to services.
+
+Besides the settings, the database, the VM driver and the secret box, a context carries:
+
+* ``providers``: the sign-in provider profiles (``services.providers.ProviderRegistry``, a
+  ``Mapping[str, ProviderProfile]``), loaded once, at first use, from the built-in profiles, the
+  config file and ``REMOTECLI_PROVIDER_*``; ``ctx.providers.reload()`` reads them again;
+* ``notifier``: in-process wake-ups (``remotecli.notifier``): a service that creates work for a
+  background loop (a new sign-in session) notifies its topic, the loop subscribed to it wakes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from remotecli.agent.protocol import GuestAgent
 from remotecli.config import Settings
@@ -11,6 +21,10 @@ from remotecli.db.models import Vm
 from remotecli.db.session import Database
 from remotecli.drivers.base import VmDriver
 from remotecli.errors import AgentUnreachable
+from remotecli.notifier import Notifier
+
+if TYPE_CHECKING:
+    from remotecli.services.providers import ProviderRegistry
 
 
 def vm_agent_aad(vm: Vm | str) -> str:
@@ -25,6 +39,15 @@ class AppContext:
     db: Database
     driver: VmDriver
     box: SecretBox
+    notifier: Notifier = field(default_factory=Notifier)
+    providers: ProviderRegistry = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The one import of services/ here: profile loading is configuration that lives beside
+        # the credential formats (services/providers.py); the registry reads nothing until used.
+        from remotecli.services.providers import ProviderRegistry
+
+        self.providers = ProviderRegistry(self.settings)
 
     @classmethod
     def create(cls, settings: Settings, *, driver: VmDriver | None = None, migrate: bool = True) -> AppContext:

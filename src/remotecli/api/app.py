@@ -20,22 +20,16 @@ def create_app(ctx: AppContext, *, background: bool | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from remotecli.background.gc import BackgroundLoops
-        from remotecli.services.auth_flow import AuthRunner
+        from remotecli.background.loops import BackgroundLoops
 
         # The reconciler's first pass runs at start-up: after a crash it adopts running VMs, fails
         # the dead and wedged ones, and removes orphans before sessions are picked up again.
         loops = BackgroundLoops(ctx) if run_loops else None
-        runner = AuthRunner(ctx) if run_loops else None
         if loops:
             loops.start()
-        if runner:
-            runner.start()
         try:
             yield
         finally:
-            if runner:
-                runner.stop()
             if loops:
                 loops.stop()
 

@@ -17,7 +17,7 @@ all controllers) and it is destroyed once seen for ``reconciler_orphan_grace_s``
 row still owns its directory (GC removes it after the TTL) but any process it still has is stopped.
 
 Sign-in sessions: sessions past ``expires_at`` whose worker lease is free become ``expired``
-(the same transition the AuthRunner makes; losing that race is fine). Browser VMs whose session
+(the same transition the sign-in worker makes; losing that race is fine). Browser VMs whose session
 has ended, or that no session references long after they were made, are destroyed.
 
 Every status change goes through ``services.transitions`` / ``vm_manager``; no transaction is open
@@ -43,6 +43,7 @@ from remotecli.drivers.base import HostVm, Liveness
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger, log_context
 from remotecli.services import vm_manager
+from remotecli.services.signin_state import STEP_MESSAGES
 from remotecli.services.transitions import StatusChanged, record_event, set_auth_status, set_vm_status
 
 MODULE = "reconciler"
@@ -364,8 +365,6 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------ sign-in sessions
     def _expire_sessions(self, report: PassReport, dry_run: bool) -> None:
-        from remotecli.services.auth_flow import STEP_MESSAGES
-
         now = utcnow()
         with self.ctx.db.read() as session:
             sessions = list(session.scalars(select(AuthSession).where(
@@ -388,7 +387,7 @@ class Reconciler:
                                     details={"controller": self.owner})
                 finding.result = "done"
             except (StatusChanged, RemotecliError):
-                finding.result = "lost"  # the AuthRunner got there first: fine
+                finding.result = "lost"  # the sign-in worker got there first: fine
 
     def _browser_vms(self, report: PassReport, dry_run: bool) -> None:
         s = self.ctx.settings

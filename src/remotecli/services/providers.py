@@ -41,8 +41,9 @@ import datetime as dt
 import json
 import os
 import re
+import threading
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "InvalidTokenResponse",
     "ProviderConfigError",
     "ProviderProfile",
+    "ProviderRegistry",
     "RenderedCredentials",
     "decode_jwt_claims",
     "load_profiles",
@@ -181,6 +183,53 @@ def load_profiles(settings: Settings, environ: Mapping[str, str] | None = None) 
     for name in list(raw):
         raw[name].update(_env_overrides(name, env))
     return {name: _build(name, table) for name, table in sorted(raw.items())}
+
+
+class ProviderRegistry(Mapping[str, ProviderProfile]):
+    """The provider profiles of one controller (``AppContext.providers``): loaded once, on first
+    use, by ``load_profiles`` from the built-in file, the config file and the environment.
+
+    A configuration error (``ProviderConfigError``) is raised where a profile is first needed
+    (e.g. starting a sign-in), and again on each later use until the configuration is fixed and
+    ``reload`` is called; a good load is kept for the context's life.
+    """
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        self._settings = settings
+        self._environ = environ
+        self._lock = threading.Lock()
+        self._profiles: dict[str, ProviderProfile] | None = None
+
+    def _loaded(self) -> dict[str, ProviderProfile]:
+        profiles = self._profiles
+        if profiles is None:
+            with self._lock:
+                if self._profiles is None:
+                    self._profiles = load_profiles(self._settings, self._environ)
+                profiles = self._profiles
+        return profiles
+
+    def reload(self) -> None:
+        """Read the profiles again at next use (after the config file or the environment changed)."""
+        with self._lock:
+            self._profiles = None
+
+    def display_name(self, name: str) -> str:
+        """The provider's name for people (``name`` itself when no profile has it any more)."""
+        profile = self._loaded().get(name)
+        return profile.display_name if profile is not None else name
+
+    def __getitem__(self, name: str) -> ProviderProfile:
+        return self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def __repr__(self) -> str:
+        return f"ProviderRegistry({sorted(self._profiles) if self._profiles is not None else 'not loaded'})"
 
 
 def _builtin_tables() -> dict[str, dict[str, Any]]:

@@ -35,22 +35,19 @@ ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorOut} for code
 
 
 def _out(ctx: AppContext, request: Request, principal: Principal, auth: AuthSession) -> AuthSessionOut:
-    profiles = auth_flow._profiles(ctx)
-    profile = profiles.get(auth.provider)
     vnc_url = None
     ticket = tickets.vnc_ticket(ctx, principal, auth)
     if ticket:
         base = str(request.base_url).rstrip("/")
         ws_base = "wss" + base[len("https"):] if base.startswith("https") else "ws" + base[len("http"):]
         vnc_url = f"{ws_base}/api/v1/auth-sessions/{auth.id}/vnc?token={ticket}"
-    return AuthSessionOut.of(auth, getattr(profile, "display_name", auth.provider), vnc_url)
+    return AuthSessionOut.of(auth, ctx.providers.display_name(auth.provider), vnc_url)
 
 
 @router.get("/api/v1/providers", response_model=ProviderListOut, responses=ERRORS)
 def list_providers(ctx: Ctx, principal: CurrentPrincipal) -> ProviderListOut:
     """Providers a user can sign in to (their profiles, without client secrets)."""
-    profiles = auth_flow._profiles(ctx)
-    return ProviderListOut(items=[ProviderOut.of(name, profile) for name, profile in sorted(profiles.items())])
+    return ProviderListOut(items=[ProviderOut.of(name, profile) for name, profile in sorted(ctx.providers.items())])
 
 
 @router.post("/api/v1/auth-sessions", response_model=AuthSessionOut, status_code=status.HTTP_201_CREATED,
