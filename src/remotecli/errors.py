@@ -21,7 +21,7 @@ code or parent disagrees: add new error classes to this tree.
     ├── AuthenticationRequired          401 authentication_required
     │   └── TicketInvalid               401 ticket_invalid
     ├── PermissionDenied                403 permission_denied
-    │   └── CsrfFailed                  403 csrf_failed                [web/sessions.py]
+    │   └── CsrfFailed                  403 csrf_failed                [services/dashboard_sessions.py]
     ├── NotFound                        404 not_found
     │   ├── VmNotFound                  404 vm_not_found
     │   ├── UserNotFound                404 user_not_found
