@@ -29,6 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from remotecli.agent.client import AgentCallError
+from remotecli.agent.protocol import ExecResult
 from remotecli.context import AppContext, vm_agent_aad
 from remotecli.db.models import Vm, utcnow
 from remotecli.domain.states import VM_ENDING, VM_TERMINAL, VmStatus, VmType
@@ -644,7 +645,7 @@ def exec_in_vm(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     stdin: bytes | None = None,
-) -> Any:
+) -> ExecResult:
     """Run ``argv`` in the guest through its agent and wait; returns the agent's ``ExecResult``.
 
     Running a command is *use* of the VM (services/access.py): only its owner may, admins
