@@ -246,7 +246,7 @@ def test_api_sessions_and_vnc_ticket(
         assert client.get(f"/api/v1/auth-sessions/{session_id}/events", headers=b).status_code == 404
         assert client.delete(f"/api/v1/auth-sessions/{session_id}", headers=b).status_code == 404
         wait_for(ctx, session_id, status_is("awaiting_user"))
-        body = client.get(f"/api/v1/auth-sessions/{session_id}", headers=a).json()
+        body = client.get(f"/api/v1/auth-sessions/{session_id}?vnc=1", headers=a).json()
         assert body["vnc_url"].startswith("ws://") and "token=" in body["vnc_url"]
         ticket = body["vnc_url"].split("token=")[1]
         # A ticket is single-use, bound to its session, and useless to anyone else's session.

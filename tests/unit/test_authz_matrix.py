@@ -634,14 +634,14 @@ def test_vnc_websocket_matrix(world: World, fake_streams: list[str]) -> None:
     base = f"/api/v1/auth-sessions/{session_id}/vnc"
     # owner: the session's vnc_url opens the login screen, through either credential.
     for auth_kind in ("bearer", "cookie"):
-        answer = _request(world, "owner", "GET", f"/api/v1/auth-sessions/{session_id}", auth=auth_kind)
+        answer = _request(world, "owner", "GET", f"/api/v1/auth-sessions/{session_id}?vnc=1", auth=auth_kind)
         assert answer.status_code == 200 and answer.json()["vnc_url"], answer.text
         ticket = answer.json()["vnc_url"].split("token=")[1]
         _ws_echo(world, f"{base}?token={ticket}")
     assert fake_streams == [f"tcp:{browser}", f"tcp:{browser}"]
     # admin: sees the session but gets no vnc_url (the screen is the owner's); other: 404.
     before = _snapshot(world.ctx)
-    admin_view = _request(world, "admin", "GET", f"/api/v1/auth-sessions/{session_id}", auth="bearer")
+    admin_view = _request(world, "admin", "GET", f"/api/v1/auth-sessions/{session_id}?vnc=1", auth="bearer")
     assert admin_view.status_code == 200 and admin_view.json()["vnc_url"] is None, admin_view.text
     assert _snapshot(world.ctx) == before  # and no ticket was issued to the admin
     for role in ("other", "admin"):

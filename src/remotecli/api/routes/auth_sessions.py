@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Request, WebSocket, status
+from fastapi import APIRouter, Query, Request, WebSocket, status
 from starlette.concurrency import run_in_threadpool
 
 from remotecli.api import ws_bridge
@@ -21,25 +22,15 @@ from remotecli.api.schemas import (
     ProviderOut,
 )
 from remotecli.context import AppContext
-from remotecli.db.models import AuthSession
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger
 from remotecli.services import auth_flow, tickets
 from remotecli.services.auth_session_view import session_out
-from remotecli.services.users import Principal
 
 router = APIRouter(tags=["auth-sessions"])
 log = get_logger("vnc-proxy")
 
 ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorOut} for code in (400, 401, 404, 409, 422, 429)}
-
-
-def _out(ctx: AppContext, request: Request, principal: Principal, auth: AuthSession) -> AuthSessionOut:
-    vnc_url = None
-    ticket = tickets.vnc_ticket(ctx, principal, auth)
-    if ticket:
-        vnc_url = ws_bridge.ws_url(request, ctx.settings, f"/api/v1/auth-sessions/{auth.id}/vnc?token={ticket}")
-    return session_out(ctx, auth, vnc_url)
 
 
 @router.get("/api/v1/providers", response_model=ProviderListOut, responses=ERRORS)
@@ -54,7 +45,7 @@ def create_auth_session(body: AuthSessionCreateIn, request: Request, ctx: Ctx,
                         principal: CurrentPrincipal) -> AuthSessionOut:
     """Start signing in to ``provider``: poll the returned session until it is ``completed``."""
     auth = auth_flow.start_session(ctx, principal, body.provider)
-    return _out(ctx, request, principal, auth)
+    return session_out(ctx, auth)
 
 
 @router.get("/api/v1/auth-sessions", response_model=AuthSessionListOut, responses=ERRORS)
@@ -66,9 +57,18 @@ def list_auth_sessions(
 
 
 @router.get("/api/v1/auth-sessions/{session_id}", response_model=AuthSessionOut, responses=ERRORS)
-def get_auth_session(session_id: str, request: Request, ctx: Ctx, principal: CurrentPrincipal) -> AuthSessionOut:
-    """Status, a message in words, ``vnc_url`` while the user must log in, credential metadata when done."""
-    return _out(ctx, request, principal, auth_flow.get_session(ctx, principal, session_id))
+def get_auth_session(session_id: str, request: Request, ctx: Ctx, principal: CurrentPrincipal,
+                     vnc: Annotated[bool, Query(description="Also issue a one-time vnc_url (for the session's "
+                                                            "owner, while it awaits the user)")] = False,
+                     ) -> AuthSessionOut:
+    """Status, a message in words, credential metadata when done; with ``?vnc=1``, while the user must
+    log in, a one-time ``vnc_url`` for the login screen. A plain status poll issues no ticket."""
+    auth = auth_flow.get_session(ctx, principal, session_id)
+    ticket = tickets.vnc_ticket(ctx, principal, auth) if vnc else None
+    if ticket is None:
+        return session_out(ctx, auth)
+    return session_out(ctx, auth, ws_bridge.ws_url(request, ctx.settings,
+                                                   f"/api/v1/auth-sessions/{auth.id}/vnc?token={ticket}"))
 
 
 @router.get("/api/v1/auth-sessions/{session_id}/events", response_model=EventListOut, responses=ERRORS)
@@ -80,7 +80,7 @@ def get_auth_session_events(session_id: str, ctx: Ctx, principal: CurrentPrincip
 @router.delete("/api/v1/auth-sessions/{session_id}", response_model=AuthSessionOut, responses=ERRORS)
 def cancel_auth_session(session_id: str, request: Request, ctx: Ctx, principal: CurrentPrincipal) -> AuthSessionOut:
     """Cancel the sign-in; its Browser VM is destroyed."""
-    return _out(ctx, request, principal, auth_flow.cancel_session(ctx, principal, session_id))
+    return session_out(ctx, auth_flow.cancel_session(ctx, principal, session_id))
 
 
 class _VncView:
