@@ -31,6 +31,13 @@ Overrides, later ones winning:
 
 Client secrets never appear in ``repr``/``str`` of a profile, in exceptions or in metadata, and the
 rendered credential files' contents are not in their ``repr``.
+
+A controller reads the profiles once, through ``ProviderRegistry`` (``AppContext.providers``).
+
+Why this module is over 400 lines: it is two halves of one contract, kept together on purpose —
+loading and validating profiles (a profile names its ``credential_format``) and the three
+credential formats that name checks against. Splitting them would put each format's name and its
+file shapes in two places.
 """
 
 from __future__ import annotations
