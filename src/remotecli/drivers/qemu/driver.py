@@ -11,6 +11,7 @@ Per VM directory ``<vms_dir>/<vm-id>/`` (mode 0700)::
     qemu.log      QEMU's own stderr during start-up
     qemu.pid      written by QEMU (-pidfile)
     qmp.sock      QMP control socket
+    qemu.uid      the uid (= gid) this VM's QEMU drops to, kept for the VM's life (confinement.allocate_uid)
     vm.json       this driver's record: port, pid, accel, image paths and hash, argv (no secrets)
 
 QEMU runs with ``-daemonize``: when the launching command returns 0, the QMP socket and the port
@@ -326,16 +327,17 @@ class QemuDriver(VmDriver):
     def guest_confinement(self, *, repair: bool = False) -> Availability:
         wanted = self.settings.guest_network_isolation != "off"
         current = confinement.inspect(self.settings)
-        if repair and (current.firewall != wanted or (current.user is None and self.settings.qemu_user)):
+        if repair and (current.firewall != wanted or (current.uids is None and self.settings.qemu_uid_range)):
             try:
                 current = confinement.confine(self.settings)
             except DriverUnavailable as exc:
                 return Availability(ok=False, detail=exc.message)
         # Worth a repair: rules are wanted and the host could load them (root, a QEMU user, nft).
-        repairable = (wanted and not current.firewall and os.geteuid() == 0 and bool(self.settings.qemu_user)
+        repairable = (wanted and not current.firewall and os.geteuid() == 0 and bool(self.settings.qemu_uid_range)
                       and shutil.which("nft") is not None)
         return Availability(ok=current.firewall or not wanted, detail=current.detail,
-                            facts={"repairable": "yes" if repairable else "no"})
+                            facts={"repairable": "yes" if repairable else "no",
+                                   "egress": confinement.egress_policy(self.settings)})
 
     def _argv(
         self,
@@ -450,9 +452,12 @@ class QemuDriver(VmDriver):
         host.write_private_file(paths.config, host.config_disk(spec).encode())
         # Before every launch: the rules are replaced atomically, so a flushed ruleset comes back.
         confined = confinement.confine(self.settings)
+        # One uid per VM (kept across its boots): no QEMU can signal or ptrace another VM's.
+        user = (confinement.allocate_uid(self.settings.vms_dir, paths.directory, spec.vm_type, confined.uids)
+                if confined.uids is not None else None)
         attempts = TCG_BOOT_ATTEMPTS if accel == "tcg" else 1
         for attempt in range(1, attempts + 1):
-            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, confined.user)
+            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, user)
             new_record = {
                 "vm_id": spec.vm_id,
                 "vm_type": spec.vm_type,
@@ -461,7 +466,8 @@ class QemuDriver(VmDriver):
                 "port": port,
                 "endpoint": f"tcp://127.0.0.1:{port}",
                 "accel": accel,
-                "qemu_user": confined.runas_name,
+                "qemu_uid": user.uid if user else None,
+                "qemu_gid": user.gid if user else None,
                 "guest_network_isolation": confined.firewall,
                 "vcpus": spec.vcpus,
                 "memory_mib": spec.memory_mib,
