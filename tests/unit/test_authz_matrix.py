@@ -252,8 +252,12 @@ API_ROWS = [
     Row("GET", "/api/v1/vms", _VMS[0], _VMS[1], _VMS[2]),
     # ?all=true is for admins; anyone else still gets their own VMs only.
     Row("GET", "/api/v1/vms", _VMS[0], _VMS[1], _VMS[3], query="all=true"),
-    Row("POST", "/api/v1/vms", Want(201, mine=True), Want(201, mine=True), Want(201, mine=True),
-        body={"vm_type": "browser"}),
+    # Users create CLI VMs; the owner has one already (409). Browser VMs are the sign-ins' only
+    # (ADR 0009): refused to everyone, admins included, and nothing is created.
+    Row("POST", "/api/v1/vms", Want(409, "already_exists"), Want(201, mine=True), Want(201, mine=True),
+        body={"vm_type": "cli"}),
+    Row("POST", "/api/v1/vms", Want(403, "browser_vm_not_allowed"), Want(403, "browser_vm_not_allowed"),
+        Want(403, "browser_vm_not_allowed"), body={"vm_type": "browser"}),
     # The owner has a live CLI VM (200, theirs); the others get a new one of their own (201).
     Row("POST", "/api/v1/vms/ensure", Want(200, mine=True), Want(201, mine=True), Want(201, mine=True),
         body={"vm_type": "cli"}),
