@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.db.models import ApiToken, Event, Vm
 from remotecli.domain.states import VmStatus

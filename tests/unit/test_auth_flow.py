@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.background import signins
 from remotecli.background.reconciler import Reconciler
 from remotecli.context import AppContext

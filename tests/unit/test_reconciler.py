@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, update
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.background import signins
 from remotecli.background.gc import GarbageCollector
 from remotecli.background.reconciler import Reconciler

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.crypto import DecryptionFailed, SecretBox, load_or_create_key
 from remotecli.db.models import Event, Vm

@@ -14,7 +14,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from remotecli.agent.protocol import PtyData
 from remotecli.api import ws_bridge
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, WsTicket
