@@ -41,7 +41,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocketDisconnect
 
 from remotecli.agent.protocol import PtyData
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.db.models import ApiToken, AuthSession, User, Vm, WsTicket, utcnow
@@ -330,6 +330,7 @@ PUBLIC: dict[tuple[str, str], str] = {
     ("GET", "/openapi.json"): "the API's schema (documented as public in docs/security.md)",
     ("GET", "/docs"): "Swagger UI page for the schema (static HTML)",
     ("GET", "/docs/oauth2-redirect"): "part of the Swagger UI (static HTML)",
+    ("GET", "/docs/swagger-init.js"): "starts the Swagger UI (a constant script, api/docs.py)",
     ("GET", "/redoc"): "ReDoc page for the schema (static HTML)",
     ("POST", "/login"): "the sign-in form (login-CSRF double submit, throttled; test_login_form_and_logout)",
     ("GET", "/auth/oidc/login"): "single sign-on entry point: sends the browser to the identity provider",
@@ -338,6 +339,8 @@ PUBLIC: dict[tuple[str, str], str] = {
     ("MOUNT", "/static/vendor/novnc"): "noVNC from npm",
     ("MOUNT", "/static/vendor/xterm"): "xterm.js from npm",
     ("MOUNT", "/static/vendor/xterm-addon-fit"): "xterm.js fit add-on from npm",
+    ("MOUNT", "/static/vendor/swagger-ui"): "Swagger UI from npm (swagger-ui-dist), for /docs",
+    ("MOUNT", "/static/vendor/redoc"): "ReDoc from npm, for /redoc",
 }
 # Only present while single sign-on is installed (services/oidc.py): not an error when absent.
 OPTIONAL = {("GET", "/auth/oidc/login"), ("GET", "/auth/oidc/callback")}

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from remotecli.agent.guest import config as guest_config
@@ -20,16 +21,18 @@ SECRET = "agent-secret-" + "k" * 32
 def test_process_facts_of_a_live_and_an_ended_process() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker-arg"])
     try:
+        deadline = time.monotonic() + 10
+        while host.proc_cmdline(child.pid)[-1:] != ["marker-arg"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # between fork and exec the child still shows the parent's command line
         assert host.proc_cmdline(child.pid)[-1] == "marker-arg"
         assert not host.gone_or_zombie(child.pid)
         assert child.pid in set(host.other_pids())
         assert os.getpid() not in set(host.other_pids())
         child.kill()
         # Killed but not yet waited for: a zombie, which counts as gone.
-        for _ in range(200):
-            if host.gone_or_zombie(child.pid):
-                break
-            os.sched_yield()
+        deadline = time.monotonic() + 10
+        while not host.gone_or_zombie(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert host.gone_or_zombie(child.pid)
         host.reap(child.pid)
     finally:

@@ -19,7 +19,7 @@ from remotecli.logging import configure_logging
 def _serve(ctx: AppContext, host: str, port: int) -> None:
     import uvicorn
 
-    from remotecli.api.app import create_app
+    from remotecli.app import create_app
 
     settings = ctx.settings
     if bool(settings.tls_cert) != bool(settings.tls_key):
@@ -215,6 +215,9 @@ def doctor(as_json: bool) -> None:
 
                 checks.append(("single sign-on", *oidc.check_provider(ctx.settings)))
             checks.append(_drift_check(ctx))
+            from remotecli.services import forwarded
+
+            checks.append(forwarded.doctor_check(ctx.settings))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:
