@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from remotecli.api import docs
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.web import routes as web_routes

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.services import forwarded

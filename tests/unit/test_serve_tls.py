@@ -53,7 +53,7 @@ def test_no_hsts_over_plain_http(tmp_path: Path) -> None:
     """Plain HTTP (behind a TLS proxy, which sets its own) carries no HSTS header."""
     from fastapi.testclient import TestClient
 
-    from remotecli.api.app import create_app
+    from remotecli.app import create_app
     from remotecli.config import Settings
     from remotecli.context import AppContext
 
