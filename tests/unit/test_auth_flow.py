@@ -284,14 +284,23 @@ def test_live_sessions_per_user_are_limited(ctx: AppContext, alice: Principal) -
 # A CLI VM dead before the transfer: whoever finds it first, the timeline says it was skipped.
 
 
-def _replaced(ctx: AppContext, session_id: str) -> list[Event]:
-    return [e for e in _events(ctx, session_id) if e.kind == credentials.CLI_VM_REPLACED]
-
-
 def _awaiting_with_cli(ctx: AppContext, alice: Principal, provider: str = "codex") -> tuple[str, str]:
     auth = wait_for(ctx, auth_flow.start_session(ctx, alice, provider).id, status_is("awaiting_user"))
     assert auth.cli_vm_id
     return auth.id, auth.cli_vm_id
+
+
+def _completes_saying_skipped(ctx: AppContext, fake_driver: FakeDriver, session_id: str, first_cli: str) -> str:
+    """Log in; the session completes on another CLI VM and its timeline says, once, that
+    ``first_cli`` was skipped and why (it is dead). Returns the CLI VM it completed on."""
+    fake_driver.login_outcome = ("complete", TOKENS)
+    auth = wait_for(ctx, session_id, status_is("completed", "failed"))
+    assert auth.status == "completed" and auth.cli_vm_id and auth.cli_vm_id != first_cli, auth.message
+    replaced = [e for e in _events(ctx, session_id) if e.kind == credentials.CLI_VM_REPLACED]
+    assert [e.vm_id for e in replaced] == [first_cli]
+    assert first_cli in replaced[0].message and "not usable" in replaced[0].message
+    assert "dead" in replaced[0].message  # the reason, whoever found it
+    return auth.cli_vm_id
 
 
 def test_cli_vm_failed_by_the_reconciler_before_delivery_is_on_the_timeline(
@@ -301,13 +310,7 @@ def test_cli_vm_failed_by_the_reconciler_before_delivery_is_on_the_timeline(
     fake_driver.kill(first_cli)
     Reconciler(ctx).run_once()  # the reconciler notices first and fails it
     assert vm_manager.get_vm(ctx, None, first_cli).status == "failed"
-    fake_driver.login_outcome = ("complete", TOKENS)
-    auth = wait_for(ctx, session_id, status_is("completed", "failed"))
-    assert auth.status == "completed" and auth.cli_vm_id and auth.cli_vm_id != first_cli, auth.message
-    replaced = _replaced(ctx, session_id)
-    assert [e.vm_id for e in replaced] == [first_cli]
-    assert first_cli in replaced[0].message and "not usable" in replaced[0].message
-    assert "dead" in replaced[0].message  # the reason the reconciler recorded on the VM's row
+    _completes_saying_skipped(ctx, fake_driver, session_id, first_cli)
 
 
 def test_cli_vm_failed_by_ensure_before_delivery_is_on_the_timeline(
@@ -318,13 +321,7 @@ def test_cli_vm_failed_by_ensure_before_delivery_is_on_the_timeline(
     # Someone else asks for the user's workspace first (e.g. the terminal): ensure skips the dead VM.
     replacement, created = vm_manager.ensure_cli_vm(ctx, alice)
     assert created and vm_manager.get_vm(ctx, None, first_cli).status == "failed"
-    fake_driver.login_outcome = ("complete", TOKENS)
-    auth = wait_for(ctx, session_id, status_is("completed", "failed"))
-    assert auth.status == "completed" and auth.cli_vm_id == replacement.id, auth.message
-    replaced = _replaced(ctx, session_id)
-    assert [e.vm_id for e in replaced] == [first_cli]
-    assert first_cli in replaced[0].message and "not usable" in replaced[0].message
-    assert "dead" in replaced[0].message
+    assert _completes_saying_skipped(ctx, fake_driver, session_id, first_cli) == replacement.id
 
 
 def test_cli_vm_dead_at_the_liveness_proof_is_on_the_timeline_once(
@@ -333,12 +330,7 @@ def test_cli_vm_dead_at_the_liveness_proof_is_on_the_timeline_once(
     session_id, first_cli = _awaiting_with_cli(ctx, alice)
     fake_driver.kill(first_cli)  # nobody notices until the delivery proves the VM alive
     assert vm_manager.get_vm(ctx, None, first_cli).status == "running"
-    fake_driver.login_outcome = ("complete", TOKENS)
-    auth = wait_for(ctx, session_id, status_is("completed", "failed"))
-    assert auth.status == "completed" and auth.cli_vm_id and auth.cli_vm_id != first_cli, auth.message
-    replaced = _replaced(ctx, session_id)
-    assert [e.vm_id for e in replaced] == [first_cli]
-    assert "not usable" in replaced[0].message and "dead" in replaced[0].message
+    _completes_saying_skipped(ctx, fake_driver, session_id, first_cli)
     failed = vm_manager.get_vm(ctx, None, first_cli)
     assert failed.status == "failed" and "not usable for delivery" in (failed.status_reason or "")
 
