@@ -279,3 +279,13 @@ def test_allocate_uid_exhausted_and_concurrent(tmp_path: Path, monkeypatch: pyte
     for thread in threads:
         thread.join()
     assert len(got) == 40 and len(set(got)) == 40 and all(700100 <= uid <= 700199 for uid in got)
+
+
+def test_driver_reports_the_egress_policy_for_doctor_and_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from remotecli.drivers.qemu.driver import QemuDriver
+
+    settings = _settings(tmp_path, guest_allowed_networks_cli=["10.9.0.0/16"])
+    monkeypatch.setattr(confinement, "inspect", lambda s: confinement.Confinement(RANGE, True, "in force"))
+    state = QemuDriver(settings).guest_confinement()
+    assert state.ok and state.facts["egress"] == confinement.egress_policy(settings)
+    assert "CLI VMs 10.9.0.0/16" in state.facts["egress"] and "(except DNS)" in state.facts["egress"]
