@@ -21,7 +21,7 @@
 // Answers shaped like the real providers':
 //   - the token endpoint also accepts a JSON body (as Anthropic's does): it is re-posted
 //     form-encoded; a JSON authorization_code request must send back the authorization's `state`
-//     (Claude Code does, Anthropic checks it), and the answer is Anthropic's: no id_token, but
+//     (Claude Code does, Anthropic checks it), and the answer is Anthropic's, with
 //     `account` {uuid, email_address} and `organization` {uuid, name} objects; the Claude client's
 //     access tokens last 28800 s (expires_in 28800), as Anthropic's do;
 //   - OpenAI: the id_token carries the `https://api.openai.com/auth` claims (chatgpt_account_id,
@@ -290,11 +290,11 @@ async function main() {
     res.end(body);
   }
 
-  // Anthropic's token answer: the account and organization of the grant, no id_token.
+  // Anthropic's token answer: the account and organization of the grant. (Anthropic sends no
+  // id_token; one is kept here when `openid` was asked for, which tests of the OAuth agent use.)
   async function anthropicShape(doc) {
     const token = doc.access_token ? await provider.AccessToken.find(doc.access_token) : undefined;
     const sub = token ? token.accountId : 'unknown';
-    delete doc.id_token;
     doc.account = { uuid: `account-${sub}`, email_address: `${sub}@example.test` };
     doc.organization = { uuid: `org-${sub}`, name: `${sub}'s Organization` };
     return doc;
