@@ -27,7 +27,14 @@ from remotecli.config import Settings
 from remotecli.images.cli_constants import CliConstants, secret_digest
 from remotecli.services.providers import ProviderProfile, load_profiles
 
-__all__ = ["DifferenceKind", "ProviderDifference", "builtin_profiles", "differences", "installed_differences"]
+__all__ = [
+    "DifferenceKind",
+    "ProviderDifference",
+    "builtin_profiles",
+    "describe",
+    "differences",
+    "installed_differences",
+]
 
 DifferenceKind = Literal["drift", "override", "unchecked"]
 
@@ -59,16 +66,34 @@ def builtin_profiles(settings: Settings) -> dict[str, ProviderProfile]:
 
 
 def installed_differences(
-    settings: Settings, environ: Mapping[str, str] | None = None
+    settings: Settings,
+    effective: Mapping[str, ProviderProfile] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, CliConstants] | None, list[ProviderDifference]]:
     """The current cli image's recorded constants (``None``: not built, or built before they were
-    recorded) and their differences from the built-in and the effective profiles."""
+    recorded) and their differences from the built-in and the effective profiles (``effective``,
+    e.g. ``ctx.providers``; default: loaded from the settings and ``environ``)."""
     from remotecli.images.builder import installed_cli_constants
 
     constants = installed_cli_constants(settings)
     if constants is None:
         return None, []
-    return constants, differences(constants, builtin_profiles(settings), load_profiles(settings, environ))
+    current = effective if effective is not None else load_profiles(settings, environ)
+    return constants, differences(constants, builtin_profiles(settings), current)
+
+
+def describe(constants: Mapping[str, CliConstants] | None, found: list[ProviderDifference]) -> list[str]:
+    """Lines for ``images build`` / ``up`` / ``doctor``: the CLI versions, then each difference."""
+    if constants is None:
+        return ["provider profiles: the cli image records no CLI constants (not built, or built before "
+                "they were recorded): run 'remotecli images build cli'"]
+    lines = ["CLIs in the cli image: " + ", ".join(c.label for _, c in sorted(constants.items()))]
+    for item in found:
+        marker = {"drift": "DRIFT", "override": "override", "unchecked": "UNCHECKED"}[item.kind]
+        lines.append(f"{marker}: {item.message}")
+    if not any(item.kind != "override" for item in found):
+        lines.append("provider profiles match the CLIs' OAuth constants")
+    return lines
 
 
 def _value(profile: ProviderProfile, field: str) -> object:
