@@ -241,11 +241,11 @@ def doctor(as_json: bool) -> None:
                 from remotecli.services import oidc
 
                 checks.append(("single sign-on", *oidc.check_provider(ctx.settings)))
-            checks.append(_drift_check(ctx))
-            checks.extend(_provider_checks(ctx))
             from remotecli.services import forwarded
 
             checks.append(forwarded.doctor_check(ctx.settings))
+            checks.append(_drift_check(ctx))
+            checks.extend(_provider_checks(ctx))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:
