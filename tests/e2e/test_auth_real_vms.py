@@ -70,6 +70,7 @@ def _log_in_over_vnc(controller: Controller, body: dict[str, Any], user: str = "
     with RfbClient(body["vnc_url"]) as rfb:
         assert rfb.width >= 800 and rfb.height >= 600
         for attempt in range(3):
+            rfb.wake_keyboard()
             rfb.type_text(user)
             rfb.press("Tab")
             rfb.type_text(IDP_PASSWORD)

@@ -15,7 +15,8 @@ from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
-KEYSYMS = {"\t": 0xFF09, "\n": 0xFF0D, "Tab": 0xFF09, "Return": 0xFF0D, "Escape": 0xFF1B, "BackSpace": 0xFF08}
+KEYSYMS = {"\t": 0xFF09, "\n": 0xFF0D, "Tab": 0xFF09, "Return": 0xFF0D, "Escape": 0xFF1B, "BackSpace": 0xFF08,
+           "Shift_L": 0xFFE1}
 
 
 class RfbError(RuntimeError):
@@ -95,6 +96,13 @@ class RfbClient:
 
     def press(self, name: str) -> None:
         self.key(KEYSYMS[name])
+
+    def wake_keyboard(self, settle_s: float = 0.5) -> None:
+        """Press and release Shift (types nothing), then wait: under load the guest's first key event
+        after a connection can be spent on giving Chromium's window the input focus (seen as a
+        user name typed 'alice' arriving as 'lice'), so a text typed next would lose its first letter."""
+        self.press("Shift_L")
+        time.sleep(settle_s)
 
     def type_text(self, text: str) -> None:
         for char in text:
