@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     )
     cli_guest_user: str = "cli"
     cli_guest_home: str = "/home/cli"
+    # Persistent workspaces (services/workspaces.py, ADR 0011).
+    workspace_size_gib: int = Field(
+        default=20, ge=1, le=16384,
+        description="Size of each user's home volume (a sparse ext4 file: only what is written takes space)",
+    )
     browser_guest_user: str = "browser"
     browser_vnc_port: int = 5900
     run_background: bool = Field(default=True, description="Run the background loops in this process")
@@ -223,6 +228,10 @@ class Settings(BaseSettings):
         return self.shared_images_dir or self.data_dir / "images"
 
     @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
 
@@ -238,10 +247,11 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         """Create the data directory tree (mode 0700: it holds keys and VM secrets)."""
-        for path in (self.data_dir, self.vms_dir, self.images_dir, self.logs_dir):
+        for path in (self.data_dir, self.vms_dir, self.volumes_dir, self.images_dir, self.logs_dir):
             path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         os.chmod(self.vms_dir, 0o700)
+        os.chmod(self.volumes_dir, 0o700)
 
     def vm_defaults(self, vm_type: str) -> tuple[int, int]:
         """(vcpus, memory_mib) for a VM type."""

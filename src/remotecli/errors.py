@@ -32,6 +32,7 @@ code or parent disagrees: add new error classes to this tree.
     │   ├── VmNotRunning                409 vm_not_running
     │   ├── AuthSessionEnded            409 auth_session_ended
     │   ├── AlreadyExists               409 already_exists
+    │   ├── WorkspaceBusy               409 workspace_busy
     │   └── StatusChanged               409 status_changed             [services/transitions.py]
     ├── LimitExceeded                   429 limit_exceeded
     │   ├── TooManyAuthSessions         429 too_many_auth_sessions
@@ -41,6 +42,7 @@ code or parent disagrees: add new error classes to this tree.
     ├── RequestTooLarge                 413 request_too_large
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable
+    │   ├── WorkspaceUnavailable        503 workspace_unavailable
     │   └── ImageMissing                503 image_missing
     │       └── BuildToolMissing        503 build_tool_missing         [images/builder.py]
     ├── VmError                         502 vm_error
@@ -180,6 +182,13 @@ class AlreadyExists(Conflict):
     default_message = "That already exists."
 
 
+class WorkspaceBusy(Conflict):
+    code = "workspace_busy"
+    default_message = (
+        "Your workspace is still held by a VM that could not be proven stopped yet; try again in a minute."
+    )
+
+
 class LimitExceeded(RemotecliError):
     code = "limit_exceeded"
     http_status = 429
@@ -221,6 +230,14 @@ class Unavailable(RemotecliError):
 class DriverUnavailable(Unavailable):
     code = "driver_unavailable"
     default_message = "No VM driver can run on this host; 'remotecli doctor' says why."
+
+
+class WorkspaceUnavailable(Unavailable):
+    code = "workspace_unavailable"
+    default_message = (
+        "Your workspace's storage cannot be used right now; nothing in it was changed. "
+        "An operator can see why in the VM's timeline."
+    )
 
 
 class ImageMissing(Unavailable):

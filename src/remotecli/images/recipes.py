@@ -138,6 +138,8 @@ CLI = ImageRecipe(
         "curl",
         "ripgrep",
         "tzdata",
+        # e2fsck: remotecli-init checks the home volume (journal recovery) before mounting it.
+        "e2fsprogs",
     ),
     npm_packages=("@anthropic-ai/claude-code", "@openai/codex", "@google/gemini-cli"),
     users=(User(name="cli", uid=1000, home="/home/cli"),),

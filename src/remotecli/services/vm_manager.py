@@ -32,7 +32,7 @@ from remotecli.agent.client import AgentCallError
 from remotecli.context import AppContext
 from remotecli.db.models import Vm, utcnow
 from remotecli.domain.states import VM_ENDING, VM_TERMINAL, VmStatus, VmType
-from remotecli.drivers.base import ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
+from remotecli.drivers.base import HomeDisk, ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
 from remotecli.errors import (
     AgentError,
     AlreadyExists,
@@ -48,9 +48,11 @@ from remotecli.errors import (
     VmNotRunning,
     VmRateLimited,
     VmTerminal,
+    WorkspaceBusy,
+    WorkspaceUnavailable,
 )
 from remotecli.logging import get_logger, log_context
-from remotecli.services import access
+from remotecli.services import access, workspaces
 from remotecli.services.guest import vm_agent_aad
 from remotecli.services.transitions import StatusChanged, load_vm, record_event, set_vm_status
 from remotecli.services.users import Principal
@@ -139,7 +141,7 @@ def list_vms(
         return list(session.scalars(stmt))
 
 
-def spec_of(ctx: AppContext, vm: Vm, image: ImageRef | None = None) -> VmSpec:
+def spec_of(ctx: AppContext, vm: Vm, image: ImageRef | None = None, home: HomeDisk | None = None) -> VmSpec:
     from pathlib import Path
 
     return VmSpec(
@@ -150,6 +152,7 @@ def spec_of(ctx: AppContext, vm: Vm, image: ImageRef | None = None) -> VmSpec:
         directory=Path(vm.directory),
         agent_secret=ctx.agent_secret(vm),
         image=image,
+        home=home,
     )
 
 
@@ -202,6 +205,10 @@ def create_vm(
         raise InvalidInput(f"memory_mib must be between 128 and {ctx.settings.max_vm_memory_mib}.")
     _check_creation_rate(ctx, principal)
     image = _resolve_image(ctx, kind)
+    if kind is VmType.CLI:
+        # The user's home volume exists and no ended VM holds it any more (fenced), before a row
+        # exists: a workspace that cannot be used refuses the VM instead of failing it.
+        workspaces.prepare_home(ctx, principal.user_id, session_id=session_id)
 
     vm_id = f"vm-{uuid.uuid4()}"
     secret = secrets.token_urlsafe(32)
@@ -237,8 +244,19 @@ def create_vm(
             log_detail=f"live CLI VM exists for user {principal.user_id}",
         ) from None
     with log_context(vm_id=vm_id, user_id=principal.user_id, session_id=session_id):
-        _boot(ctx, vm, image, first_boot=True, session_id=session_id)
+        home = _attach_home(ctx, vm, session_id) if kind is VmType.CLI else None
+        _boot(ctx, vm, image, first_boot=True, session_id=session_id, home=home)
     return vm
+
+
+def _attach_home(ctx: AppContext, vm: Vm, session_id: str | None) -> HomeDisk:
+    """The user's home volume, attached to ``vm``; on failure the VM is ``failed`` with the reason."""
+    try:
+        return workspaces.attach_home(ctx, vm, session_id=session_id)
+    except (WorkspaceUnavailable, WorkspaceBusy) as exc:
+        _fail_quietly(ctx, vm, f"its home volume cannot be attached: {exc.log_detail or exc.message}",
+                      session_id=session_id)
+        raise
 
 
 def _check_creation_rate(ctx: AppContext, principal: Principal) -> None:
@@ -252,12 +270,13 @@ def _check_creation_rate(ctx: AppContext, principal: Principal) -> None:
         raise VmRateLimited(log_detail=f"user {principal.user_id}: {recent} VMs in the last minute")
 
 
-def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, session_id: str | None) -> None:
-    """creating/stopped → starting → (driver) → wait for agent → running; or → failed."""
+def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, session_id: str | None,
+          home: HomeDisk | None = None) -> None:
+    """creating/stopped → starting → (driver) → wait for agent (and its home mounted) → running; or → failed."""
     with ctx.db.transaction() as session:
         set_vm_status(session, vm, VmStatus.STARTING, module=MODULE,
                       message="Booting the VM" if first_boot else "Starting the VM again", session_id=session_id)
-    spec = spec_of(ctx, vm, image)
+    spec = spec_of(ctx, vm, image, home)
     started = time.monotonic()
     try:
         boot = ctx.driver.create(spec) if first_boot else ctx.driver.start(spec)
@@ -284,10 +303,13 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
                      details={"accel": boot.accel, "driver": ctx.driver.name})
     vm.endpoint = boot.endpoint
     remaining = max(1.0, ctx.settings.vm_boot_timeout_s - (time.monotonic() - started))
+    home_problem: tuple[str, bool] | None = None
     try:
         agent = ctx.agent(vm, timeout=min(5.0, remaining))
         try:
             agent.wait_ready(remaining)
+            if home is not None:
+                home_problem = workspaces.check_guest_home(home, agent.read_file)
         finally:
             agent.close()
     except AgentError as exc:
@@ -299,6 +321,23 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
         _fail_quietly(ctx, vm, f"the guest agent did not answer within {ctx.settings.vm_boot_timeout_s:.0f} s",
                       console=console, session_id=session_id)
         raise VmBootFailed(log_detail=exc.log_detail or exc.message) from exc
+    if home is not None and home_problem is not None:
+        problem, volume_broken = home_problem
+        console = ctx.driver.console_tail(spec, 20)
+        try:
+            ctx.driver.stop(spec, timeout=2.0)
+        except Exception:
+            log.exception("could not stop a VM whose home did not mount", extra={"vm_id": vm.id})
+        _fail_quietly(ctx, vm, f"its home volume was not mounted: {problem}", console=console, session_id=session_id)
+        if volume_broken:
+            volume = workspaces.attached_to(ctx, vm.id)
+            if volume is not None:
+                workspaces.mark_failed(ctx, volume, problem, vm_id=vm.id)
+        raise WorkspaceUnavailable(
+            f"Your workspace's home could not be mounted ({problem}); nothing in it was changed. "
+            "An operator can see the details in the VM's timeline.",
+            log_detail=problem,
+        )
     elapsed = time.monotonic() - started
     with ctx.db.transaction() as session:
         set_vm_status(session, vm, VmStatus.RUNNING, module=MODULE, message="Guest agent ready",
@@ -442,10 +481,20 @@ def _skip_stale(ctx: AppContext, vm: Vm, reason: str, session_id: str | None) ->
         ctx.driver.stop(spec_of(ctx, vm), timeout=2.0)
     except Exception:
         log.warning("could not stop the stale VM's process; the reconciler will", extra={"vm_id": vm.id})
+    _release_quietly(ctx, vm.id, session_id=session_id)
     with ctx.db.transaction() as session:
         record_event(session, module=MODULE, kind="vm.skipped",
                      message=f"Stale CLI VM skipped ({reason}); a new one will be prepared",
                      user_id=vm.user_id, vm_id=vm.id, session_id=session_id)
+
+
+def _release_quietly(ctx: AppContext, vm_id: str, *, session_id: str | None = None, module: str = MODULE) -> None:
+    """Detach the home volume of an ended VM once it is proven dead; else the reconciler will."""
+    try:
+        workspaces.release(ctx, vm_id, session_id=session_id, module=module)
+    except RemotecliError as exc:
+        log.warning("home volume stays attached to the ended VM for now: %s", exc.log_detail or exc.message,
+                    extra={"vm_id": vm_id})
 
 
 def _wait_while(ctx: AppContext, vm: Vm, status: VmStatus, *, session_id: str | None) -> None:
@@ -503,7 +552,8 @@ def start_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, sessio
         raise InvalidTransition(f"Only a stopped VM can be started; this one is {vm.status}.")
     image = _resolve_image(ctx, VmType(vm.vm_type))
     with log_context(vm_id=vm.id, user_id=vm.user_id):
-        _boot(ctx, vm, image, first_boot=False, session_id=session_id)
+        home = _attach_home(ctx, vm, session_id) if vm.vm_type == VmType.CLI.value else None
+        _boot(ctx, vm, image, first_boot=False, session_id=session_id, home=home)
     return vm
 
 
@@ -559,8 +609,11 @@ def destroy_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, reas
         log.exception("destroy failed; the reconciler will retry", extra={"vm_id": vm.id})
         raise DriverError(log_detail=repr(exc)) from exc
     with ctx.db.transaction() as session:
-        return set_vm_status(session, vm, VmStatus.DESTROYED, module=module, message="VM destroyed",
-                             expected=VmStatus.DESTROYING, session_id=session_id, endpoint=None)
+        set_vm_status(session, vm, VmStatus.DESTROYED, module=module, message="VM destroyed",
+                      expected=VmStatus.DESTROYING, session_id=session_id, endpoint=None)
+    if vm.vm_type == VmType.CLI.value:
+        _release_quietly(ctx, vm.id, session_id=session_id, module=module)
+    return vm
 
 
 def require_running(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
