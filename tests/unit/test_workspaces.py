@@ -329,3 +329,51 @@ def test_qemu_gives_the_home_as_a_third_disk_with_a_serial(tmp_path: Path) -> No
     assert QemuDriver._home_args(VmSpec(vm_id="vm-2", vm_type="cli", vcpus=1, memory_mib=256,
                                         directory=tmp_path, agent_secret="s" * 32)) == []
     assert QemuDriver(Settings(data_dir=tmp_path / "d")).name == "qemu"
+
+
+# -- rebuild --------------------------------------------------------------------------------------
+
+
+def test_rebuild_gives_a_new_vm_with_the_same_home(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    old, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    [volume] = _volumes(ctx)
+    new = vm_manager.rebuild_cli_vm(ctx, alice, old.id)
+    assert new.id != old.id and new.status == "running"
+    assert vm_manager.get_vm(ctx, alice, old.id).status == "destroyed"
+    # The old VM was shut down gracefully (home unmounted cleanly) before it was destroyed.
+    assert fake_driver.calls.index(("stop", old.id)) < fake_driver.calls.index(("destroy", old.id))
+    [after] = _volumes(ctx)
+    assert after.id == volume.id and after.attached_vm_id == new.id
+    assert fake_driver.home_of(new.id) == volume.location
+    with ctx.db.read() as session:
+        rebuilt = session.scalars(select(Event).where(Event.kind == "vm.rebuilt")).one()
+    assert rebuilt.vm_id == new.id and (rebuilt.details or {})["replaces"] == old.id
+    # Browser VMs have no home to keep.
+    browser = vm_manager.create_vm(ctx, alice, "browser")
+    from remotecli.errors import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        vm_manager.rebuild_cli_vm(ctx, alice, browser.id)
+
+
+def test_rebuild_over_http_is_the_owners_only(ctx: AppContext, fake_driver: FakeDriver) -> None:
+    from fastapi.testclient import TestClient
+
+    from remotecli.api.app import create_app
+
+    def token(name: str, admin: bool = False) -> tuple[Principal, dict[str, str]]:
+        user = users_service.create_user(ctx.db, name, is_admin=admin)
+        _, secret = users_service.create_token(ctx.db, user)
+        return Principal(user.id, user.name, admin), {"Authorization": f"Bearer {secret}"}
+
+    owner, owner_auth = token("owner")
+    _, admin_auth = token("root", admin=True)
+    vm, _ = vm_manager.ensure_cli_vm(ctx, owner)
+    with TestClient(create_app(ctx, background=False), raise_server_exceptions=False) as client:
+        refused = client.post(f"/api/v1/vms/{vm.id}/rebuild", headers=admin_auth)
+        assert refused.status_code == 404 and refused.json()["code"] == "vm_not_found"
+        answer = client.post(f"/api/v1/vms/{vm.id}/rebuild", headers=owner_auth)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+    assert body["id"] != vm.id and body["status"] == "running" and body["vm_type"] == "cli"
+    assert workspaces.attached_to(ctx, body["id"]) is not None

@@ -40,6 +40,7 @@ from remotecli.errors import (
     ImageMissing,
     InvalidInput,
     InvalidTransition,
+    NotFound,
     RemotecliError,
     TooManyExecs,
     UnknownVmType,
@@ -614,6 +615,44 @@ def destroy_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, reas
     if vm.vm_type == VmType.CLI.value:
         _release_quietly(ctx, vm.id, session_id=session_id, module=module)
     return vm
+
+
+def rebuild_cli_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+    """A new CLI VM on the current image with the same home (the way to take a new image or new
+    CLI versions). The old VM is shut down gracefully when it runs (its home is unmounted cleanly),
+    then destroyed; the home moves to the new VM after the old one is proven gone (ADR 0011).
+
+    Rebuilding is *use* of the VM: only its owner may (the operator's CLI may on any VM).
+    """
+    vm = get_vm(ctx, principal, vm_id)
+    if principal is not None:
+        access.ensure_own(principal.user_id, vm.user_id, VmNotFound())
+    if vm.vm_type != VmType.CLI.value:
+        raise InvalidInput("Only a CLI VM can be rebuilt; it keeps the user's home.")
+    with log_context(vm_id=vm.id, user_id=vm.user_id):
+        if vm.status in (VmStatus.RUNNING.value, VmStatus.PAUSED.value):
+            try:
+                stop_vm(ctx, None, vm.id)
+            except RemotecliError as exc:  # the destroy below kills it anyway
+                log.warning("graceful stop before a rebuild failed: %s", exc.code, extra={"vm_id": vm.id})
+        if vm_manager_status(ctx, vm.id) != VmStatus.DESTROYED.value:
+            destroy_vm(ctx, None, vm.id, reason="rebuilt on the current image")
+        with ctx.db.read() as session:
+            from remotecli.db.models import User
+
+            user = session.get(User, vm.user_id)
+        if user is None:
+            raise NotFound("The VM's user no longer exists.")
+        new, _ = ensure_cli_vm(ctx, Principal(user.id, user.name, user.is_admin))
+        with ctx.db.transaction() as session:
+            record_event(session, module=MODULE, kind="vm.rebuilt", message="CLI VM rebuilt with the same home",
+                         user_id=vm.user_id, vm_id=new.id, details={"replaces": vm.id, "image": new.image_hash})
+    return new
+
+
+def vm_manager_status(ctx: AppContext, vm_id: str) -> str | None:
+    with ctx.db.read() as session:
+        return session.scalar(select(Vm.status).where(Vm.id == vm_id))
 
 
 def require_running(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
