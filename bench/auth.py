@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from remotecli.api.app import create_app  # noqa: E402
+from remotecli.app import create_app  # noqa: E402
 from remotecli.context import AppContext  # noqa: E402
 from remotecli.services import users as users_service  # noqa: E402
 from remotecli.services import vm_manager  # noqa: E402

@@ -8,8 +8,10 @@ directory with mode 0600, never hard-coded here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -93,17 +95,18 @@ class Settings(BaseSettings):
     driver: Literal["auto", "qemu", "firecracker", "fake"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
 
-    # Guest confinement (drivers/qemu/confinement.py; docs/security.md, ADR 0007).
-    qemu_user: str = Field(
-        default="remotecli-qemu",
-        description="When the controller runs as root, QEMU drops to this system user (created if missing); "
-        "empty keeps QEMU as the controller's user",
+    # Guest confinement (drivers/qemu/confinement.py; docs/security.md, ADR 0007 and 0009).
+    qemu_uid_range: str = Field(
+        default="1900000000-1900065535",
+        description="When the controller runs as root, each QEMU drops to a uid (and gid) of its own from this "
+        "inclusive range 'FIRST-LAST' (CLI VMs the first half, Browser VMs the second); no account may use "
+        "these ids. Empty keeps QEMU as the controller's user",
     )
     guest_network_isolation: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Refuse guests' connections to the host's own addresses (controller API, other VMs' agents) "
-        "with nftables rules on QEMU's user; 'auto' enforces when root and nft are there, 'on' refuses to boot "
-        "a VM without it",
+        "and to private networks with nftables rules on QEMU's uids; 'auto' enforces when root and nft are "
+        "there, 'on' refuses to boot a VM without it",
     )
     guest_host_allowed_ports: list[int] = Field(
         default_factory=list,
@@ -111,7 +114,19 @@ class Settings(BaseSettings):
     )
     guest_blocked_networks: list[str] = Field(
         default_factory=lambda: ["169.254.0.0/16"],
-        description="Further IPv4 networks guests may not reach (default: link-local, i.e. cloud metadata)",
+        description="Further networks guests may not reach, even when an allowed network contains them",
+    )
+    guest_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Private networks ('10.1.0.0/16') or network:port pairs ('10.1.2.3:443', '[fd00::/64]:22') "
+        "every guest may reach again (an internal mirror); prefer the per-type settings",
+    )
+    guest_allowed_networks_cli: list[str] = Field(
+        default_factory=list, description="Like guest_allowed_networks, for CLI VMs only (an internal git server)"
+    )
+    guest_allowed_networks_browser: list[str] = Field(
+        default_factory=list,
+        description="Like guest_allowed_networks, for Browser VMs only (they need nothing private: keep it empty)",
     )
 
     cli_vm_memory_mib: int = Field(default=2048, ge=128)
@@ -173,6 +188,11 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_live_auth_sessions_per_user: int = Field(default=3, ge=1)
     max_vm_creations_per_user_per_minute: int = Field(default=10, ge=1)
+    max_live_vms_per_user: int | None = Field(
+        default=None, ge=1,
+        description="VMs one user may have live (not failed, destroying or destroyed) at once; default: one CLI "
+        "VM plus one Browser VM per sign-in (1 + max_live_auth_sessions_per_user)",
+    )
     max_login_attempts_per_15min: int = Field(default=10, ge=1)
     max_concurrent_execs_per_user: int = Field(
         default=4, ge=1, description="Commands one user may have running at once through the API (vms/{id}/exec)"
@@ -196,16 +216,49 @@ class Settings(BaseSettings):
 
     @field_validator("guest_blocked_networks")
     @classmethod
-    def _ipv4_networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
+    def _networks(cls, value: list[str]) -> list[str]:
         networks = []
         for item in value:
             try:
-                networks.append(str(ipaddress.IPv4Network(item.strip(), strict=False)))
+                networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
             except ValueError as exc:
-                raise ValueError(f"not an IPv4 network: {item!r}") from exc
+                raise ValueError(f"not an IPv4 or IPv6 network: {item!r}") from exc
         return networks
+
+    @field_validator("guest_allowed_networks", "guest_allowed_networks_cli", "guest_allowed_networks_browser")
+    @classmethod
+    def _destinations(cls, value: list[str]) -> list[str]:
+        return [str(parse_allowed_destination(item)) for item in value]
+
+    @field_validator("qemu_uid_range")
+    @classmethod
+    def _uid_range(cls, value: str) -> str:
+        text = value.strip()
+        if not text:
+            return ""
+        first, sep, last = text.partition("-")
+        try:
+            low, high = int(first), int(last)
+        except ValueError:
+            raise ValueError(f"qemu_uid_range must be 'FIRST-LAST' (two uids), got {value!r}") from None
+        if not sep or low < 1000 or high >= 2**32 - 1 or high - low < 1:
+            raise ValueError("qemu_uid_range must be 'FIRST-LAST' with 1000 <= FIRST < LAST < 4294967295")
+        return f"{low}-{high}"
+
+    @property
+    def qemu_uids(self) -> tuple[int, int] | None:
+        """qemu_uid_range as (first, last), or None when it is empty."""
+        if not self.qemu_uid_range:
+            return None
+        first, _, last = self.qemu_uid_range.partition("-")
+        return int(first), int(last)
+
+    @property
+    def live_vms_limit(self) -> int:
+        """max_live_vms_per_user, or its default: one CLI VM plus one Browser VM per live sign-in."""
+        if self.max_live_vms_per_user is not None:
+            return self.max_live_vms_per_user
+        return 1 + self.max_live_auth_sessions_per_user
 
     @classmethod
     def settings_customise_sources(
@@ -288,8 +341,6 @@ class Settings(BaseSettings):
 
 
 def _is_loopback_host(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -311,3 +362,44 @@ def oidc_issuer_problem(issuer: str) -> str | None:
     if parts.scheme == "http" and not _is_loopback_host(parts.hostname):
         return "the identity provider must be reached over https (plain http only on a loopback address)"
     return None
+
+
+@dataclass(frozen=True)
+class AllowedDestination:
+    """One entry of guest_allowed_networks*: a network, and a port (TCP and UDP) or None for all."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    port: int | None = None
+
+    def __str__(self) -> str:
+        if self.port is None:
+            return str(self.network)
+        if self.network.version == 6:
+            return f"[{self.network}]:{self.port}"
+        return f"{self.network}:{self.port}"
+
+
+def parse_allowed_destination(text: str) -> AllowedDestination:
+    """'10.1.0.0/16', '10.1.2.3', '10.1.2.3:443', '10.1.0.0/16:22', 'fd00::/64', '[fd00::1]:443'.
+    Addresses only: a name would be resolved by someone the guest may influence (DNS)."""
+    item = text.strip()
+    port: int | None = None
+    network_text = item
+    if item.startswith("["):
+        network_text, sep, rest = item[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"not a network or network:port: {text!r}")
+        port_text = rest[1:] if rest else None
+    elif item.count(":") == 1:
+        network_text, _, port_text = item.partition(":")
+    else:
+        port_text = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"not a port (1-65535) in {text!r}")
+        port = int(port_text)
+    try:
+        network = ipaddress.ip_network(network_text, strict=False)
+    except ValueError:
+        raise ValueError(f"not a network or network:port (addresses only, no names): {text!r}") from None
+    return AllowedDestination(network, port)

@@ -1,16 +1,36 @@
-"""The controller's shared objects, built once per process and handed to services."""
+"""The controller's shared objects, built once per process and handed to services.
+
+Besides the settings, the database, the VM driver and the secret box, a context carries:
+
+* ``providers``: the sign-in provider profiles (``services.providers.ProviderRegistry``, a
+  ``Mapping[str, ProviderProfile]``), loaded once, at first use, from the built-in profiles, the
+  config file and ``REMOTECLI_PROVIDER_*``; ``ctx.providers.reload()`` reads them again;
+* ``notifier``: in-process wake-ups (``remotecli.notifier``): a service that creates work for a
+  background loop (a new sign-in session) notifies its topic, the loop subscribed to it wakes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from remotecli.agent.protocol import GuestAgent
 from remotecli.config import Settings
 from remotecli.crypto import SecretBox
 from remotecli.db.models import Vm
 from remotecli.db.session import Database
 from remotecli.drivers.base import VmDriver
-from remotecli.services.guest import agent_for, vm_agent_aad
+from remotecli.errors import AgentUnreachable
+from remotecli.notifier import Notifier
+
+if TYPE_CHECKING:
+    from remotecli.services.providers import ProviderRegistry
+
+
+def vm_agent_aad(vm: Vm | str) -> str:
+    """Associated data binding an encrypted agent secret to its VM."""
+    vm_id = vm if isinstance(vm, str) else vm.id
+    return f"agent-secret:{vm_id}"
 
 
 @dataclass
@@ -19,6 +39,15 @@ class AppContext:
     db: Database
     driver: VmDriver
     box: SecretBox
+    notifier: Notifier = field(default_factory=Notifier)
+    providers: ProviderRegistry = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The one import of services/ here: profile loading is configuration that lives beside
+        # the credential formats (services/providers.py); the registry reads nothing until used.
+        from remotecli.services.providers import ProviderRegistry
+
+        self.providers = ProviderRegistry(self.settings)
 
     @classmethod
     def create(cls, settings: Settings, *, driver: VmDriver | None = None, migrate: bool = True) -> AppContext:
@@ -38,13 +67,18 @@ class AppContext:
     def agent_secret(self, vm: Vm) -> str:
         return self.box.decrypt_text(vm.agent_secret_enc, vm_agent_aad(vm))
 
-    def agent(self, vm: Vm, timeout: float | None = None) -> Any:
-        """A guest-agent client for ``vm`` (see ``services.guest.GuestAgent``)."""
-        return agent_for(
-            self.driver,
+    def agent(self, vm: Vm, timeout: float | None = None) -> GuestAgent:
+        """A client of ``vm``'s guest agent, from the driver (``VmDriver.agent_client``); close it.
+
+        ``timeout`` bounds each request (default ``agent_request_timeout_s``). Raises
+        ``AgentUnreachable`` while the VM has no agent address yet.
+        """
+        if not vm.endpoint:
+            raise AgentUnreachable("The VM has no guest agent address yet; it is still starting.")
+        return self.driver.agent_client(
             vm.endpoint,
             self.agent_secret(vm),
-            timeout if timeout is not None else self.settings.agent_request_timeout_s,
+            timeout=timeout if timeout is not None else self.settings.agent_request_timeout_s,
         )
 
     def close(self) -> None:

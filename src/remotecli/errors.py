@@ -21,7 +21,8 @@ code or parent disagrees: add new error classes to this tree.
     ├── AuthenticationRequired          401 authentication_required
     │   └── TicketInvalid               401 ticket_invalid
     ├── PermissionDenied                403 permission_denied
-    │   └── CsrfFailed                  403 csrf_failed                [web/sessions.py]
+    │   ├── CsrfFailed                  403 csrf_failed                [services/dashboard_sessions.py]
+    │   └── BrowserVmNotAllowed         403 browser_vm_not_allowed     [services/vm_manager.py]
     ├── NotFound                        404 not_found
     │   ├── VmNotFound                  404 vm_not_found
     │   ├── UserNotFound                404 user_not_found
@@ -38,7 +39,8 @@ code or parent disagrees: add new error classes to this tree.
     │   ├── TooManyAuthSessions         429 too_many_auth_sessions
     │   ├── VmRateLimited               429 vm_rate_limited
     │   ├── TooManyLoginAttempts        429 too_many_login_attempts
-    │   └── TooManyExecs                429 too_many_execs
+    │   ├── TooManyExecs                429 too_many_execs
+    │   └── TooManyLiveVms              429 too_many_live_vms          [services/vm_manager.py]
     ├── RequestTooLarge                 413 request_too_large
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable

@@ -27,8 +27,11 @@ _SECRET_PATTERNS = [
     re.compile(r"(?i)((?:access|refresh|id)_?token|secret|password|api_?key|authorization)(\"?\s*[:=]\s*\"?)[^\s\",}]{4,}"),
     re.compile(r"\brcli_[A-Za-z0-9_-]{16,}"),
     re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),  # JWTs
-    # OAuth values in a URL's query (an access log line of the single sign-on callback, say).
-    re.compile(r"([?&](?:code|state|nonce|code_verifier|client_secret|(?:access|refresh|id)_token)=)[^&\s\"'#]+"),
+    # OAuth values in a URL's query (an access log line of the single sign-on callback, say), and
+    # websocket tickets (uvicorn's own '"WebSocket /api/v1/vms/<id>/terminal?token=..." [accepted]'
+    # line, written even with the access log off).
+    re.compile(r"([?&](?:code|state|nonce|code_verifier|client_secret|token|ticket|(?:access|refresh|id)_token)=)"
+               r"[^&\s\"'#]+"),
 ]
 
 

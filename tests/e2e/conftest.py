@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal

@@ -34,7 +34,7 @@ def _oauth_state(ctx: AppContext, session_id: str) -> dict[str, Any]:
     vm = vm_manager.get_vm(ctx, None, auth.browser_vm_id)
     agent = ctx.agent(vm)
     try:
-        return dict(agent.oauth_status(auth.oauth_flow_id))
+        return agent.oauth_status(auth.oauth_flow_id).model_dump(mode="json")
     finally:
         agent.close()
 
@@ -55,6 +55,7 @@ def _start(controller: Controller, provider: str) -> dict[str, Any]:
     assert response.status_code == 201, response.text
     body = controller.wait_status(response.json()["id"], {"awaiting_user", "failed"})
     assert body["status"] == "awaiting_user", body
+    body = controller.api("GET", f"/api/v1/auth-sessions/{body['id']}?vnc=1").json()  # a status poll has none
     assert body["vnc_url"]
     return body
 
@@ -214,7 +215,7 @@ def test_gemini_wrong_state_is_refused_then_login_completes(controller: Controll
     assert probe.stdout.strip() == b"400"
     assert _oauth_state(controller.ctx, body["id"])["refused_callbacks"] == 1
     assert controller.api("GET", f"/api/v1/auth-sessions/{body['id']}").json()["status"] == "awaiting_user"
-    _log_in_over_vnc(controller, controller.api("GET", f"/api/v1/auth-sessions/{body['id']}").json())
+    _log_in_over_vnc(controller, controller.api("GET", f"/api/v1/auth-sessions/{body['id']}?vnc=1").json())
     done = controller.wait_status(body["id"], {"completed", "failed"})
     assert done["status"] == "completed", done
     creds, mode, _ = _read_in_cli_vm(controller, done["cli_vm_id"], "/home/cli/.gemini/oauth_creds.json")

@@ -133,7 +133,7 @@ def _oauth_title(ctx: AppContext, session_id: str) -> str:
         return ""
     agent = ctx.agent(vm_manager.get_vm(ctx, None, auth.browser_vm_id))
     try:
-        return str(agent.oauth_status(auth.oauth_flow_id).get("page_title") or "")
+        return str(agent.oauth_status(auth.oauth_flow_id).page_title or "")
     finally:
         agent.close()
 

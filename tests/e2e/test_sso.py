@@ -28,7 +28,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.db.models import Event, User, UserIdentity

@@ -33,6 +33,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from remotecli.background.gc import GarbageCollector
+from remotecli.background.loops import BackgroundLoops
 from remotecli.background.reconciler import Reconciler
 from remotecli.config import Settings
 from remotecli.context import AppContext
@@ -99,7 +100,7 @@ def fault_settings(data_dir: Path, db_url: str, **overrides: Any) -> Settings:
 
 
 class Controller:
-    """One in-process controller: its own engine, AuthRunner, reconciler and garbage collector."""
+    """One in-process controller: its own engine and background loops (sign-in worker, reconciler, GC)."""
 
     def __init__(self, settings: Settings, driver: FakeDriver, *, loops: bool = True) -> None:
         settings.ensure_dirs()
@@ -107,29 +108,22 @@ class Controller:
         self.db.migrate()  # a no-op once at head, as at every controller start
         self.ctx = AppContext(settings=settings, db=self.db, driver=driver,
                               box=SecretBox.from_key_file(settings.key_file))
-        self.runner = auth_flow.AuthRunner(self.ctx, interval_s=0.05)
-        self.reconciler = Reconciler(self.ctx)
-        self.gc = GarbageCollector(self.ctx)
-        self.loops = loops
-        self.runner.start()
-        if loops:
-            self.reconciler.start()
-            self.gc.start()
+        self.background = BackgroundLoops(self.ctx, maintenance=loops, signin_interval_s=0.05)
+        self.background.start()
+
+    @property
+    def reconciler(self) -> Reconciler:
+        assert self.background.reconciler is not None
+        return self.background.reconciler
 
     def kill(self) -> None:
         """SIGKILL, in process: every later database call of this controller's threads raises."""
         self.db.killed = True
-        self.runner.stop()
-        if self.loops:
-            self.reconciler.stop()
-            self.gc.stop()
+        self.background.stop()
         self.db.dispose()
 
     def stop(self) -> None:
-        self.runner.stop()
-        if self.loops:
-            self.reconciler.stop()
-            self.gc.stop()
+        self.background.stop()
 
 
 def _quiet_killed_threads() -> None:

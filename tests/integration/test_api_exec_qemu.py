@@ -7,7 +7,7 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.services import users as users_service
 from remotecli.services import vm_manager

@@ -28,6 +28,7 @@ import pytest
 
 import remotecli.agent.guest as guest_package
 from remotecli.agent.client import AgentCallError, AgentClient
+from remotecli.agent.protocol import OAuthFlowSpec, OAuthFlowState
 from remotecli.config import Settings
 from remotecli.services.providers import ProviderProfile, load_profiles, render_credentials
 from tests.support.idp_server import Idp, IdpUnavailable, run_idp
@@ -208,34 +209,33 @@ def _browser_user() -> str | None:
     return "nobody" if os.geteuid() == 0 else None
 
 
-def _start(client: AgentClient, profile: ProviderProfile, display: Display, flow_id: str) -> dict[str, Any]:
-    spec = profile.oauth_spec(flow_id)
-    spec["browser"].update({"display": display.name, "user": _browser_user()})
+def _start(client: AgentClient, profile: ProviderProfile, display: Display, flow_id: str) -> OAuthFlowState:
+    spec = profile.oauth_spec(flow_id).with_browser(display=display.name, user=_browser_user())
     answer = client.oauth_start(spec)
-    assert answer["flow_id"] == flow_id
-    assert answer["status"] in ("starting", "page_loading")
+    assert answer.flow_id == flow_id
+    assert answer.status in ("starting", "page_loading")
     return answer
 
 
-def _wait(client: AgentClient, flow_id: str, until: Any, timeout: float = 30.0) -> dict[str, Any]:
+def _wait(client: AgentClient, flow_id: str, until: Any, timeout: float = 30.0) -> OAuthFlowState:
     end = time.monotonic() + timeout
     state = client.oauth_status(flow_id)
     while not until(state):
         if time.monotonic() > end:
             raise AssertionError(f"flow {flow_id} stuck: {_public(state)}")
-        if state["status"] in TERMINAL and not until(state):
+        if state.status in TERMINAL and not until(state):
             raise AssertionError(f"flow {flow_id} ended unexpectedly: {_public(state)}")
         time.sleep(0.05)
         state = client.oauth_status(flow_id)
     return state
 
 
-def _public(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if k != "result"}
+def _public(state: OAuthFlowState) -> dict[str, Any]:
+    return state.model_dump(exclude={"result"})
 
 
 def _title_has(text: str) -> Any:
-    return lambda state: text in (state.get("page_title") or "") or state["status"] in TERMINAL
+    return lambda state: text in (state.page_title or "") or state.status in TERMINAL
 
 
 def _focus(display: Display) -> None:
@@ -244,7 +244,7 @@ def _focus(display: Display) -> None:
 
 
 def _log_in(client: AgentClient, display: Display, flow_id: str, user: str = "alice") -> None:
-    _wait(client, flow_id, lambda s: s["status"] == "awaiting_user")
+    _wait(client, flow_id, lambda s: s.status == "awaiting_user")
     _wait(client, flow_id, _title_has("Sign in"))
     _focus(display)
     display.type_text(user)
@@ -288,23 +288,23 @@ def test_sign_in_through_the_browser_completes(
     profile = profiles["claude_code"]  # localhost, any port, JSON token request
     started = time.monotonic()
     answer = _start(client, profile, display, "flow-complete")
-    assert answer["redirect_uri"].startswith("http://localhost:")
-    assert answer["redirect_uri"].endswith("/callback")
-    state = _wait(client, "flow-complete", lambda s: s["status"] == "awaiting_user")
+    assert answer.redirect_uri.startswith("http://localhost:")
+    assert answer.redirect_uri.endswith("/callback")
+    state = _wait(client, "flow-complete", lambda s: s.status == "awaiting_user")
     to_awaiting = time.monotonic() - started
-    assert state["page_url"].startswith(idp.url + "/")
-    assert "?" not in state["page_url"]  # no query (state, code) is ever shown
-    assert state["result"] is None
+    assert state.page_url.startswith(idp.url + "/")
+    assert "?" not in state.page_url  # no query (state, code) is ever shown
+    assert state.result is None
     _log_in(client, display, "flow-complete")
     display.key("Return")  # "Allow" has the focus
-    state = _wait(client, "flow-complete", lambda s: s["status"] in TERMINAL)
+    state = _wait(client, "flow-complete", lambda s: s.status in TERMINAL)
     to_completed = time.monotonic() - started
-    assert state["status"] == "completed", _public(state)
-    result = state["result"]
+    assert state.status == "completed", _public(state)
+    result = state.result.as_dict()
     for key in ("access_token", "refresh_token", "id_token", "obtained_at"):
         assert result[key], key
     assert result["token_type"] == "Bearer"
-    assert state["error_code"] is None and state["refused_callbacks"] == 0
+    assert state.error_code is None and state.refused_callbacks == 0
     # The tokens are real: the IdP's userinfo endpoint accepts the access token.
     request = urllib.request.Request(
         idp.discovery["userinfo_endpoint"], headers={"Authorization": f"Bearer {result['access_token']}"}
@@ -325,10 +325,10 @@ def test_deny_ends_denied(client: AgentClient, display: Display, profiles: dict[
     _log_in(client, display, "flow-deny", user="bob")
     display.key("Tab")  # from "Allow" to "Deny"
     display.key("Return")
-    state = _wait(client, "flow-deny", lambda s: s["status"] in TERMINAL)
-    assert state["status"] == "denied", _public(state)
-    assert state["error_code"] == "access_denied"
-    assert state["result"] is None
+    state = _wait(client, "flow-deny", lambda s: s.status in TERMINAL)
+    assert state.status == "denied", _public(state)
+    assert state.error_code == "access_denied"
+    assert state.result is None
     client.oauth_cancel("flow-deny")
 
 
@@ -336,22 +336,22 @@ def test_wrong_state_is_refused_and_the_flow_still_completes(
     client: AgentClient, display: Display, profiles: dict[str, ProviderProfile]
 ) -> None:
     answer = _start(client, profiles["gemini"], display, "flow-state")  # 127.0.0.1, client secret
-    redirect = answer["redirect_uri"]
+    redirect = answer.redirect_uri
     assert redirect.startswith("http://127.0.0.1:") and redirect.endswith("/oauth2callback")
-    _wait(client, "flow-state", lambda s: s["status"] == "awaiting_user")
+    _wait(client, "flow-state", lambda s: s.status == "awaiting_user")
     status, body = _get(f"{redirect}?code=stolen-code&state=not-the-state")
     assert status == 400
     assert "This sign-in link is not valid" in body
     status, _ = _get(f"{redirect}?code=stolen-code")
     assert status == 400
     state = client.oauth_status("flow-state")
-    assert state["refused_callbacks"] == 2
-    assert state["status"] == "awaiting_user"
+    assert state.refused_callbacks == 2
+    assert state.status == "awaiting_user"
     _log_in(client, display, "flow-state", user="carol")
     display.key("Return")
-    state = _wait(client, "flow-state", lambda s: s["status"] in TERMINAL)
-    assert state["status"] == "completed", _public(state)
-    assert state["result"]["refresh_token"]
+    state = _wait(client, "flow-state", lambda s: s.status in TERMINAL)
+    assert state.status == "completed", _public(state)
+    assert state.result.as_dict()["refresh_token"]
     # Only one successful callback per flow.
     status, _ = _get(f"{redirect}?code=again&state=whatever")
     assert status == 400
@@ -362,7 +362,7 @@ def test_delete_stops_chromium_and_is_idempotent(
     client: AgentClient, display: Display, profiles: dict[str, ProviderProfile]
 ) -> None:
     answer = _start(client, profiles["claude_code"], display, "flow-delete")
-    _wait(client, "flow-delete", lambda s: s["status"] == "awaiting_user")
+    _wait(client, "flow-delete", lambda s: s.status == "awaiting_user")
     assert _chromium_alive()
     client.oauth_cancel("flow-delete")
     end = time.monotonic() + 10
@@ -374,12 +374,12 @@ def test_delete_stops_chromium_and_is_idempotent(
         client.oauth_status("flow-delete")
     # The loopback listener is gone too.
     with pytest.raises(OSError):
-        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(answer["redirect_uri"], timeout=3)
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(answer.redirect_uri, timeout=3)
 
 
 def test_bad_requests(client: AgentClient) -> None:
     with pytest.raises(AgentCallError) as caught:
-        client.oauth_start({"flow_id": "x"})
+        client.oauth_start(OAuthFlowSpec.model_construct(flow_id="x"))  # sends {"flow_id": "x"} only
     assert caught.value.status == 400 and caught.value.agent_code == "invalid_request"
     with pytest.raises(AgentCallError) as caught:
         client.oauth_status("no-such-flow")
@@ -390,16 +390,15 @@ def test_bad_requests(client: AgentClient) -> None:
 def test_refused_code_exchange_fails_the_flow(
     client: AgentClient, display: Display, profiles: dict[str, ProviderProfile]
 ) -> None:
-    spec = profiles["gemini"].oauth_spec("flow-badsecret")
-    spec["client_secret"] = "not-the-client-secret"
-    spec["browser"].update({"display": display.name, "user": _browser_user()})
+    spec = profiles["gemini"].oauth_spec("flow-badsecret").model_copy(update={"client_secret": "not-the-client-secret"})
+    spec = spec.with_browser(display=display.name, user=_browser_user())
     client.oauth_start(spec)
     _log_in(client, display, "flow-badsecret", user="dave")
     display.key("Return")
-    state = _wait(client, "flow-badsecret", lambda s: s["status"] in TERMINAL)
-    assert state["status"] == "failed", _public(state)
-    assert state["error_code"] == "token_exchange_failed"
-    assert "invalid_client" in state["error_message"]
-    assert "not-the-client-secret" not in json.dumps(state)
-    assert state["result"] is None
+    state = _wait(client, "flow-badsecret", lambda s: s.status in TERMINAL)
+    assert state.status == "failed", _public(state)
+    assert state.error_code == "token_exchange_failed"
+    assert "invalid_client" in state.error_message
+    assert "not-the-client-secret" not in state.model_dump_json()
+    assert state.result is None
     client.oauth_cancel("flow-badsecret")

@@ -23,7 +23,7 @@ def serve_app(app: Any, port: int, *, ws: str = "auto", stop_timeout_s: float = 
     """Serve ``app`` on 127.0.0.1:``port`` until the block ends; yields its base URL.
 
     On the way out the server is asked to stop and waited for up to ``stop_timeout_s``: with
-    background loops the auth runner first lets a VM boot in progress finish (AuthRunner.stop).
+    background loops the sign-in worker first lets a VM boot in progress finish (SigninWorker.stop).
     """
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                            ws=ws))

@@ -14,6 +14,7 @@ import remotecli.agent.guest as guest_package
 from remotecli.agent import protocol
 from remotecli.agent.client import AgentClient
 from remotecli.agent.guest import config as guest_config
+from remotecli.agent.guest import oauth as guest_oauth
 from remotecli.agent.guest import wire
 
 GUEST_DIR = Path(guest_package.__file__).parent
@@ -31,7 +32,10 @@ DUPLICATED = [
     "MAX_FILE_BYTES",
     "MAX_BODY_BYTES",
     "MAX_EXEC_TIMEOUT_S",
+    "PATH_OAUTH_FLOWS",
 ]
+# guest/wire.py's OAUTH_STATUS_<NAME> mirror protocol.OAuthFlowStatus.<NAME>.
+OAUTH_STATUSES = [f"OAUTH_STATUS_{status.name}" for status in protocol.OAuthFlowStatus]
 
 
 @pytest.mark.parametrize("name", DUPLICATED)
@@ -41,7 +45,67 @@ def test_guest_and_host_constants_match(name: str) -> None:
 
 def test_every_guest_wire_constant_is_mirrored() -> None:
     public = {name for name in vars(wire) if name.isupper()}
-    assert public == set(DUPLICATED)
+    assert public == set(DUPLICATED) | set(OAUTH_STATUSES)
+
+
+@pytest.mark.parametrize("status", list(protocol.OAuthFlowStatus))
+def test_guest_and_host_oauth_statuses_match(status: protocol.OAuthFlowStatus) -> None:
+    assert getattr(wire, f"OAUTH_STATUS_{status.name}") == status.value
+
+
+def test_guest_oauth_agent_uses_the_wire_constants() -> None:
+    assert guest_oauth.FLOWS_PATH == protocol.PATH_OAUTH_FLOWS
+    assert {status.value for status in protocol.OAUTH_TERMINAL} == guest_oauth.TERMINAL
+    statuses = {guest_oauth.STARTING, guest_oauth.PAGE_LOADING, guest_oauth.AWAITING_USER, guest_oauth.EXCHANGING,
+                guest_oauth.COMPLETED, guest_oauth.DENIED, guest_oauth.FAILED}
+    assert statuses == {status.value for status in protocol.OAuthFlowStatus}
+
+
+def test_config_disk_model_matches_the_guest_reader(tmp_path: Path) -> None:
+    fields = protocol.ConfigDisk.model_fields
+    assert {name for name, field in fields.items() if field.is_required()} == set(guest_config.REQUIRED_KEYS)
+    disk = protocol.ConfigDisk(vm_id="vm-1", vm_type="cli", agent_secret="s" * 40, agent_port=7000,
+                               hostname="vm-1", cli_user="cli", agent_vsock_port=7000)
+    assert "s" * 40 not in repr(disk)
+    path = tmp_path / protocol.CONFIG_DISK_FILE
+    path.write_bytes(disk.encode())
+    assert path.stat().st_size == protocol.CONFIG_DISK_SIZE
+    config = guest_config.load_config(str(path), wait_s=0)
+    assert (config.vm_id, config.agent_port, config.agent_vsock_port) == ("vm-1", 7000, 7000)
+    without_vsock = protocol.ConfigDisk(**{**disk.model_dump(), "agent_vsock_port": None}).encode()
+    assert b"agent_vsock_port" not in without_vsock
+
+
+def test_oauth_flow_spec_sends_what_was_set() -> None:
+    spec = protocol.OAuthFlowSpec(
+        flow_id="flow-1", authorize_url="https://idp.test/authorize", token_url="https://idp.test/token",
+        client_id="cli", client_secret=None, redirect=protocol.OAuthRedirect(host="localhost", port=0),
+        browser=protocol.OAuthBrowser(display=":0"),
+    )
+    assert spec.to_wire() == {
+        "flow_id": "flow-1", "authorize_url": "https://idp.test/authorize", "token_url": "https://idp.test/token",
+        "client_id": "cli", "client_secret": None, "redirect": {"host": "localhost", "port": 0},
+        "browser": {"display": ":0"},
+    }
+    as_nobody = spec.with_browser(user="nobody", display=":7")
+    assert as_nobody.to_wire()["browser"] == {"display": ":7", "user": "nobody"}
+    assert spec.browser.user == "browser" and "user" not in spec.to_wire()["browser"]
+    assert "secret" not in repr(spec.model_copy(update={"client_secret": "secret"}))
+
+
+def test_oauth_flow_state_keeps_the_token_response_and_hides_it() -> None:
+    state = protocol.OAuthFlowState.model_validate({
+        "flow_id": "f", "status": "completed", "error_code": None, "refused_callbacks": 0, "unknown": 1,
+        "result": {"access_token": "at-secret", "refresh_token": "rt", "expires_in": 3600, "obtained_at": 12.5},
+    })
+    assert state.status is protocol.OAuthFlowStatus.COMPLETED and state.status.terminal
+    assert state.result is not None and state.result.obtained_at == 12.5
+    assert state.result.as_dict() == {"access_token": "at-secret", "refresh_token": "rt", "expires_in": 3600,
+                                      "obtained_at": 12.5}
+    assert "at-secret" not in repr(state)
+    started = protocol.OAuthFlowState.model_validate({"flow_id": "f", "status": "page_loading",
+                                                      "redirect_uri": "http://localhost:1/cb"})
+    assert started.result is None and not started.status.terminal
 
 
 def test_guest_package_is_stdlib_only() -> None:

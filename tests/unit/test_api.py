@@ -8,13 +8,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.db.models import ApiToken, Event, Vm
 from remotecli.domain.states import VmStatus
 from remotecli.drivers.fake import FakeDriver
 from remotecli.services import users as users_service
+from remotecli.services import vm_manager
 from remotecli.services.transitions import set_vm_status
+from remotecli.services.users import Principal
 
 
 @pytest.fixture
@@ -63,10 +65,10 @@ def test_health_and_openapi(client: TestClient) -> None:
 
 
 def test_vm_lifecycle_over_http(client: TestClient, alice: dict[str, str]) -> None:
-    created = client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice)
+    created = client.post("/api/v1/vms", json={"vm_type": "cli"}, headers=alice)
     assert created.status_code == 201, created.text
     vm = created.json()
-    assert vm["status"] == "running" and vm["memory_mib"] == 1536
+    assert vm["status"] == "running" and vm["memory_mib"] == 2048
     assert "agent_secret" not in created.text and "secret" not in created.text
     vm_id = vm["id"]
     assert client.get(f"/api/v1/vms/{vm_id}", headers=alice).json()["id"] == vm_id
@@ -158,7 +160,7 @@ def test_bad_input_is_4xx_with_code_and_changes_nothing(
     status: int,
     code: str,
 ) -> None:
-    client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice)
+    client.post("/api/v1/vms", json={"vm_type": "cli"}, headers=alice)
     before = _state(ctx)
     kwargs = dict(kwargs)  # parametrize shares the dict between database kinds
     headers = {**alice, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
@@ -266,9 +268,29 @@ def test_body_size_limit_is_413_with_code(ctx: AppContext, client: TestClient, a
 
 def test_vm_creation_rate_limit(ctx: AppContext, client: TestClient, alice: dict[str, str]) -> None:
     ctx.settings.max_vm_creations_per_user_per_minute = 2
-    assert client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice).status_code == 201
-    assert client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice).status_code == 201
+    first = client.post("/api/v1/vms", json={"vm_type": "cli"}, headers=alice)
+    assert first.status_code == 201
+    # A sign-in's Browser VM (created by the sign-in worker, not through this endpoint) counts too.
+    owner = next(u for u in users_service.list_users(ctx.db) if u.name == "alice")
+    vm_manager.create_vm(ctx, Principal(owner.id, owner.name, False), "browser")
+    assert client.delete(f"/api/v1/vms/{first.json()['id']}", headers=alice).status_code == 200
     before = _state(ctx)
-    third = client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice)
+    third = client.post("/api/v1/vms", json={"vm_type": "cli"}, headers=alice)
     assert third.status_code == 429 and third.json()["code"] == "vm_rate_limited"
+    assert _state(ctx) == before
+
+
+def test_live_vm_limit_and_no_browser_vms_through_the_api(
+    ctx: AppContext, client: TestClient, alice: dict[str, str]
+) -> None:
+    before = _state(ctx)
+    browser = client.post("/api/v1/vms", json={"vm_type": "browser"}, headers=alice)
+    assert browser.status_code == 403 and browser.json()["code"] == "browser_vm_not_allowed"
+    assert _state(ctx) == before
+    ctx.settings.max_live_vms_per_user = 1
+    owner = next(u for u in users_service.list_users(ctx.db) if u.name == "alice")
+    vm_manager.create_vm(ctx, Principal(owner.id, owner.name, False), "browser")  # a sign-in's
+    before = _state(ctx)
+    refused = client.post("/api/v1/vms", json={"vm_type": "cli"}, headers=alice)
+    assert refused.status_code == 429 and refused.json()["code"] == "too_many_live_vms"
     assert _state(ctx) == before

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.drivers.fake import FakeAgent, FakeDriver
 from remotecli.services import users as users_service

@@ -16,13 +16,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
+from remotecli.background import signins
+from remotecli.background.reconciler import Reconciler
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event
 from remotecli.domain.states import VmStatus
 from remotecli.drivers.fake import FakeDriver
 from remotecli.errors import AuthSessionEnded, UnknownProvider
-from remotecli.services import auth_flow, tickets, vm_manager
+from remotecli.notifier import Topic
+from remotecli.services import auth_flow, credentials, tickets, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.transitions import set_vm_status
 from remotecli.services.users import Principal
@@ -43,8 +46,8 @@ def alice(ctx: AppContext) -> Principal:
 
 
 @pytest.fixture
-def runner(ctx: AppContext) -> Iterator[auth_flow.AuthRunner]:
-    r = auth_flow.AuthRunner(ctx, interval_s=0.05)
+def runner(ctx: AppContext) -> Iterator[signins.SigninWorker]:
+    r = signins.SigninWorker(ctx, interval_s=0.05)
     r.start()
     yield r
     r.stop()
@@ -74,7 +77,7 @@ def _events(ctx: AppContext, session_id: str) -> list[Event]:
 
 
 def test_happy_path_delivers_0600_files_and_forgets_tokens(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -99,7 +102,7 @@ def test_happy_path_delivers_0600_files_and_forgets_tokens(
 
 
 def test_claude_json_is_merged_not_replaced(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
 ) -> None:
     """~/.claude.json also holds the user's Claude Code settings and projects: delivery keeps them."""
     cli, _ = vm_manager.ensure_cli_vm(ctx, alice)
@@ -123,7 +126,7 @@ def test_claude_json_is_merged_not_replaced(
      lambda b: b["access_token"] == TOKENS["access_token"] and isinstance(b["expiry_date"], int)),
 ])
 def test_other_providers_file_shapes(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
     provider: str, path: str, check: Callable[[dict[str, object]], bool],
 ) -> None:
     fake_driver.login_outcome = ("complete", {**TOKENS, "id_token": "x.eyJzdWIiOiAiMTIzIn0.y"})
@@ -134,7 +137,7 @@ def test_other_providers_file_shapes(
 
 
 def test_seed_replayed_failed_cli_vm_with_directory_gone(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
 ) -> None:
     stale = vm_manager.create_vm(ctx, alice, "cli")
     with ctx.db.transaction() as session:
@@ -148,7 +151,7 @@ def test_seed_replayed_failed_cli_vm_with_directory_gone(
 
 
 def test_seed_replayed_running_row_with_directory_gone_is_skipped(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
 ) -> None:
     stale = vm_manager.create_vm(ctx, alice, "cli")
     shutil.rmtree(stale.directory)  # the row still says running
@@ -161,7 +164,7 @@ def test_seed_replayed_running_row_with_directory_gone_is_skipped(
 
 
 def test_cli_vm_killed_before_transfer_still_completes(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
 ) -> None:
     auth = wait_for(ctx, auth_flow.start_session(ctx, alice, "claude_code").id, status_is("awaiting_user"))
     first_cli = auth.cli_vm_id or ""
@@ -176,7 +179,7 @@ def test_cli_vm_killed_before_transfer_still_completes(
 
 
 def test_denied_consent_fails_with_code_and_cleans_up(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
 ) -> None:
     auth = wait_for(ctx, auth_flow.start_session(ctx, alice, "claude_code").id, status_is("awaiting_user"))
     fake_driver.login_outcome = ("deny", None)
@@ -186,7 +189,7 @@ def test_denied_consent_fails_with_code_and_cleans_up(
 
 
 def test_expiry_and_cancel_end_the_session_and_its_browser(
-    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: auth_flow.AuthRunner,
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
 ) -> None:
     ctx.settings.auth_session_ttl_s = 1.5
     auth = auth_flow.start_session(ctx, alice, "gemini")
@@ -210,15 +213,15 @@ def test_unknown_provider_changes_nothing(ctx: AppContext, alice: Principal) -> 
 def test_abandoned_lease_is_taken_over(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
     """A controller that died mid-flow: its lease expires and another worker finishes the session."""
     auth = auth_flow.start_session(ctx, alice, "claude_code")
-    assert auth_flow.claim_sessions(ctx, "dead-controller") == [auth.id]
-    assert auth_flow.claim_sessions(ctx, "live-controller") == []  # the lease holds
+    assert signins.claim_sessions(ctx, "dead-controller") == [auth.id]
+    assert signins.claim_sessions(ctx, "live-controller") == []  # the lease holds
     with ctx.db.transaction() as session:
         row = session.get(AuthSession, auth.id)
         assert row is not None
         row.lease_expires_at = row.created_at  # the dead controller never renewed it
     fake_driver.login_outcome = ("complete", TOKENS)
-    assert auth_flow.claim_sessions(ctx, "live-controller") == [auth.id]
-    auth_flow.run_session(ctx, auth.id, "live-controller")
+    assert signins.claim_sessions(ctx, "live-controller") == [auth.id]
+    signins.run_session(ctx, auth.id, "live-controller")
     assert auth_flow.get_session(ctx, None, auth.id).status == "completed"
 
 
@@ -243,7 +246,7 @@ def test_api_sessions_and_vnc_ticket(
         assert client.get(f"/api/v1/auth-sessions/{session_id}/events", headers=b).status_code == 404
         assert client.delete(f"/api/v1/auth-sessions/{session_id}", headers=b).status_code == 404
         wait_for(ctx, session_id, status_is("awaiting_user"))
-        body = client.get(f"/api/v1/auth-sessions/{session_id}", headers=a).json()
+        body = client.get(f"/api/v1/auth-sessions/{session_id}?vnc=1", headers=a).json()
         assert body["vnc_url"].startswith("ws://") and "token=" in body["vnc_url"]
         ticket = body["vnc_url"].split("token=")[1]
         # A ticket is single-use, bound to its session, and useless to anyone else's session.
@@ -275,3 +278,109 @@ def test_live_sessions_per_user_are_limited(ctx: AppContext, alice: Principal) -
     assert len(auth_flow.list_sessions(ctx, alice)) == 2
     auth_flow.cancel_session(ctx, alice, first.id)  # ending one frees a place
     assert auth_flow.start_session(ctx, alice, "gemini").status == "pending"
+
+
+# ----------------------------------------------------------------------------------------------
+# A CLI VM dead before the transfer: whoever finds it first, the timeline says it was skipped.
+
+
+def _awaiting_with_cli(ctx: AppContext, alice: Principal, provider: str = "codex") -> tuple[str, str]:
+    auth = wait_for(ctx, auth_flow.start_session(ctx, alice, provider).id, status_is("awaiting_user"))
+    assert auth.cli_vm_id
+    return auth.id, auth.cli_vm_id
+
+
+def _completes_saying_skipped(ctx: AppContext, fake_driver: FakeDriver, session_id: str, first_cli: str) -> str:
+    """Log in; the session completes on another CLI VM and its timeline says, once, that
+    ``first_cli`` was skipped and why (it is dead). Returns the CLI VM it completed on."""
+    fake_driver.login_outcome = ("complete", TOKENS)
+    auth = wait_for(ctx, session_id, status_is("completed", "failed"))
+    assert auth.status == "completed" and auth.cli_vm_id and auth.cli_vm_id != first_cli, auth.message
+    replaced = [e for e in _events(ctx, session_id) if e.kind == credentials.CLI_VM_REPLACED]
+    assert [e.vm_id for e in replaced] == [first_cli]
+    assert first_cli in replaced[0].message and "not usable" in replaced[0].message
+    assert "dead" in replaced[0].message  # the reason, whoever found it
+    return auth.cli_vm_id
+
+
+def test_cli_vm_failed_by_the_reconciler_before_delivery_is_on_the_timeline(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
+) -> None:
+    session_id, first_cli = _awaiting_with_cli(ctx, alice)
+    fake_driver.kill(first_cli)
+    Reconciler(ctx).run_once()  # the reconciler notices first and fails it
+    assert vm_manager.get_vm(ctx, None, first_cli).status == "failed"
+    _completes_saying_skipped(ctx, fake_driver, session_id, first_cli)
+
+
+def test_cli_vm_failed_by_ensure_before_delivery_is_on_the_timeline(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
+) -> None:
+    session_id, first_cli = _awaiting_with_cli(ctx, alice)
+    fake_driver.kill(first_cli)
+    # Someone else asks for the user's workspace first (e.g. the terminal): ensure skips the dead VM.
+    replacement, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and vm_manager.get_vm(ctx, None, first_cli).status == "failed"
+    assert _completes_saying_skipped(ctx, fake_driver, session_id, first_cli) == replacement.id
+
+
+def test_cli_vm_dead_at_the_liveness_proof_is_on_the_timeline_once(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, runner: signins.SigninWorker,
+) -> None:
+    session_id, first_cli = _awaiting_with_cli(ctx, alice)
+    fake_driver.kill(first_cli)  # nobody notices until the delivery proves the VM alive
+    assert vm_manager.get_vm(ctx, None, first_cli).status == "running"
+    _completes_saying_skipped(ctx, fake_driver, session_id, first_cli)
+    failed = vm_manager.get_vm(ctx, None, first_cli)
+    assert failed.status == "failed" and "not usable for delivery" in (failed.status_reason or "")
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker's machinery: woken by the notifier, its own futures on stop, the registry once
+
+
+def test_start_session_wakes_the_worker_through_the_notifier(ctx: AppContext, alice: Principal) -> None:
+    worker = signins.SigninWorker(ctx, interval_s=3600)  # passes only when woken
+    worker.start()
+    try:
+        auth = auth_flow.start_session(ctx, alice, "claude_code")
+        wait_for(ctx, auth.id, status_is("awaiting_user"), timeout=10)
+    finally:
+        worker.stop()
+    assert worker.running() == set()
+    with ctx.db.read() as session:
+        row = session.get(AuthSession, auth.id)
+        assert row is not None and row.lease_owner is None  # released on stop; the next worker goes on
+    ctx.notifier.notify(Topic.AUTH_SESSIONS)  # a stopped worker has unsubscribed: nothing happens
+
+
+def test_stop_waits_for_its_own_workers(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    worker = signins.SigninWorker(ctx, interval_s=0.05)
+    worker.start()
+    auth = auth_flow.start_session(ctx, alice, "gemini")
+    wait_for(ctx, auth.id, status_is("awaiting_user"))
+    assert worker.running() == {auth.id}
+    worker.stop()
+    assert worker.running() == set()
+    assert auth_flow.get_session(ctx, None, auth.id).status == "awaiting_user"  # left for the next worker
+
+
+def test_provider_registry_is_built_once_per_context(ctx: AppContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    from remotecli.services import providers
+
+    calls = []
+    real = providers.load_profiles
+
+    def counting(*args: object, **kwargs: object) -> dict[str, providers.ProviderProfile]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(providers, "load_profiles", counting)
+    assert {"claude_code", "codex", "gemini"} <= set(ctx.providers)
+    assert ctx.providers["codex"].display_name == ctx.providers.display_name("codex")
+    assert ctx.providers.display_name("gone") == "gone"
+    assert len(calls) == 1
+    monkeypatch.setenv("REMOTECLI_PROVIDER_CODEX_CLIENT_ID", "changed-id")
+    assert ctx.providers["codex"].client_id != "changed-id"  # read once
+    ctx.providers.reload()
+    assert ctx.providers["codex"].client_id == "changed-id" and len(calls) == 2

@@ -41,7 +41,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocketDisconnect
 
 from remotecli.agent.protocol import PtyData
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.db.models import ApiToken, AuthSession, User, Vm, WsTicket, utcnow
@@ -252,8 +252,12 @@ API_ROWS = [
     Row("GET", "/api/v1/vms", _VMS[0], _VMS[1], _VMS[2]),
     # ?all=true is for admins; anyone else still gets their own VMs only.
     Row("GET", "/api/v1/vms", _VMS[0], _VMS[1], _VMS[3], query="all=true"),
-    Row("POST", "/api/v1/vms", Want(201, mine=True), Want(201, mine=True), Want(201, mine=True),
-        body={"vm_type": "browser"}),
+    # Users create CLI VMs; the owner has one already (409). Browser VMs are the sign-ins' only
+    # (ADR 0009): refused to everyone, admins included, and nothing is created.
+    Row("POST", "/api/v1/vms", Want(409, "already_exists"), Want(201, mine=True), Want(201, mine=True),
+        body={"vm_type": "cli"}),
+    Row("POST", "/api/v1/vms", Want(403, "browser_vm_not_allowed"), Want(403, "browser_vm_not_allowed"),
+        Want(403, "browser_vm_not_allowed"), body={"vm_type": "browser"}),
     # The owner has a live CLI VM (200, theirs); the others get a new one of their own (201).
     Row("POST", "/api/v1/vms/ensure", Want(200, mine=True), Want(201, mine=True), Want(201, mine=True),
         body={"vm_type": "cli"}),
@@ -328,6 +332,7 @@ PUBLIC: dict[tuple[str, str], str] = {
     ("GET", "/openapi.json"): "the API's schema (documented as public in docs/security.md)",
     ("GET", "/docs"): "Swagger UI page for the schema (static HTML)",
     ("GET", "/docs/oauth2-redirect"): "part of the Swagger UI (static HTML)",
+    ("GET", "/docs/swagger-init.js"): "starts the Swagger UI (a constant script, api/docs.py)",
     ("GET", "/redoc"): "ReDoc page for the schema (static HTML)",
     ("POST", "/login"): "the sign-in form (login-CSRF double submit, throttled; test_login_form_and_logout)",
     ("GET", "/auth/oidc/login"): "single sign-on entry point: sends the browser to the identity provider",
@@ -336,6 +341,8 @@ PUBLIC: dict[tuple[str, str], str] = {
     ("MOUNT", "/static/vendor/novnc"): "noVNC from npm",
     ("MOUNT", "/static/vendor/xterm"): "xterm.js from npm",
     ("MOUNT", "/static/vendor/xterm-addon-fit"): "xterm.js fit add-on from npm",
+    ("MOUNT", "/static/vendor/swagger-ui"): "Swagger UI from npm (swagger-ui-dist), for /docs",
+    ("MOUNT", "/static/vendor/redoc"): "ReDoc from npm, for /redoc",
 }
 # Only present while single sign-on is installed (services/oidc.py): not an error when absent.
 OPTIONAL = {("GET", "/auth/oidc/login"), ("GET", "/auth/oidc/callback")}
@@ -636,14 +643,14 @@ def test_vnc_websocket_matrix(world: World, fake_streams: list[str]) -> None:
     base = f"/api/v1/auth-sessions/{session_id}/vnc"
     # owner: the session's vnc_url opens the login screen, through either credential.
     for auth_kind in ("bearer", "cookie"):
-        answer = _request(world, "owner", "GET", f"/api/v1/auth-sessions/{session_id}", auth=auth_kind)
+        answer = _request(world, "owner", "GET", f"/api/v1/auth-sessions/{session_id}?vnc=1", auth=auth_kind)
         assert answer.status_code == 200 and answer.json()["vnc_url"], answer.text
         ticket = answer.json()["vnc_url"].split("token=")[1]
         _ws_echo(world, f"{base}?token={ticket}")
     assert fake_streams == [f"tcp:{browser}", f"tcp:{browser}"]
     # admin: sees the session but gets no vnc_url (the screen is the owner's); other: 404.
     before = _snapshot(world.ctx)
-    admin_view = _request(world, "admin", "GET", f"/api/v1/auth-sessions/{session_id}", auth="bearer")
+    admin_view = _request(world, "admin", "GET", f"/api/v1/auth-sessions/{session_id}?vnc=1", auth="bearer")
     assert admin_view.status_code == 200 and admin_view.json()["vnc_url"] is None, admin_view.text
     assert _snapshot(world.ctx) == before  # and no ticket was issued to the admin
     for role in ("other", "admin"):

@@ -4,9 +4,11 @@ wherever it is defined, appears in it under its parent with its HTTP status and 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import remotecli
 from remotecli import errors
@@ -16,7 +18,10 @@ from remotecli.errors import RemotecliError
 # Alembic's migration scripts need Alembic's runtime context, __main__ modules run the CLI.
 SKIPPED_PREFIXES = ("remotecli.agent.guest", "remotecli.db.migrations")
 
-_ENTRY = re.compile(r"^(?P<prefix>[ │├└─]*)(?P<name>[A-Z]\w+)\s+(?P<status>\d{3})\s+(?P<code>[a-z_]+)\b")
+_ENTRY = re.compile(
+    r"^(?P<prefix>[ │├└─]*)(?P<name>[A-Z]\w+)\s+(?P<status>\d{3})\s+(?P<code>[a-z_]+)\b"
+    r"(?:\s+\[(?P<module>[\w/]+\.py)\])?"
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Entry:
     status: int
     code: str
     parent: str | None
+    module: str | None  # "services/transitions.py" for a class defined outside errors.py
 
 
 def _docstring_tree() -> dict[str, Entry]:
@@ -42,7 +48,8 @@ def _docstring_tree() -> dict[str, Entry]:
         assert name not in entries, f"{name} is listed twice in errors.py's tree"
         del stack[depth:]
         assert len(stack) == depth, f"{name} is indented below no parent in errors.py's tree"
-        entries[name] = Entry(name, int(match["status"]), match["code"], stack[-1] if stack else None)
+        entries[name] = Entry(name, int(match["status"]), match["code"], stack[-1] if stack else None,
+                              match["module"])
         stack.append(name)
     return entries
 
@@ -76,7 +83,7 @@ def _package_errors() -> dict[str, type[RemotecliError]]:
 
 def test_tree_parses_and_has_the_root() -> None:
     tree = _docstring_tree()
-    assert tree["RemotecliError"] == Entry("RemotecliError", 500, "internal_error", None)
+    assert tree["RemotecliError"] == Entry("RemotecliError", 500, "internal_error", None, None)
     assert len(tree) > 40
 
 
@@ -100,4 +107,9 @@ def test_tree_entries_match_their_classes() -> None:
         parent = cls.__mro__[1].__name__ if cls is not RemotecliError else None
         if parent != entry.parent:
             wrong.append(f"{name}: tree puts it under {entry.parent}, class derives from {parent}")
+        where = Path(inspect.getfile(cls)).relative_to(Path(remotecli.__file__).parent).as_posix()
+        expected = None if where == "errors.py" else where
+        if entry.module != expected:
+            wrong.append(f"{name}: tree says it is defined in {entry.module or 'errors.py'}, "
+                         f"it is in {expected or 'errors.py'} (write [{expected}] after its code)")
     assert not wrong, "errors.py's docstring tree disagrees with the classes:\n" + "\n".join(wrong)

@@ -27,12 +27,12 @@ from typing import Any
 
 import pytest
 
+from remotecli.agent.protocol import CONFIG_DISK_SIZE, hostname_for
 from remotecli.config import Settings
 from remotecli.drivers.base import ImageRef, Liveness, PowerState, VmGone, VmSpec
 from remotecli.drivers.firecracker import FirecrackerApiError, FirecrackerDriver, JailerConfig
 from remotecli.drivers.firecracker import vsock as fc_vsock
 from remotecli.drivers.firecracker.driver import guest_mac, tap_name
-from remotecli.drivers.qemu.driver import CONFIG_DISK_SIZE, hostname_for
 from remotecli.errors import AgentUnreachable, DriverError, ImageMissing, VmBootFailed
 
 pytestmark = pytest.mark.timeout(30)

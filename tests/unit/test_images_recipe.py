@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from remotecli import images
+from remotecli.agent.protocol import encode_config_disk, hostname_for
 from remotecli.config import Settings
-from remotecli.drivers.qemu.driver import encode_config_disk, hostname_for
 from remotecli.errors import ImageMissing, UnknownVmType
 from remotecli.images import builder, hashing
 from remotecli.images.kernel import CpioWriter, build_initramfs, module_depends

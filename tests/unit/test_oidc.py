@@ -34,7 +34,7 @@ from joserfc.jwk import OctKey, RSAKey
 from pydantic import ValidationError
 from sqlalchemy import func, inspect, select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.db.models import ApiToken, Event, User, UserIdentity

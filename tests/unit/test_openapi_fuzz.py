@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.drivers.fake import FakeDriver

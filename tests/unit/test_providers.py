@@ -93,7 +93,7 @@ def test_builtin_profiles(profiles: dict[str, ProviderProfile]) -> None:
 
 
 def test_oauth_spec_shapes(profiles: dict[str, ProviderProfile]) -> None:
-    spec = profiles["claude_code"].oauth_spec("flow-1")
+    spec = profiles["claude_code"].oauth_spec("flow-1").to_wire()
     assert spec["flow_id"] == "flow-1"
     assert spec["redirect"] == {"host": "localhost", "port": 0, "path": "/callback"}
     assert spec["pkce"] is True
@@ -114,14 +114,14 @@ def test_oauth_spec_shapes(profiles: dict[str, ProviderProfile]) -> None:
         "token_request_style",
         "browser",
     }
-    codex = profiles["codex"].oauth_spec("flow-2")
+    codex = profiles["codex"].oauth_spec("flow-2").to_wire()
     assert codex["redirect"] == {"host": "localhost", "port": 1455, "path": "/auth/callback"}
     assert codex["extra_authorize_params"]["codex_cli_simplified_flow"] == "true"
-    gemini = profiles["gemini"].oauth_spec("flow-3")
+    gemini = profiles["gemini"].oauth_spec("flow-3").to_wire()
     assert gemini["redirect"] == {"host": "127.0.0.1", "port": 0, "path": "/oauth2callback"}
     # The spec is the caller's to change (auth_flow sets browser.user).
     codex["browser"]["user"] = "browser"
-    assert "user" not in profiles["codex"].oauth_spec("flow-2")["browser"]
+    assert "user" not in profiles["codex"].oauth_spec("flow-2").to_wire()["browser"]
 
 
 # --- overrides ---------------------------------------------------------------------------------
@@ -143,9 +143,10 @@ def test_environment_overrides(settings: Settings) -> None:
     assert codex.client_id == "remotecli-codex"
     assert codex.redirect_port == 1455  # untouched
     assert profiles["gemini"].client_secret == CLIENT_SECRET
-    assert profiles["gemini"].oauth_spec("f")["client_secret"] == CLIENT_SECRET
+    assert profiles["gemini"].oauth_spec("f").client_secret == CLIENT_SECRET
     assert profiles["claude_code"].scopes == ("openid", "email", "offline_access")
-    assert profiles["claude_code"].oauth_spec("f")["redirect"] == {"host": "127.0.0.1", "port": 0, "path": "/cb"}
+    redirect = profiles["claude_code"].oauth_spec("f").to_wire()["redirect"]
+    assert redirect == {"host": "127.0.0.1", "port": 0, "path": "/cb"}
 
 
 def test_config_file_overrides_and_custom_profile(settings: Settings, tmp_path: Path) -> None:

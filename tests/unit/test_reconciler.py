@@ -18,13 +18,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, update
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
+from remotecli.background import signins
 from remotecli.background.gc import GarbageCollector
 from remotecli.background.reconciler import Reconciler
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, HostOrphan, Vm, WsTicket, utcnow
 from remotecli.drivers.fake import FakeDriver
-from remotecli.services import auth_flow, tickets, vm_manager
+from remotecli.services import auth_flow, credentials, tickets, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 
@@ -241,7 +242,7 @@ def test_session_with_a_held_credential_and_a_dead_workers_lease_is_delivered(
     cli_vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
     fake_driver.kill(cli_vm.id)  # and the CLI VM died with it
     auth = auth_flow.start_session(ctx, alice, "claude_code")
-    sealed = ctx.box.encrypt(json.dumps(TOKENS).encode(), auth_flow._credential_aad(auth.id))
+    sealed = ctx.box.encrypt(json.dumps(TOKENS).encode(), credentials.credential_aad(auth.id))
     with ctx.db.transaction() as session:
         session.execute(update(AuthSession).where(AuthSession.id == auth.id).values(
             status="transferring", credential_enc=sealed, cli_vm_id=cli_vm.id,
@@ -250,7 +251,7 @@ def test_session_with_a_held_credential_and_a_dead_workers_lease_is_delivered(
     rec.run_once()
     assert auth_flow.get_session(ctx, None, auth.id).status == "transferring"
     assert _status(ctx, cli_vm.id) == "failed"
-    runner = auth_flow.AuthRunner(ctx, interval_s=0.05)
+    runner = signins.SigninWorker(ctx, interval_s=0.05)
     runner.start()
     try:
         deadline = time.monotonic() + 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -11,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.crypto import DecryptionFailed, SecretBox, load_or_create_key
 from remotecli.db.models import Event, Vm
@@ -103,3 +104,37 @@ def test_key_ring_decrypts_with_any_key_and_reloads(tmp_path: Path) -> None:
     write_key_ring(path, [new_key])  # rotation finished
     # A process still holding the old ring reloads the file when a decryption fails.
     assert box.decrypt(resealed, b"aad") == b"payload"
+
+
+def test_uvicorn_websocket_lines_carry_no_ticket(ctx: AppContext, tmp_path: Path) -> None:
+    """uvicorn writes '"WebSocket /path?token=..." [accepted]' (logger uvicorn.error) even with the
+    access log off: served for real, through the controller's own log configuration, the ticket
+    is redacted in the log file."""
+    from websockets.exceptions import WebSocketException
+    from websockets.sync.client import connect
+
+    from remotecli.logging import configure_logging
+    from tests.support.server import free_port, serve_app
+
+    log_file = tmp_path / "controller.log"
+    configure_logging("INFO", log_file, stderr=False)
+    ticket_value = "TicketValue-9f8e7d6c5b4a3210-abcdef"
+    port = free_port()
+    try:
+        with serve_app(create_app(ctx, background=False), port):
+            for path in ("/api/v1/vms/vm-x/terminal", "/api/v1/auth-sessions/as-x/vnc"):
+                url = f"ws://127.0.0.1:{port}{path}?token={ticket_value}&cols=80"
+                with contextlib.suppress(WebSocketException, OSError, TimeoutError), connect(url, open_timeout=9) as ws:
+                    ws.recv(timeout=5)  # the refusal (4401): the ticket is forged
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if getattr(handler, "_remotecli", False):
+                root.removeHandler(handler)
+                handler.close()
+    text = log_file.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    websocket_lines = [line["message"] for line in lines if '"WebSocket /api/v1/' in line["message"]]
+    assert len(websocket_lines) == 2, text  # the lines the finding was about are there ...
+    assert all("?token=[redacted]&cols=80" in message for message in websocket_lines), websocket_lines
+    assert ticket_value not in text  # ... and the ticket is in none of them

@@ -38,8 +38,29 @@ def test_serve_over_tls(tmp_path: Path) -> None:
                     raise
                 time.sleep(0.2)
         assert response.status_code == 200 and response.json()["status"] == "ok"
+        # Serving TLS itself, the controller tells browsers to use nothing else (HSTS), on every page.
+        assert response.headers["strict-transport-security"] == "max-age=31536000"
+        login = httpx.get(f"https://127.0.0.1:{port}/login", verify=False, timeout=5)
+        assert login.headers["strict-transport-security"] == "max-age=31536000"
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)  # plain HTTP is not served
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_no_hsts_over_plain_http(tmp_path: Path) -> None:
+    """Plain HTTP (behind a TLS proxy, which sets its own) carries no HSTS header."""
+    from fastapi.testclient import TestClient
+
+    from remotecli.app import create_app
+    from remotecli.config import Settings
+    from remotecli.context import AppContext
+
+    settings = Settings(data_dir=tmp_path / "data", driver="fake", run_background=False)
+    ctx = AppContext.create(settings)
+    try:
+        with TestClient(create_app(ctx, background=False)) as client:
+            assert "strict-transport-security" not in client.get("/healthz").headers
+    finally:
+        ctx.close()

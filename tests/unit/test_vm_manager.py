@@ -13,7 +13,15 @@ from remotecli.context import AppContext
 from remotecli.db.models import Event, Vm
 from remotecli.domain.states import VmStatus
 from remotecli.drivers.fake import FakeDriver
-from remotecli.errors import AlreadyExists, InvalidInput, UnknownVmType, VmBootFailed, VmNotFound, VmTerminal
+from remotecli.errors import (
+    AlreadyExists,
+    InvalidInput,
+    RemotecliError,
+    UnknownVmType,
+    VmBootFailed,
+    VmNotFound,
+    VmTerminal,
+)
 from remotecli.services import users as users_service
 from remotecli.services import vm_manager
 from remotecli.services.transitions import set_vm_status
@@ -226,3 +234,78 @@ def test_failed_cli_vm_can_be_destroyed_beside_its_replacement(ctx: AppContext, 
     # failed -> destroying -> destroyed must not collide with the one-live-CLI-VM index.
     assert vm_manager.destroy_vm(ctx, alice, old.id).status == "destroyed"
     assert vm_manager.get_vm(ctx, alice, new.id).status == "running"
+
+
+# ----------------------------------------------------------------------------------------------
+# Creation limits under concurrency (issue 15's probe: 30 simultaneous creations all answered 201)
+
+
+def _burst(ctx: AppContext, principal: Principal, vm_type: str, n: int = 30) -> tuple[int, dict[str, int]]:
+    """``n`` threads create a VM of ``vm_type`` at once, released together; (created, refusals by code)."""
+    barrier = threading.Barrier(n)
+    created: list[str] = []
+    refused: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            vm = vm_manager.create_vm(ctx, principal, vm_type)
+            with lock:
+                created.append(vm.id)
+        except RemotecliError as exc:
+            with lock:
+                refused[exc.code] = refused.get(exc.code, 0) + 1
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return len(created), refused
+
+
+def test_concurrent_creations_never_beat_the_rate_limit(ctx: AppContext, alice: Principal) -> None:
+    ctx.settings.max_vm_creations_per_user_per_minute = 10
+    ctx.settings.max_live_vms_per_user = 100
+    created, refused = _burst(ctx, alice, "browser")  # the sign-in worker's path: no API refusal first
+    assert created == 10 and refused == {"vm_rate_limited": 20}, (created, refused)
+    assert len(vm_manager.list_vms(ctx, alice)) == 10
+
+
+def test_concurrent_creations_never_beat_the_live_limit(ctx: AppContext, alice: Principal, bob: Principal) -> None:
+    ctx.settings.max_vm_creations_per_user_per_minute = 100
+    assert ctx.settings.live_vms_limit == 1 + ctx.settings.max_live_auth_sessions_per_user == 4  # the default
+    created, refused = _burst(ctx, alice, "browser")
+    assert created == 4 and refused == {"too_many_live_vms": 26}, (created, refused)
+    live = vm_manager.list_vms(ctx, alice, include_ended=False)
+    assert len(live) == 4
+    # Another user's VMs count for that user only.
+    vm_manager.create_vm(ctx, bob, "browser")
+    # A destroyed VM frees its place; failed, destroying and destroyed ones are not live.
+    vm_manager.destroy_vm(ctx, alice, live[0].id)
+    vm_manager.create_vm(ctx, alice, "cli")
+    with pytest.raises(vm_manager.TooManyLiveVms):
+        vm_manager.create_vm(ctx, alice, "browser")
+
+
+def test_concurrent_cli_creations_make_one(ctx: AppContext, alice: Principal) -> None:
+    created, refused = _burst(ctx, alice, "cli")
+    # The database's unique index refuses a second live CLI VM (already_exists); whichever came
+    # after the tenth creation in the minute is refused first by the rate limit.
+    assert created == 1 and sum(refused.values()) == 29, (created, refused)
+    assert set(refused) <= {"already_exists", "vm_rate_limited"}, refused
+    assert len(_live_cli_vms(ctx, alice)) == 1
+
+
+def test_users_create_no_browser_vms(ctx: AppContext, alice: Principal) -> None:
+    admin_row = users_service.create_user(ctx.db, "root-admin", is_admin=True)
+    admin = Principal(admin_row.id, admin_row.name, True)
+    for who in (alice, admin):
+        with pytest.raises(vm_manager.BrowserVmNotAllowed) as refused:
+            vm_manager.create_vm_for_user(ctx, who, "browser")
+        assert refused.value.http_status == 403 and refused.value.code == "browser_vm_not_allowed"
+    with pytest.raises(UnknownVmType):
+        vm_manager.create_vm_for_user(ctx, alice, "gpu")
+    assert vm_manager.list_vms(ctx, None) == []
+    assert vm_manager.create_vm_for_user(ctx, alice, "cli").vm_type == "cli"

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from remotecli.agent.protocol import PtyData, PtyExit
-from remotecli.api.app import create_app
+from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.drivers.fake import FakeAgent
 from remotecli.services import users as users_service

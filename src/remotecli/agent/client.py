@@ -44,6 +44,7 @@ from remotecli.agent.protocol import (
     PATH_EXEC,
     PATH_FILES,
     PATH_HEALTH,
+    PATH_OAUTH_FLOWS,
     PATH_PTY,
     PATH_SHUTDOWN,
     PATH_TCP,
@@ -54,6 +55,8 @@ from remotecli.agent.protocol import (
     ExecResult,
     FileContent,
     FileInfo,
+    OAuthFlowSpec,
+    OAuthFlowState,
     PtyData,
     PtyEvent,
     PtyExit,
@@ -64,8 +67,6 @@ from remotecli.agent.protocol import (
 from remotecli.errors import AgentError, AgentRejected, AgentTimeout, AgentUnreachable
 
 logger = logging.getLogger("remotecli.agent-client")
-
-PATH_OAUTH_FLOWS = "/v1/oauth/flows"
 
 # Extra time the HTTP read timeout allows beyond an exec's own timeout (the agent kills the
 # process group at timeout_s, then drains pipes for up to ~3 s).
@@ -533,13 +534,22 @@ class AgentClient:
 
     # -- OAuth flows (Browser VMs; see 0002 "OAuth agent") -------------------------------------
 
-    def oauth_start(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/oauth/flows``: start a sign-in flow; ``{flow_id, redirect_uri, status}``."""
-        return self._request("POST", PATH_OAUTH_FLOWS, body=dict(spec))
+    def oauth_start(self, spec: OAuthFlowSpec) -> OAuthFlowState:
+        """``POST /v1/oauth/flows``: start a sign-in flow; the answer has ``flow_id``, ``redirect_uri``, ``status``."""
+        return self._flow_state("POST", PATH_OAUTH_FLOWS, self._request("POST", PATH_OAUTH_FLOWS, body=spec.to_wire()))
 
-    def oauth_status(self, flow_id: str) -> dict[str, Any]:
+    def oauth_status(self, flow_id: str) -> OAuthFlowState:
         """``GET /v1/oauth/flows/{id}``; ``result`` (the token response, a secret) once completed."""
-        return self._request("GET", f"{PATH_OAUTH_FLOWS}/{quote(flow_id, safe='')}")
+        path = f"{PATH_OAUTH_FLOWS}/{quote(flow_id, safe='')}"
+        return self._flow_state("GET", path, self._request("GET", path))
+
+    def _flow_state(self, method: str, path: str, doc: dict[str, Any]) -> OAuthFlowState:
+        try:
+            return OAuthFlowState.model_validate(doc)
+        except ValidationError as exc:
+            # Only the error's locations and types: the document may hold tokens.
+            where = sorted({".".join(map(str, error["loc"])) + ":" + error["type"] for error in exc.errors()})
+            raise AgentError(log_detail=self._detail(method, path, f"bad flow answer: {where}")) from None
 
     def oauth_cancel(self, flow_id: str) -> None:
         """``DELETE /v1/oauth/flows/{id}``: stop its listener and browser, forget its result. Idempotent."""

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from remotecli.domain.states import VM_STATUS_WORDS, VmStatus
 from remotecli.services.auth_session_view import AuthSessionOut as AuthSessionOut  # shared with the dashboard
 from remotecli.services.auth_session_view import CredentialMetaOut as CredentialMetaOut
+from remotecli.services.providers import ProviderProfile
 from remotecli.services.vm_manager import VmView
 
 
@@ -158,10 +159,8 @@ class ProviderOut(BaseModel):
     credential_files: list[str]
 
     @classmethod
-    def of(cls, name: str, profile: object) -> ProviderOut:
-        files = getattr(profile, "credential_paths", None) or []
-        return cls(name=name, display_name=str(getattr(profile, "display_name", name)),
-                   credential_files=[str(f) for f in files])
+    def of(cls, name: str, profile: ProviderProfile) -> ProviderOut:
+        return cls(name=name, display_name=profile.display_name, credential_files=profile.credential_paths)
 
 
 class ProviderListOut(BaseModel):

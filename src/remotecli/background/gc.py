@@ -128,20 +128,3 @@ class GarbageCollector:
         login_limits.purge_old(self.ctx.db)
         finding.result = "done"
 
-
-class BackgroundLoops:
-    """The reconciler and the garbage collector of one controller process (started by the app)."""
-
-    def __init__(self, ctx: AppContext) -> None:
-        from remotecli.background.reconciler import Reconciler
-
-        self.reconciler = Reconciler(ctx)
-        self.gc = GarbageCollector(ctx)
-
-    def start(self) -> None:
-        self.reconciler.start()  # its first pass runs now: start-up recovery
-        self.gc.start()
-
-    def stop(self) -> None:
-        self.reconciler.stop()
-        self.gc.stop()

@@ -23,7 +23,7 @@ still attached to an ending VM (failed, destroying, destroyed) after that is det
 whose VM row is gone waits while the host still runs that VM (an orphan, removed after its grace).
 
 Sign-in sessions: sessions past ``expires_at`` whose worker lease is free become ``expired``
-(the same transition the AuthRunner makes; losing that race is fine). Browser VMs whose session
+(the same transition the sign-in worker makes; losing that race is fine). Browser VMs whose session
 has ended, or that no session references long after they were made, are destroyed.
 
 Every status change goes through ``services.transitions`` / ``vm_manager``; no transaction is open
@@ -49,6 +49,7 @@ from remotecli.drivers.base import HostVm, Liveness
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger, log_context
 from remotecli.services import vm_manager, workspaces
+from remotecli.services.signin_state import STEP_MESSAGES
 from remotecli.services.transitions import StatusChanged, record_event, set_auth_status, set_vm_status
 
 MODULE = "reconciler"
@@ -418,8 +419,6 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------ sign-in sessions
     def _expire_sessions(self, report: PassReport, dry_run: bool) -> None:
-        from remotecli.services.auth_flow import STEP_MESSAGES
-
         now = utcnow()
         with self.ctx.db.read() as session:
             sessions = list(session.scalars(select(AuthSession).where(
@@ -442,7 +441,7 @@ class Reconciler:
                                     details={"controller": self.owner})
                 finding.result = "done"
             except (StatusChanged, RemotecliError):
-                finding.result = "lost"  # the AuthRunner got there first: fine
+                finding.result = "lost"  # the sign-in worker got there first: fine
 
     def _browser_vms(self, report: PassReport, dry_run: bool) -> None:
         s = self.ctx.settings

@@ -19,7 +19,7 @@ from remotecli.logging import configure_logging
 def _serve(ctx: AppContext, host: str, port: int) -> None:
     import uvicorn
 
-    from remotecli.api.app import create_app
+    from remotecli.app import create_app
 
     settings = ctx.settings
     if bool(settings.tls_cert) != bool(settings.tls_key):
@@ -114,6 +114,9 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
     if confined is not None:
         marker = "" if confined.ok else "WARNING: "
         click.echo(f"remotecli: {marker}guest isolation: {confined.detail}", err=True)
+        if "egress" in confined.facts:  # the effective egress policy, in one line
+            click.echo(f"remotecli: {marker}{confined.facts['egress']}{'' if confined.ok else ' (NOT in force)'}",
+                       err=True)
     if _needs_images(ctx) and not skip_images:
         click.echo("remotecli: checking guest images (the first build takes a few minutes)…", err=True)
         build_images(settings, ["cli", "browser"])
@@ -195,6 +198,9 @@ def doctor(as_json: bool) -> None:
             confined = ctx.driver.guest_confinement() if availability.ok else None
             if confined is not None:
                 checks.append(("guest isolation", confined.ok, confined.detail))
+                if "egress" in confined.facts:
+                    checks.append(("guest egress", confined.ok, confined.facts["egress"]
+                                   + ("" if confined.ok else " (NOT in force: see guest isolation)")))
             if _needs_images(ctx):
                 from remotecli import images
 
@@ -209,6 +215,9 @@ def doctor(as_json: bool) -> None:
 
                 checks.append(("single sign-on", *oidc.check_provider(ctx.settings)))
             checks.append(_drift_check(ctx))
+            from remotecli.services import forwarded
+
+            checks.append(forwarded.doctor_check(ctx.settings))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:

@@ -22,6 +22,9 @@ Contract, for every implementation (``qemu``, ``firecracker``, ``fake``):
   host, so the reconciler can find orphans that no database row owns.
 * **Optional abilities** are declared in ``capabilities``; callers check them instead of guessing
   (``pause`` on a driver without it raises ``NotSupported``).
+* **The guest agent.** ``agent_client`` is the one way to reach a VM's agent (httpx's transport
+  pattern): the base returns the real ``AgentClient`` for the endpoint in ``BootInfo``; a driver
+  whose guests are reached differently (the fake driver's in-process agent) overrides it.
 * **Secrets.** ``spec.agent_secret`` reaches the guest through a channel that other local users and
   other VMs cannot read (a 0600 file in the VM directory, never a command-line argument). It must
   never appear in ``BootInfo``, ``Inspection`` details, exceptions or logs.
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remotecli.agent.client import AgentClient
+from remotecli.agent.protocol import GuestAgent
 from remotecli.errors import DriverError
 
 
@@ -135,6 +140,7 @@ class Capabilities:
     pause: bool = False
     snapshot: bool = False
     restart: bool = True  # stop then start again on the same disk
+    guest_image: bool = True  # boots a built guest image: ``VmSpec.image`` must be given
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,11 @@ class VmDriver(abc.ABC):
     @abc.abstractmethod
     def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
         """Every VM of this driver present on the host (directories under ``vms_dir``, processes)."""
+
+    def agent_client(self, endpoint: str, secret: str, *, timeout: float) -> GuestAgent:
+        """A client of the guest agent at ``endpoint`` (``BootInfo.endpoint``), authenticated
+        with ``secret``; ``timeout`` bounds each request. The caller closes it."""
+        return AgentClient(endpoint, secret, timeout=timeout)
 
     # ---------------------------------------------------------------- home volumes (ADR 0011)
 

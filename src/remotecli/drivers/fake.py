@@ -8,14 +8,27 @@ seed's case), kill a VM (``kill``), hang its agent (``hang_agent``) or make boot
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
-from remotecli.agent.protocol import ExecResult, FileContent
+from remotecli.agent.client import AgentCallError, AgentFileNotFound
+from remotecli.agent.protocol import (
+    AgentHealth,
+    ExecResult,
+    FileContent,
+    FileInfo,
+    GuestAgent,
+    GuestPty,
+    OAuthFlowSpec,
+    OAuthFlowState,
+)
 from remotecli.drivers.base import (
     Availability,
     BootInfo,
@@ -28,7 +41,7 @@ from remotecli.drivers.base import (
     VmGone,
     VmSpec,
 )
-from remotecli.errors import AgentRejected, AgentTimeout, AgentUnreachable, DriverError, VmBootFailed
+from remotecli.errors import AgentError, AgentRejected, AgentTimeout, AgentUnreachable, DriverError, VmBootFailed
 
 FAKE_VOLUME_MAGIC = b"remotecli-fake-ext4\n"
 HOME_STATUS_PATH = "/run/remotecli/home.json"
@@ -48,7 +61,7 @@ class _FakeVm:
 
 class FakeDriver(VmDriver):
     name = "fake"
-    capabilities = Capabilities(pause=True, snapshot=False, restart=True)
+    capabilities = Capabilities(pause=True, snapshot=False, restart=True, guest_image=False)
 
     def __init__(self, boot_delay_s: float = 0.0) -> None:
         self.boot_delay_s = boot_delay_s
@@ -250,7 +263,7 @@ class FakeDriver(VmDriver):
             return None
 
     # --- fake guest agent ----------------------------------------------------------------
-    def agent_client(self, endpoint: str, secret: str) -> FakeAgent:
+    def agent_client(self, endpoint: str, secret: str, *, timeout: float) -> GuestAgent:
         return FakeAgent(self, endpoint.removeprefix("fake://"), secret)
 
 
@@ -272,11 +285,12 @@ class FakeAgent:
             raise AgentRejected()
         return vm
 
-    def health(self) -> dict[str, object]:
+    def health(self, *, timeout: float | None = None) -> AgentHealth:
         vm = self._vm()
-        return {"vm_id": vm.spec.vm_id, "vm_type": vm.spec.vm_type, "boots": vm.boots}
+        return AgentHealth(vm_id=vm.spec.vm_id, vm_type=vm.spec.vm_type, hostname=vm.spec.vm_id,
+                           uptime_s=0.0, agent_version="fake", boot_id=f"fake-boot-{vm.boots}")
 
-    def wait_ready(self, deadline_s: float, poll_interval: float = 0.05) -> dict[str, object]:
+    def wait_ready(self, deadline_s: float, poll_interval: float = 0.05) -> AgentHealth:
         end = time.monotonic() + deadline_s
         while True:
             try:
@@ -286,8 +300,11 @@ class FakeAgent:
                     raise AgentTimeout() from None
                 time.sleep(poll_interval)
 
-    def write_file(self, path: str, data: bytes, *, mode: int, owner: str | None = None) -> None:
+    def write_file(self, path: str, data: bytes, *, mode: int, owner: str | None = None,
+                   dir_mode: int | None = None) -> FileInfo:
         self._vm().files[path] = (data, mode, owner)
+        user = (owner or "root").split(":")[0]
+        return FileInfo(path=path, mode=mode, owner=user, group=user, size=len(data))
 
     def exec(self, argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None, cwd: str | None = None,
              user: str | None = None, stdin: bytes | None = None) -> ExecResult:
@@ -313,24 +330,31 @@ class FakeAgent:
         try:
             data, mode, owner = self._vm().files[path]
         except KeyError:
-            from remotecli.agent.client import AgentFileNotFound
-
             raise AgentFileNotFound(status=404, agent_code="file_not_found", log_detail="fake: no such file") from None
         user = (owner or "root").split(":")[0]
         return FileContent(data=data, mode=mode, owner=user, group=user, size=len(data))
 
-    def oauth_start(self, spec: dict[str, object]) -> dict[str, object]:
-        self._vm()
-        flow_id = str(spec["flow_id"])
-        self._driver.oauth_flows[flow_id] = {"status": "page_loading", "vm_id": self._vm_id, "polls": 0}
-        return {"flow_id": flow_id, "status": "page_loading", "redirect_uri": "http://localhost:1/callback"}
+    def shutdown(self, action: str = "poweroff") -> None:
+        """The guest powers itself off (``reboot``: it comes back at once)."""
+        vm = self._vm()
+        if action != "reboot":
+            vm.process_alive = False
+            vm.power = PowerState.SHUTDOWN
 
-    def oauth_status(self, flow_id: str) -> dict[str, object]:
+    # The fake OAuth agent: a flow shows its page at the first poll and then waits for
+    # ``FakeDriver.login_outcome`` (what the user does in the browser).
+
+    def oauth_start(self, spec: OAuthFlowSpec) -> OAuthFlowState:
+        self._vm()
+        flow_id = spec.flow_id
+        self._driver.oauth_flows[flow_id] = {"status": "page_loading", "vm_id": self._vm_id, "polls": 0}
+        return OAuthFlowState.model_validate(
+            {"flow_id": flow_id, "status": "page_loading", "redirect_uri": "http://localhost:1/callback"})
+
+    def oauth_status(self, flow_id: str) -> OAuthFlowState:
         self._vm()
         flow = self._driver.oauth_flows.get(flow_id)
         if flow is None:
-            from remotecli.errors import AgentError
-
             raise AgentError(log_detail="fake: no such flow")
         flow["polls"] = int(flow["polls"]) + 1  # type: ignore[call-overload]
         if flow["status"] == "page_loading":
@@ -343,10 +367,28 @@ class FakeAgent:
                 flow["status"], flow["error_code"] = "denied", "access_denied"
         answer = {k: v for k, v in flow.items() if k not in ("vm_id", "polls")}
         answer["flow_id"] = flow_id
-        return answer
+        return OAuthFlowState.model_validate(answer)
 
     def oauth_cancel(self, flow_id: str) -> None:
         self._driver.oauth_flows.pop(flow_id, None)
 
+    # No terminal or port streams: tests that need them patch ``open_pty``/``open_tcp``.
+
+    async def open_pty(self, user: str, cols: int, rows: int, cmd: str | None = None) -> GuestPty:
+        self._vm()
+        raise AgentCallError(status=501, agent_code="not_implemented", log_detail="fake: no terminals")
+
+    async def open_tcp(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self._vm()
+        raise AgentCallError(status=501, agent_code="not_implemented", log_detail="fake: no port streams")
+
     def close(self) -> None:
         return None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from remotecli.config import Settings
 from remotecli.drivers.base import ImageRef
+from remotecli.drivers.host import read_json_object
 from remotecli.errors import ImageMissing, RemotecliError, UnknownVmType
 from remotecli.images import hashing
 from remotecli.images.kernel import build_initramfs, find_kernel, resolve_modules
@@ -218,14 +219,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -378,7 +371,7 @@ def _npm_versions(root: Path, packages: tuple[str, ...]) -> dict[str, str]:
     versions: dict[str, str] = {}
     for spec in packages:
         name = spec if not spec[1:].count("@") else spec[: spec.rindex("@")]
-        manifest = _read_json(root / "usr" / "local" / "lib" / "node_modules" / name / "package.json")
+        manifest = read_json_object(root / "usr" / "local" / "lib" / "node_modules" / name / "package.json")
         if manifest.get("version"):
             versions[name] = str(manifest["version"])
     return versions
@@ -631,7 +624,7 @@ def _ensure_image(settings: Settings, vm_type: str, report: ProgressCallback, fo
         _publish(tmp_tree, tree)
     tmp = _build_rootfs(settings, recipe, digest, tree, report, 80.0)
     seconds = time.monotonic() - started
-    tree_info = _read_json(tree / "tree.json")
+    tree_info = read_json_object(tree / "tree.json")
     image = tmp / "rootfs.ext4"
     manifest = {
         "kind": "rootfs",
@@ -702,7 +695,7 @@ def status(settings: Settings) -> list[ImageStatus]:
     entries: list[ImageStatus] = []
     khash = hashing.kernel_hash(KERNEL)
     kdir = kernel_dir(settings, khash)
-    kmanifest = _read_json(kdir / "manifest.json")
+    kmanifest = read_json_object(kdir / "manifest.json")
     entries.append(
         ImageStatus(
             target="kernel",
@@ -717,7 +710,7 @@ def status(settings: Settings) -> list[ImageStatus]:
     for vm_type, recipe in RECIPES.items():
         ihash = hashing.image_hash(recipe)
         idir = image_dir(settings, vm_type, ihash)
-        manifest = _read_json(idir / "manifest.json")
+        manifest = read_json_object(idir / "manifest.json")
         entries.append(
             ImageStatus(
                 target=vm_type,
@@ -739,7 +732,7 @@ def _paths_in_use(settings: Settings) -> set[Path]:
     if not settings.vms_dir.is_dir():
         return used
     for record in settings.vms_dir.glob("*/vm.json"):
-        image = _read_json(record).get("image", {})
+        image = read_json_object(record).get("image", {})
         if isinstance(image, dict):
             for value in image.values():
                 if isinstance(value, str) and value.startswith("/"):

@@ -8,13 +8,11 @@ for its schema, the dashboard's sign-in page polls the same fields. Credentials 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
 
 from pydantic import BaseModel, Field
 
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession
-from remotecli.services.providers import ProviderProfile, load_profiles
 
 
 class CredentialMetaOut(BaseModel):
@@ -69,16 +67,6 @@ class AuthSessionOut(BaseModel):
         )
 
 
-def provider_profiles(ctx: AppContext) -> Mapping[str, ProviderProfile]:
-    """The provider profiles users may sign in to (the one read for the API and the dashboard)."""
-    return load_profiles(ctx.settings)
-
-
-def provider_name(ctx: AppContext, provider: str) -> str:
-    """A provider's display name (its id when no profile has it any more)."""
-    profile = provider_profiles(ctx).get(provider)
-    return profile.display_name if profile is not None else provider
-
-
 def session_out(ctx: AppContext, auth: AuthSession, vnc_url: str | None = None) -> AuthSessionOut:
-    return AuthSessionOut.of(auth, provider_name(ctx, auth.provider), vnc_url)
+    """``auth`` as users see it, with its provider's display name."""
+    return AuthSessionOut.of(auth, ctx.providers.display_name(auth.provider), vnc_url)

@@ -17,7 +17,7 @@ from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
 from remotecli.services import auth_flow, vm_manager
-from remotecli.services.auth_session_view import AuthSessionOut, provider_profiles, session_out
+from remotecli.services.auth_session_view import AuthSessionOut, session_out
 from remotecli.services.users import Principal
 
 
@@ -34,7 +34,7 @@ class ProviderChoice:
 
 def provider_choices(ctx: AppContext) -> list[ProviderChoice]:
     """The providers a user can sign in to, by id."""
-    return [ProviderChoice(name, profile.display_name) for name, profile in sorted(provider_profiles(ctx).items())]
+    return [ProviderChoice(name, profile.display_name) for name, profile in sorted(ctx.providers.items())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def provider_sign_ins(ctx: AppContext, user_id: str, now: dt.datetime | None = N
             Vm.status.not_in([s.value for s in VM_TERMINAL]),
         )).one_or_none()
     rows = []
-    for name, profile in sorted(provider_profiles(ctx).items()):
+    for name, profile in sorted(ctx.providers.items()):
         mine = [s for s in sessions if s.provider == name]
         done = next((s for s in mine if s.status == AuthStatus.COMPLETED.value), None)
         live = next((s for s in mine if AuthStatus(s.status) not in AUTH_TERMINAL

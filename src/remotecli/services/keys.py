@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 
+from remotecli.context import vm_agent_aad
 from remotecli.crypto import SecretBox, read_key_ring, write_key_ring
 from remotecli.db.models import AuthSession, Vm
 from remotecli.db.session import Database
-from remotecli.services.guest import vm_agent_aad
 from remotecli.services.transitions import record_event
 
 

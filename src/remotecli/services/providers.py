@@ -31,6 +31,13 @@ Overrides, later ones winning:
 
 Client secrets never appear in ``repr``/``str`` of a profile, in exceptions or in metadata, and the
 rendered credential files' contents are not in their ``repr``.
+
+A controller reads the profiles once, through ``ProviderRegistry`` (``AppContext.providers``).
+
+Why this module is over 400 lines: it is two halves of one contract, kept together on purpose —
+loading and validating profiles (a profile names its ``credential_format``) and the three
+credential formats that name checks against. Splitting them would put each format's name and its
+file shapes in two places.
 """
 
 from __future__ import annotations
@@ -41,14 +48,16 @@ import datetime as dt
 import json
 import os
 import re
+import threading
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from remotecli.agent.protocol import OAuthBrowser, OAuthFlowSpec, OAuthRedirect
 from remotecli.config import Settings
 from remotecli.errors import InvalidInput, RemotecliError
 
@@ -58,6 +67,7 @@ __all__ = [
     "InvalidTokenResponse",
     "ProviderConfigError",
     "ProviderProfile",
+    "ProviderRegistry",
     "RenderedCredentials",
     "decode_jwt_claims",
     "load_profiles",
@@ -150,25 +160,25 @@ class ProviderProfile:
         """Files (relative to the CLI user's home) this profile writes; ``~/.claude.json`` only with an email."""
         return list(CREDENTIAL_FORMATS[self.credential_format].paths)
 
-    def oauth_spec(self, flow_id: str) -> dict[str, Any]:
-        """The body of ``AgentClient.oauth_start`` (``POST /v1/oauth/flows``) for this provider.
+    def oauth_spec(self, flow_id: str) -> OAuthFlowSpec:
+        """The request of ``GuestAgent.oauth_start`` (``POST /v1/oauth/flows``) for this provider.
 
-        ``browser.user`` is left to the caller (the controller's ``browser_guest_user``). The dict
-        carries the client secret when the profile has one: do not log it.
+        ``browser.user`` is left to the caller (the controller's ``browser_guest_user``, through
+        ``with_browser``). The spec carries the client secret when the profile has one: do not log it.
         """
-        return {
-            "flow_id": flow_id,
-            "authorize_url": self.authorize_url,
-            "token_url": self.token_url,
-            "client_id": self.client_id,
-            "client_secret": self.client_secret or None,
-            "scopes": list(self.scopes),
-            "redirect": {"host": self.redirect_host, "port": self.redirect_port, "path": self.redirect_path},
-            "pkce": self.pkce,
-            "extra_authorize_params": dict(self.extra_authorize_params),
-            "token_request_style": self.token_request_style,
-            "browser": {"display": ":0", "executable": "chromium", "extra_args": []},
-        }
+        return OAuthFlowSpec(
+            flow_id=flow_id,
+            authorize_url=self.authorize_url,
+            token_url=self.token_url,
+            client_id=self.client_id,
+            client_secret=self.client_secret or None,
+            scopes=self.scopes,
+            redirect=OAuthRedirect(host=self.redirect_host, port=self.redirect_port, path=self.redirect_path),
+            pkce=self.pkce,
+            extra_authorize_params=dict(self.extra_authorize_params),
+            token_request_style=self.token_request_style,
+            browser=OAuthBrowser(display=":0", executable="chromium", extra_args=()),
+        )
 
 
 def load_profiles(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, ProviderProfile]:
@@ -180,6 +190,53 @@ def load_profiles(settings: Settings, environ: Mapping[str, str] | None = None) 
     for name in list(raw):
         raw[name].update(_env_overrides(name, env))
     return {name: _build(name, table) for name, table in sorted(raw.items())}
+
+
+class ProviderRegistry(Mapping[str, ProviderProfile]):
+    """The provider profiles of one controller (``AppContext.providers``): loaded once, on first
+    use, by ``load_profiles`` from the built-in file, the config file and the environment.
+
+    A configuration error (``ProviderConfigError``) is raised where a profile is first needed
+    (e.g. starting a sign-in), and again on each later use until the configuration is fixed and
+    ``reload`` is called; a good load is kept for the context's life.
+    """
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        self._settings = settings
+        self._environ = environ
+        self._lock = threading.Lock()
+        self._profiles: dict[str, ProviderProfile] | None = None
+
+    def _loaded(self) -> dict[str, ProviderProfile]:
+        profiles = self._profiles
+        if profiles is None:
+            with self._lock:
+                if self._profiles is None:
+                    self._profiles = load_profiles(self._settings, self._environ)
+                profiles = self._profiles
+        return profiles
+
+    def reload(self) -> None:
+        """Read the profiles again at next use (after the config file or the environment changed)."""
+        with self._lock:
+            self._profiles = None
+
+    def display_name(self, name: str) -> str:
+        """The provider's name for people (``name`` itself when no profile has it any more)."""
+        profile = self._loaded().get(name)
+        return profile.display_name if profile is not None else name
+
+    def __getitem__(self, name: str) -> ProviderProfile:
+        return self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def __repr__(self) -> str:
+        return f"ProviderRegistry({sorted(self._profiles) if self._profiles is not None else 'not loaded'})"
 
 
 def _builtin_tables() -> dict[str, dict[str, Any]]:

@@ -27,10 +27,12 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from remotecli.agent.client import AgentCallError
-from remotecli.context import AppContext
-from remotecli.db.models import Vm, utcnow
+from remotecli.agent.protocol import ExecResult
+from remotecli.context import AppContext, vm_agent_aad
+from remotecli.db.models import User, Vm, utcnow
 from remotecli.domain.states import VM_ENDING, VM_TERMINAL, VmStatus, VmType
 from remotecli.drivers.base import HomeDisk, ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
 from remotecli.errors import (
@@ -40,7 +42,9 @@ from remotecli.errors import (
     ImageMissing,
     InvalidInput,
     InvalidTransition,
+    LimitExceeded,
     NotFound,
+    PermissionDenied,
     RemotecliError,
     TooManyExecs,
     UnknownVmType,
@@ -54,12 +58,22 @@ from remotecli.errors import (
 )
 from remotecli.logging import get_logger, log_context
 from remotecli.services import access, workspaces
-from remotecli.services.guest import vm_agent_aad
 from remotecli.services.transitions import StatusChanged, load_vm, record_event, set_vm_status
 from remotecli.services.users import Principal
 
 MODULE = "vm-manager"
 log = get_logger(MODULE)
+
+class TooManyLiveVms(LimitExceeded):
+    code = "too_many_live_vms"
+    default_message = "You already have as many VMs as allowed; destroy one you no longer need first."
+
+
+class BrowserVmNotAllowed(PermissionDenied):
+    code = "browser_vm_not_allowed"
+    default_message = ("Browser VMs are started by sign-ins only (POST /api/v1/auth-sessions); "
+                       "create a CLI VM instead.")
+
 
 # How often a caller waiting on another caller's boot looks at the row again.
 _WAIT_POLL_S = 0.1
@@ -169,7 +183,7 @@ def _validate_type(vm_type: str) -> VmType:
 
 
 def _resolve_image(ctx: AppContext, vm_type: VmType) -> ImageRef | None:
-    if ctx.driver.name == "fake":
+    if not ctx.driver.capabilities.guest_image:
         return None
     from remotecli import images
 
@@ -204,7 +218,6 @@ def create_vm(
         raise InvalidInput(f"vcpus must be between 1 and {ctx.settings.max_vm_vcpus}.")
     if not 128 <= memory_mib <= ctx.settings.max_vm_memory_mib:
         raise InvalidInput(f"memory_mib must be between 128 and {ctx.settings.max_vm_memory_mib}.")
-    _check_creation_rate(ctx, principal)
     image = _resolve_image(ctx, kind)
     if kind is VmType.CLI:
         # The user's home volume exists and no ended VM holds it any more (fenced), before a row
@@ -232,6 +245,9 @@ def create_vm(
     )
     try:
         with ctx.db.transaction() as session:
+            # The limits are checked and the row inserted in one transaction that holds the user's
+            # lock, so concurrent requests of one user are counted one after the other.
+            _check_creation_limits(ctx, session, principal)
             session.add(vm)
             session.flush()
             record_event(
@@ -260,15 +276,41 @@ def _attach_home(ctx: AppContext, vm: Vm, session_id: str | None) -> HomeDisk:
         raise
 
 
-def _check_creation_rate(ctx: AppContext, principal: Principal) -> None:
-    """At most ``max_vm_creations_per_user_per_minute`` VMs per user per minute (from the rows)."""
+def create_vm_for_user(
+    ctx: AppContext, principal: Principal, vm_type: str, *, vcpus: int | None = None, memory_mib: int | None = None
+) -> Vm:
+    """``POST /api/v1/vms``: users (admins included) create CLI VMs only. Browser VMs exist for
+    sign-ins: the sign-in worker creates them through :func:`create_vm` (ADR 0009)."""
+    if _validate_type(vm_type) is VmType.BROWSER:
+        raise BrowserVmNotAllowed(log_detail=f"user {principal.user_id} asked for a browser VM")
+    return create_vm(ctx, principal, vm_type, vcpus=vcpus, memory_mib=memory_mib)
+
+
+def _check_creation_limits(ctx: AppContext, session: Session, principal: Principal) -> None:
+    """At most ``max_vm_creations_per_user_per_minute`` VMs per user per minute, and at most
+    ``settings.live_vms_limit`` live ones (counted from the rows).
+
+    Runs inside the inserting transaction, after taking the user's lock: on PostgreSQL
+    ``SELECT ... FOR NO KEY UPDATE`` on the user's row (it does not block inserts that only
+    reference the user); on SQLite the write transaction itself
+    (``BEGIN IMMEDIATE``, db/session.py: one writer at a time). So a burst of concurrent requests
+    of one user is counted one request after the other and never exceeds either limit.
+    """
+    if session.get_bind().dialect.name != "sqlite":
+        session.execute(select(User.id).where(User.id == principal.user_id).with_for_update(key_share=True))
     since = utcnow() - dt.timedelta(minutes=1)
-    with ctx.db.read() as session:
-        recent = session.scalar(
-            select(func.count()).select_from(Vm).where(Vm.user_id == principal.user_id, Vm.created_at >= since)
-        )
+    recent = session.scalar(
+        select(func.count()).select_from(Vm).where(Vm.user_id == principal.user_id, Vm.created_at >= since)
+    )
     if int(recent or 0) >= ctx.settings.max_vm_creations_per_user_per_minute:
         raise VmRateLimited(log_detail=f"user {principal.user_id}: {recent} VMs in the last minute")
+    live = session.scalar(
+        select(func.count()).select_from(Vm).where(
+            Vm.user_id == principal.user_id, Vm.status.not_in([s.value for s in VM_ENDING])
+        )
+    )
+    if int(live or 0) >= ctx.settings.live_vms_limit:
+        raise TooManyLiveVms(log_detail=f"user {principal.user_id}: {live} live VMs")
 
 
 def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, session_id: str | None,
@@ -737,7 +779,7 @@ def exec_in_vm(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     stdin: bytes | None = None,
-) -> Any:
+) -> ExecResult:
     """Run ``argv`` in the guest through its agent and wait; returns the agent's ``ExecResult``.
 
     Running a command is *use* of the VM (services/access.py): only its owner may, admins

@@ -9,8 +9,9 @@ the CSRF header. No page, script state or response ever holds a credential: the 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Request
@@ -432,31 +433,35 @@ def admin(request: Request, user: str = "", vm_type: str = "", status: str = "",
     }, current=current)
 
 
-@router.get("/admin/sessions/{session_id}", response_model=None)
-def admin_session(request: Request, session_id: str) -> Response:
+_Detail = TypeVar("_Detail", admin_service.SessionDetail, admin_service.VmDetail)
+
+
+def _timeline_page(request: Request, load: Callable[[AppContext, Principal], _Detail],
+                   fields: Callable[[_Detail], dict[str, Any]], missing: tuple[str, str]) -> Response:
+    """An admin's page of one object and its timeline (``missing``: title and words for an unknown id)."""
     current = _require_admin(request)
     if isinstance(current, HTMLResponse):
         return current
     try:
-        detail = admin_service.session_detail(_ctx(request), current[0], session_id)
+        detail = load(_ctx(request), current[0])
     except NotFound:
-        return _error_page(request, current, "No such session", "There is no sign-in session with that id.", 404)
+        return _error_page(request, current, *missing, 404)
     return _page(request, "admin_timeline.html", {
-        "title": f"Sign-in {detail.session.id}", "subject": detail.session, "kind": "session",
-        "owner": detail.owner, "rows": views.timeline(detail.events), "utc": views.utc,
+        "owner": detail.owner, "rows": views.timeline(detail.events), "utc": views.utc, **fields(detail),
     }, current=current)
+
+
+@router.get("/admin/sessions/{session_id}", response_model=None)
+def admin_session(request: Request, session_id: str) -> Response:
+    return _timeline_page(
+        request, lambda ctx, who: admin_service.session_detail(ctx, who, session_id),
+        lambda d: {"title": f"Sign-in {d.session.id}", "subject": d.session, "kind": "session"},
+        ("No such session", "There is no sign-in session with that id."))
 
 
 @router.get("/admin/vms/{vm_id}", response_model=None)
 def admin_vm(request: Request, vm_id: str) -> Response:
-    current = _require_admin(request)
-    if isinstance(current, HTMLResponse):
-        return current
-    try:
-        detail = admin_service.vm_detail(_ctx(request), current[0], vm_id)
-    except NotFound:
-        return _error_page(request, current, "No such VM", "There is no VM with that id.", 404)
-    return _page(request, "admin_timeline.html", {
-        "title": f"VM {detail.vm.id}", "subject": detail.vm, "kind": "vm", "owner": detail.owner,
-        "vm": views.vm_row(detail.vm), "rows": views.timeline(detail.events), "utc": views.utc,
-    }, current=current)
+    return _timeline_page(
+        request, lambda ctx, who: admin_service.vm_detail(ctx, who, vm_id),
+        lambda d: {"title": f"VM {d.vm.id}", "subject": d.vm, "kind": "vm", "vm": views.vm_row(d.vm)},
+        ("No such VM", "There is no VM with that id."))

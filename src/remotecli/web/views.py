@@ -6,7 +6,7 @@ Kept apart from the routes so that the wording and the step logic are unit-teste
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from remotecli.db.models import Event, Vm, utcnow
@@ -174,12 +174,6 @@ class Step:
     key: str
     label: str
     state: str  # "todo" | "active" | "done" | "failed"
-
-
-@dataclass
-class Progress:
-    steps: list[Step] = field(default_factory=list)
-    ended_at_step: str | None = None
 
 
 def auth_steps(status: str, *, cli_ready: bool, ended_from: str | None = None) -> list[Step]:

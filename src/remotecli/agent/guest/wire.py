@@ -21,3 +21,13 @@ MAX_OUTPUT_BYTES = 8 * 1024 * 1024  # per stream (stdout, stderr) of an exec
 MAX_FILE_BYTES = 32 * 1024 * 1024  # PUT/GET /v1/files content
 MAX_BODY_BYTES = 48 * 1024 * 1024  # any request body (base64 of MAX_FILE_BYTES fits)
 MAX_EXEC_TIMEOUT_S = 24 * 3600.0
+
+# OAuth flows of Browser VMs (host side: protocol.PATH_OAUTH_FLOWS and protocol.OAuthFlowStatus).
+PATH_OAUTH_FLOWS = "/v1/oauth/flows"
+OAUTH_STATUS_STARTING = "starting"
+OAUTH_STATUS_PAGE_LOADING = "page_loading"
+OAUTH_STATUS_AWAITING_USER = "awaiting_user"
+OAUTH_STATUS_EXCHANGING = "exchanging"
+OAUTH_STATUS_COMPLETED = "completed"
+OAUTH_STATUS_DENIED = "denied"
+OAUTH_STATUS_FAILED = "failed"

@@ -15,17 +15,16 @@ someone else's workspace is not a dashboard feature). Errors close the socket wi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from typing import Any
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request, WebSocket
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from remotecli.api import ws_access
+from remotecli.agent.protocol import GuestPty, PtyData
+from remotecli.api import ws_bridge
 from remotecli.api.deps import Ctx, CurrentPrincipal
 from remotecli.api.schemas import ErrorOut
 from remotecli.context import AppContext
@@ -59,20 +58,18 @@ def _own_cli_vm(ctx: AppContext, user_id: str, vm_id: str) -> Vm:
     return vm
 
 
-def _ws_base(request: Request) -> str:
-    base = str(request.base_url).rstrip("/")
-    return "wss" + base[len("https"):] if base.startswith("https") else "ws" + base[len("http"):]
-
-
 @router.post("/api/v1/vms/{vm_id}/terminal", response_model=TerminalTicketOut, responses=ERRORS)
 def terminal_ticket(vm_id: str, request: Request, ctx: Ctx, principal: CurrentPrincipal) -> TerminalTicketOut:
     """A one-time websocket URL for a terminal in your own, running CLI VM."""
     _own_cli_vm(ctx, principal.user_id, vm_id)
     ticket = tickets.issue_ticket(ctx, principal, TICKET_KIND, vm_id)
-    return TerminalTicketOut(url=f"{_ws_base(request)}/api/v1/vms/{vm_id}/terminal?token={ticket}", vm_id=vm_id)
+    url = ws_bridge.ws_url(request, ctx.settings, f"/api/v1/vms/{vm_id}/terminal?token={ticket}")
+    return TerminalTicketOut(url=url, vm_id=vm_id)
 
 
-def _size(value: Any, default: int) -> int:
+def _size(value: object, default: int) -> int:
+    if not isinstance(value, str | int | float):
+        return default
     try:
         number = int(value)
     except (TypeError, ValueError):
@@ -80,83 +77,64 @@ def _size(value: Any, default: int) -> int:
     return number if 1 <= number <= 1000 else default
 
 
+class _Terminal:
+    """The guest side of the terminal: a PTY; JSON text frames carry resize (in) and exit (out)."""
+
+    def __init__(self, pty: GuestPty, close_agent: Callable[[], None]) -> None:
+        self.pty = pty
+        self.close_agent = close_agent
+        self.exit_sent = False
+
+    async def pump(self, send_bytes: ws_bridge.SendBytes, send_text: ws_bridge.SendText) -> None:
+        while (event := await self.pty.read()) is not None:
+            if isinstance(event, PtyData):
+                await send_bytes(bytes(event.data))
+                continue
+            await send_text(json.dumps({"type": "exit", "code": event.code, "signal": event.signal}))
+            self.exit_sent = True
+            return
+
+    async def from_browser(self, data: bytes) -> None:
+        await self.pty.write(data[:MAX_INPUT_FRAME])
+
+    async def control(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(message, dict) and message.get("type") == "resize":
+            with contextlib.suppress(ValueError):
+                await self.pty.resize(_size(message.get("cols"), 80), _size(message.get("rows"), 24))
+
+    async def close(self) -> None:
+        try:
+            await self.pty.close()
+        finally:
+            self.close_agent()
+
+    def close_frame(self) -> tuple[int, str]:
+        # 1000 after the shell exited; 4409 when the VM went away (the page ensures a VM and reconnects).
+        return (1000, "exited") if self.exit_sent else (4409, "vm_not_answering")
+
+
 @router.websocket("/api/v1/vms/{vm_id}/terminal")
 async def terminal(websocket: WebSocket, vm_id: str, token: str = "", cols: str = "80", rows: str = "24") -> None:
     ctx: AppContext = websocket.app.state.ctx
-    await websocket.accept()
+    if not await ws_bridge.accept(websocket, ctx):
+        return
     try:
-        user_id = await run_in_threadpool(tickets.redeem_ticket, ctx, token, TICKET_KIND, vm_id)
+        user_id = await run_in_threadpool(tickets.redeem_ticket, ctx, token, tickets.TERMINAL, vm_id)
         vm = await run_in_threadpool(_own_cli_vm, ctx, user_id, vm_id)
         agent = ctx.agent(vm)
-        pty = await agent.open_pty(ctx.settings.cli_guest_user, _size(cols, 80), _size(rows, 24))
+        try:
+            pty = await agent.open_pty(ctx.settings.cli_guest_user, _size(cols, 80), _size(rows, 24))
+        except BaseException:
+            agent.close()
+            raise
     except RemotecliError as exc:
-        code = {401: 4401, 404: 4404, 409: 4409}.get(exc.http_status, 1011)
-        if isinstance(exc, AgentError):
-            code = 4409  # the VM does not answer: the page ensures a (new) CLI VM and reconnects
-        log.info("terminal refused: %s", exc.code, extra={"vm_id": vm_id})
-        await websocket.close(code=code, reason=exc.code)
+        # An agent that does not answer: the page ensures a (new) CLI VM and reconnects.
+        code = 4409 if isinstance(exc, AgentError) else None
+        await ws_bridge.refuse(websocket, exc, log, "terminal", code=code, extra={"vm_id": vm_id})
         return
-    log.info("terminal opened", extra={"vm_id": vm_id, "user_id": user_id})
-    exit_sent = False
-
-    async def guest_to_browser() -> None:
-        nonlocal exit_sent
-        while True:
-            event = await pty.read()
-            if event is None:
-                return
-            data = getattr(event, "data", None)
-            if isinstance(data, bytes | bytearray):
-                await websocket.send_bytes(bytes(data))
-            else:
-                await websocket.send_text(json.dumps({"type": "exit", "code": getattr(event, "code", None),
-                                                      "signal": getattr(event, "signal", None)}))
-                exit_sent = True
-                return
-
-    async def browser_to_guest() -> None:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            data = message.get("bytes")
-            if data is not None:
-                if data:
-                    await pty.write(data[:MAX_INPUT_FRAME])
-                continue
-            text = message.get("text")
-            if text is None:
-                continue
-            try:
-                control = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(control, dict) and control.get("type") == "resize":
-                with contextlib.suppress(ValueError):
-                    await pty.resize(_size(control.get("cols"), 80), _size(control.get("rows"), 24))
-
-    watch = asyncio.create_task(ws_access.until_access_ends(ctx, user_id))
-    tasks = [asyncio.create_task(guest_to_browser()), asyncio.create_task(browser_to_guest()), watch]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if watch in done:
-            log.info("terminal closed: user disabled", extra={"vm_id": vm_id, "user_id": user_id})
-            with contextlib.suppress(Exception):
-                await websocket.close(code=ws_access.CLOSE_CODE, reason=ws_access.REASON)
-        for task in done:
-            failure = None if task.cancelled() else task.exception()
-            if failure is not None and not isinstance(failure, WebSocketDisconnect | ConnectionError | AgentError):
-                log.warning("terminal bridge ended: %s", type(failure).__name__, extra={"vm_id": vm_id})
-    finally:
-        for task in tasks:
-            task.cancel()
-        await pty.close()
-        close = getattr(agent, "close", None)
-        if callable(close):
-            close()
-        if websocket.application_state != WebSocketState.DISCONNECTED:
-            with contextlib.suppress(Exception):
-                # 1000 after the shell exited; 4409 when the VM went away (the page reconnects).
-                await websocket.close(code=1000 if exit_sent else 4409,
-                                      reason="exited" if exit_sent else "vm_not_answering")
-        log.info("terminal closed", extra={"vm_id": vm_id})
+    await ws_bridge.bridge(websocket, ctx, user_id, _Terminal(pty, agent.close), log, "terminal",
+                           extra={"vm_id": vm_id})

@@ -12,7 +12,7 @@ from remotecli.services.vm_manager import VmView
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 404, 409, 422, 429, 502, 503, 504)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422, 429, 502, 503, 504)
 }
 
 
@@ -35,8 +35,9 @@ def list_vms(
 
 @router.post("", response_model=VmOut, status_code=status.HTTP_201_CREATED, responses=ERRORS)
 def create_vm(body: VmCreateIn, ctx: Ctx, principal: CurrentPrincipal) -> VmOut:
-    """Create and boot a VM; answers once its guest agent is ready (status ``running``)."""
-    vm = vm_manager.create_vm(ctx, principal, body.vm_type, vcpus=body.vcpus, memory_mib=body.memory_mib)
+    """Create and boot a CLI VM; answers once its guest agent is ready (status ``running``).
+    Browser VMs are started by sign-ins only: ``browser`` answers 403 ``browser_vm_not_allowed``."""
+    vm = vm_manager.create_vm_for_user(ctx, principal, body.vm_type, vcpus=body.vcpus, memory_mib=body.memory_mib)
     return _out(vm)
 
 

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remotecli.agent.protocol import CONFIG_DISK_FILE
 from remotecli.config import Settings
+from remotecli.drivers import host
 from remotecli.drivers.base import (
     Availability,
     BootInfo,
@@ -58,7 +60,6 @@ from remotecli.drivers.firecracker.api import (
     FirecrackerApiError,
     FirecrackerUnreachable,
 )
-from remotecli.drivers.qemu.driver import config_document, encode_config_disk
 from remotecli.errors import DriverError, ImageMissing, VmBootFailed
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class _Layout:
 
     @property
     def config(self) -> Path:
-        return self.directory / "config.img"
+        return self.directory / CONFIG_DISK_FILE
 
     @property
     def meta(self) -> Path:
@@ -166,54 +167,11 @@ def boot_args(vm_type: str) -> str:
 
 
 def config_disk(spec: VmSpec) -> bytes:
-    """The config disk's bytes: the same document and encoding as the QEMU driver (contract 0001).
-
-    One extra key, ``agent_vsock_port``: under Firecracker the host reaches the agent over vsock
-    on that port (see ADR 0004); agents that do not know the key ignore it.
+    """The config disk's bytes: the same contract as every driver's (``agent.protocol.ConfigDisk``),
+    with ``agent_vsock_port``: under Firecracker the host reaches the agent over vsock on that port
+    (see ADR 0004); agents that do not know the key ignore it.
     """
-    document = config_document(spec)
-    document["agent_vsock_port"] = spec.agent_guest_port
-    return encode_config_disk(document)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a file atomically with mode 0600 (never readable by other users, even briefly)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
-
-
-def _gone_or_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    # "pid (comm) S ..." -- comm may contain spaces/parens, so split after the last ")".
-    state = stat.rsplit(")", 1)[-1].split()[:1]
-    return state in (["Z"], ["X"])
+    return host.config_disk(spec, vsock_port=spec.agent_guest_port).encode()
 
 
 def _arg_value(argv: list[str], name: str) -> str | None:
@@ -362,16 +320,15 @@ class FirecrackerDriver(VmDriver):
         child = self._children.get(pid)
         if child is not None:
             if child.poll() is None:
-                if not _gone_or_zombie(pid):
+                if not host.gone_or_zombie(pid):
                     return False
                 # A zombie leader whose other threads are still exiting cannot be reaped yet.
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.wait(timeout=2)
             self._children.pop(pid, None)
             return True
-        if _gone_or_zombie(pid):
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
+        if host.gone_or_zombie(pid):
+            host.reap(pid)
             return True
         return False
 
@@ -383,7 +340,7 @@ class FirecrackerDriver(VmDriver):
     @staticmethod
     def _owns(pid: int, layout: _Layout) -> bool:
         """Is ``pid`` the Firecracker of this VM directory (not a reused pid, not another host's VM)?"""
-        argv = _cmdline(pid)
+        argv = host.proc_cmdline(pid)
         if not _has_id(argv, layout.fc_id):
             return False
         if layout.jailed:  # jailed: "--api-sock /firecracker.sock" is chroot-relative; the id decides
@@ -395,27 +352,17 @@ class FirecrackerDriver(VmDriver):
         return not self._gone(pid) and self._owns(pid, layout)
 
     def _running_pid(self, layout: _Layout) -> int | None:
-        pid = _read_pid(layout.pid_file)
+        pid = host.read_pid(layout.pid_file)
         if pid is not None and self._alive(pid, layout):
             return pid
         return None
 
     def _find_pids(self, layout: _Layout) -> list[int]:
         """Every live process of this VM (also ones whose pid file is gone)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                pid = int(entry.name)
-                if self._owns(pid, layout) and not _gone_or_zombie(pid):
-                    found.append(pid)
-        return found
+        return [pid for pid in host.other_pids() if self._owns(pid, layout) and not host.gone_or_zombie(pid)]
 
     def _read_meta(self, layout: _Layout) -> dict[str, Any]:
-        try:
-            data = json.loads(layout.meta.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return host.read_json_object(layout.meta)
 
     def _endpoint(self, layout: _Layout, spec: VmSpec) -> str:
         return vsock.make_endpoint(layout.vsock, spec.agent_guest_port)
@@ -458,7 +405,7 @@ class FirecrackerDriver(VmDriver):
         os.chmod(spec.directory, 0o700)
         if not layout.rootfs.exists():
             self._copy_rootfs(image.rootfs, layout.rootfs)
-        _write_private(layout.config, config_disk(spec))
+        host.write_private_file(layout.config, config_disk(spec))
         self._write_meta(spec, layout, image, pid=None)
 
     @staticmethod
@@ -507,7 +454,7 @@ class FirecrackerDriver(VmDriver):
             "jailed": layout.jailed,
             "pid": pid,
         }
-        _write_private(layout.meta, (json.dumps(meta, indent=2) + "\n").encode())
+        host.write_private_file(layout.meta, (json.dumps(meta, indent=2) + "\n").encode())
 
     def _image_from_meta(self, spec: VmSpec, layout: _Layout) -> ImageRef:
         if spec.image is not None:
@@ -539,7 +486,7 @@ class FirecrackerDriver(VmDriver):
             (kernel, "vmlinux"),
             (initrd, "initrd.img"),
             (layout.rootfs, "rootfs.ext4"),
-            (layout.config, "config.img"),
+            (layout.config, CONFIG_DISK_FILE),
         ):
             target = layout.root / name
             with contextlib.suppress(FileNotFoundError):
@@ -547,7 +494,7 @@ class FirecrackerDriver(VmDriver):
             try:
                 os.link(source, target)
             except OSError:
-                if name in ("rootfs.ext4", "config.img"):
+                if name in ("rootfs.ext4", CONFIG_DISK_FILE):
                     raise DriverError(
                         "The VM's disks must be on the same filesystem as its jail.",
                         log_detail=f"cannot hard-link {source} into {layout.root}",
@@ -725,7 +672,7 @@ class FirecrackerDriver(VmDriver):
                 raise VmGone("The VM's disk is gone.")
             image = self._image_from_meta(spec, layout)
             self._check_socket_paths(layout)
-            _write_private(layout.config, config_disk(spec))
+            host.write_private_file(layout.config, config_disk(spec))
             return self._boot(spec, layout, image)
 
     def stop(self, spec: VmSpec, timeout: float) -> None:
@@ -831,7 +778,7 @@ class FirecrackerDriver(VmDriver):
         layout = self._layout(spec)
         if not spec.directory.is_dir():
             return Inspection(Liveness.DEAD, reason="directory missing")
-        pid = _read_pid(layout.pid_file)
+        pid = host.read_pid(layout.pid_file)
         if pid is None:
             return Inspection(Liveness.DEAD, reason="no process")
         if not self._alive(pid, layout):
@@ -864,10 +811,7 @@ class FirecrackerDriver(VmDriver):
             if not directory.is_dir():
                 continue
             meta_path, pid_path = directory / _META, directory / _PID
-            meta: dict[str, Any] = {}
-            with contextlib.suppress(OSError, ValueError):
-                loaded = json.loads(meta_path.read_text())
-                meta = loaded if isinstance(loaded, dict) else {}
+            meta = host.read_json_object(meta_path)
             ours = meta.get("driver") == self.name or (directory / _API_SOCK).exists()
             if not ours and not meta and pid_path.exists():
                 ours = True  # a pid file but no metadata: a half-created firecracker VM
@@ -876,7 +820,7 @@ class FirecrackerDriver(VmDriver):
             vm_id = str(meta.get("vm_id") or directory.name)
             fc_id = str(meta.get("fc_id") or firecracker_id(vm_id))
             layout = self._layout_for(directory, fc_id, bool(meta.get("jailed", self.jailer is not None)))
-            pid = _read_pid(pid_path)
+            pid = host.read_pid(pid_path)
             alive = pid is not None and self._alive(pid, layout)
             found[vm_id] = HostVm(vm_id=vm_id, directory=directory, pid=pid if alive else None)
         for pid, vm_id in self._processes_under(vms_dir):
@@ -890,12 +834,9 @@ class FirecrackerDriver(VmDriver):
     def _processes_under(self, vms_dir: Path) -> Iterator[tuple[int, str]]:
         """(pid, vm_id) of firecracker processes whose API socket or chroot is under ``vms_dir``."""
         base = vms_dir.resolve() if vms_dir.exists() else vms_dir
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            pid = int(entry.name)
-            argv = _cmdline(pid)
-            if "--api-sock" not in argv or _gone_or_zombie(pid):
+        for pid in host.other_pids():
+            argv = host.proc_cmdline(pid)
+            if "--api-sock" not in argv or host.gone_or_zombie(pid):
                 continue
             sock = argv[argv.index("--api-sock") + 1] if argv.index("--api-sock") + 1 < len(argv) else ""
             where = Path(sock)

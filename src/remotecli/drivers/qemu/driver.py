@@ -11,6 +11,7 @@ Per VM directory ``<vms_dir>/<vm-id>/`` (mode 0700)::
     qemu.log      QEMU's own stderr during start-up
     qemu.pid      written by QEMU (-pidfile)
     qmp.sock      QMP control socket
+    qemu.uid      the uid (= gid) this VM's QEMU drops to, kept for the VM's life (confinement.allocate_uid)
     vm.json       this driver's record: port, pid, accel, image paths and hash, argv (no secrets)
 
 QEMU runs with ``-daemonize``: when the launching command returns 0, the QMP socket and the port
@@ -25,7 +26,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remotecli.agent.protocol import CONFIG_DISK_FILE
 from remotecli.config import Settings
+from remotecli.drivers import host
 from remotecli.drivers.base import (
     Availability,
     BootInfo,
@@ -57,7 +59,6 @@ from remotecli.logging import get_logger
 
 log = get_logger("qemu")
 
-CONFIG_DISK_SIZE = 64 * 1024
 MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=on,pcie=off"
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -107,7 +108,7 @@ class _Paths:
 
     @property
     def config(self) -> Path:
-        return self.directory / "config.img"
+        return self.directory / CONFIG_DISK_FILE
 
     @property
     def disk(self) -> Path:
@@ -147,63 +148,6 @@ def _qemu_opt(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_file_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def config_document(spec: VmSpec) -> dict[str, Any]:
-    """The config disk's JSON (contract 0001). Contains the agent secret: never log it."""
-    from remotecli.images.recipes import RECIPES
-
-    recipe = RECIPES.get(spec.vm_type)
-    return {
-        "vm_id": spec.vm_id,
-        "vm_type": spec.vm_type,
-        "agent_secret": spec.agent_secret,
-        "agent_port": spec.agent_guest_port,
-        "hostname": hostname_for(spec.vm_id),
-        "cli_user": recipe.primary_user.name if recipe else "cli",
-        # The home volume (ADR 0011): remotecli-init checks and mounts it before the agent starts.
-        **({
-            "home_volume_id": spec.home.volume_id,
-            "home_serial": spec.home.serial,
-            "home_device": spec.home.guest_device,
-            "home_path": spec.home.mount_path,
-        } if spec.home is not None else {}),
-    }
-
-
-def hostname_for(vm_id: str) -> str:
-    name = re.sub(r"[^a-z0-9-]+", "-", vm_id.lower()).strip("-")[:63].strip("-")
-    return name or "remotecli"
-
-
-def encode_config_disk(document: dict[str, Any]) -> bytes:
-    data = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\x00"
-    if len(data) > CONFIG_DISK_SIZE:
-        raise DriverError("The VM's config document is larger than the 64 KiB config disk.")
-    return data.ljust(CONFIG_DISK_SIZE, b"\x00")
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -228,50 +172,25 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
 
-def _proc_cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [part.decode("utf-8", errors="replace") for part in raw.split(b"\x00") if part]
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    # "pid (comm) S ..." — comm may contain spaces/parentheses: take the field after the last ')'.
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
-
-
-def _reap(pid: int) -> None:
-    """If the process happens to be our child (e.g. the controller runs as PID 1), reap it."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
 def _is_vm_process(pid: int, directory: Path) -> bool:
     """Is ``pid`` a live QEMU whose command line references this VM directory?"""
-    argv = _proc_cmdline(pid)
+    argv = host.proc_cmdline(pid)
     if not argv or "qemu-system" not in Path(argv[0]).name:
         return False
     marker = f"{directory}/"
     if not any(marker in arg for arg in argv):
         return False
-    if _is_zombie(pid):
-        _reap(pid)
+    if host.gone_or_zombie(pid):
+        host.reap(pid)
         return False
     return True
 
 
 def _qemu_processes() -> Iterator[tuple[int, list[str]]]:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        argv = _proc_cmdline(int(entry.name))
+    for pid in host.other_pids():
+        argv = host.proc_cmdline(pid)
         if argv and "qemu-system" in Path(argv[0]).name:
-            yield int(entry.name), argv
+            yield pid, argv
 
 
 class QemuDriver(VmDriver):
@@ -345,10 +264,8 @@ class QemuDriver(VmDriver):
     # ---------------------------------------------------------------- process helpers
 
     def _live_pid(self, paths: _Paths) -> int | None:
-        candidates: list[int] = []
-        with contextlib.suppress(OSError, ValueError):
-            candidates.append(int(paths.pidfile.read_text().strip()))
-        recorded = _read_json(paths.record).get("pid")
+        candidates = [pid] if (pid := host.read_pid(paths.pidfile)) is not None else []
+        recorded = host.read_json_object(paths.record).get("pid")
         if isinstance(recorded, int):
             candidates.append(recorded)
         for pid in candidates:
@@ -359,7 +276,8 @@ class QemuDriver(VmDriver):
     def _find_pids(self, directory: Path) -> list[int]:
         """Every live QEMU process that references ``directory`` (e.g. after the directory is gone)."""
         marker = f"{directory}/"
-        return [pid for pid, argv in _qemu_processes() if any(marker in arg for arg in argv) and not _is_zombie(pid)]
+        return [pid for pid, argv in _qemu_processes()
+                if any(marker in arg for arg in argv) and not host.gone_or_zombie(pid)]
 
     def _wait_gone(self, pid: int, directory: Path, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -395,7 +313,7 @@ class QemuDriver(VmDriver):
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _boot_info(self, paths: _Paths, pid: int) -> BootInfo:
-        record = _read_json(paths.record)
+        record = host.read_json_object(paths.record)
         port = record.get("port")
         accel = record.get("accel")
         return BootInfo(
@@ -409,16 +327,17 @@ class QemuDriver(VmDriver):
     def guest_confinement(self, *, repair: bool = False) -> Availability:
         wanted = self.settings.guest_network_isolation != "off"
         current = confinement.inspect(self.settings)
-        if repair and (current.firewall != wanted or (current.user is None and self.settings.qemu_user)):
+        if repair and (current.firewall != wanted or (current.uids is None and self.settings.qemu_uid_range)):
             try:
                 current = confinement.confine(self.settings)
             except DriverUnavailable as exc:
                 return Availability(ok=False, detail=exc.message)
         # Worth a repair: rules are wanted and the host could load them (root, a QEMU user, nft).
-        repairable = (wanted and not current.firewall and os.geteuid() == 0 and bool(self.settings.qemu_user)
+        repairable = (wanted and not current.firewall and os.geteuid() == 0 and bool(self.settings.qemu_uid_range)
                       and shutil.which("nft") is not None)
         return Availability(ok=current.firewall or not wanted, detail=current.detail,
-                            facts={"repairable": "yes" if repairable else "no"})
+                            facts={"repairable": "yes" if repairable else "no",
+                                   "egress": confinement.egress_policy(self.settings)})
 
     def _argv(
         self,
@@ -542,14 +461,17 @@ class QemuDriver(VmDriver):
             if not path.is_file():
                 raise ImageMissing(f"The guest kernel file {path.name} is missing; run 'remotecli images build'.")
         accel = self.accel(kernel)
-        record = _read_json(paths.record)
+        record = host.read_json_object(paths.record)
         previous = record.get("port")
-        _write_file_atomic(paths.config, encode_config_disk(config_document(spec)), 0o600)
+        host.write_private_file(paths.config, host.config_disk(spec).encode())
         # Before every launch: the rules are replaced atomically, so a flushed ruleset comes back.
         confined = confinement.confine(self.settings)
+        # One uid per VM (kept across its boots): no QEMU can signal or ptrace another VM's.
+        user = (confinement.allocate_uid(self.settings.vms_dir, paths.directory, spec.vm_type, confined.uids)
+                if confined.uids is not None else None)
         attempts = TCG_BOOT_ATTEMPTS if accel == "tcg" else 1
         for attempt in range(1, attempts + 1):
-            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, confined.user)
+            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, user)
             new_record = {
                 "vm_id": spec.vm_id,
                 "vm_type": spec.vm_type,
@@ -558,7 +480,8 @@ class QemuDriver(VmDriver):
                 "port": port,
                 "endpoint": f"tcp://127.0.0.1:{port}",
                 "accel": accel,
-                "qemu_user": confined.runas_name,
+                "qemu_uid": user.uid if user else None,
+                "qemu_gid": user.gid if user else None,
                 "guest_network_isolation": confined.firewall,
                 "vcpus": spec.vcpus,
                 "memory_mib": spec.memory_mib,
@@ -568,7 +491,7 @@ class QemuDriver(VmDriver):
                 "started_at": time.time(),
                 "boot_attempts": attempt,
             }
-            _write_file_atomic(paths.record, (json.dumps(new_record, indent=2) + "\n").encode(), 0o600)
+            host.write_private_file(paths.record, (json.dumps(new_record, indent=2) + "\n").encode())
             if accel != "tcg":
                 return BootInfo(endpoint=f"tcp://127.0.0.1:{port}", pid=pid, accel=accel)
             outcome = self._wait_early_boot(paths, pid)
@@ -723,7 +646,7 @@ class QemuDriver(VmDriver):
                 return self._boot_info(paths, pid)
             if not paths.disk.exists():
                 raise VmGone("The VM's disk is gone; it cannot be started again.")
-            info = _read_json(paths.record).get("image", {})
+            info = host.read_json_object(paths.record).get("image", {})
             info = dict(info) if isinstance(info, dict) else {}
             # Any kernel boots any rootfs (the modules live in the initramfs): prefer the current one.
             if spec.image is not None and spec.image.kernel.is_file() and spec.image.initrd.is_file():
@@ -817,7 +740,7 @@ class QemuDriver(VmDriver):
         if not paths.directory.is_dir():
             return Inspection(Liveness.DEAD, reason="directory missing")
         pid = self._live_pid(paths)
-        record = _read_json(paths.record)
+        record = host.read_json_object(paths.record)
         details: dict[str, Any] = {
             "pid": pid,
             "port": record.get("port"),
@@ -844,7 +767,7 @@ class QemuDriver(VmDriver):
         if vms_dir.is_dir():
             for directory in sorted(p for p in vms_dir.iterdir() if p.is_dir()):
                 paths = _Paths(directory)
-                record = _read_json(paths.record)
+                record = host.read_json_object(paths.record)
                 port = record.get("port")
                 found[directory.name] = HostVm(
                     vm_id=directory.name,
@@ -854,7 +777,7 @@ class QemuDriver(VmDriver):
                 )
         prefix = f"{vms_dir}/"
         for pid, argv in _qemu_processes():
-            if _is_zombie(pid):
+            if host.gone_or_zombie(pid):
                 continue
             for arg in argv:
                 index = arg.find(prefix)

@@ -119,7 +119,8 @@ async function connectScreen() {
   $('screen-state').textContent = 'Connecting…';
   showPlaceholder('Connecting to the secure browser…');
   try {
-    const { data } = await api('GET', '/api/v1/auth-sessions/' + encodeURIComponent(sessionId));
+    // ?vnc=1 issues a one-time ticket: asked for only here, when (re)connecting the screen.
+    const { data } = await api('GET', '/api/v1/auth-sessions/' + encodeURIComponent(sessionId) + '?vnc=1');
     if (!data.vnc_url || data.status !== 'awaiting_user') return;
     const screen = $('screen');
     const connection = new RFB(screen, data.vnc_url, { wsProtocols: ['binary'] });
