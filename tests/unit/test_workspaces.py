@@ -315,7 +315,8 @@ def test_volume_file_problems_in_words(tmp_path: Path) -> None:
 
 def test_qemu_gives_the_home_as_a_third_disk_with_a_serial(tmp_path: Path) -> None:
     from remotecli.config import Settings
-    from remotecli.drivers.qemu.driver import QemuDriver, config_document
+    from remotecli.drivers.host import config_disk
+    from remotecli.drivers.qemu.driver import QemuDriver
 
     home = HomeDisk(volume_id="vol-9", location=str(tmp_path / "v,ol.ext4"))
     spec = VmSpec(vm_id="vm-1", vm_type="cli", vcpus=1, memory_mib=256, directory=tmp_path / "vm-1",
@@ -323,7 +324,7 @@ def test_qemu_gives_the_home_as_a_third_disk_with_a_serial(tmp_path: Path) -> No
     args = QemuDriver._home_args(spec)
     assert args[1] == f"id=home,file={tmp_path}/v,,ol.ext4,format=raw,if=none,cache=writeback,discard=unmap"
     assert args[3] == "virtio-blk-device,drive=home,serial=rc-home"
-    doc = config_document(spec)
+    doc = config_disk(spec).model_dump(exclude_none=True)
     assert (doc["home_volume_id"], doc["home_serial"], doc["home_device"], doc["home_path"]) == (
         "vol-9", "rc-home", "/dev/vdc", "/home/cli")
     assert QemuDriver._home_args(VmSpec(vm_id="vm-2", vm_type="cli", vcpus=1, memory_mib=256,
@@ -359,7 +360,7 @@ def test_rebuild_gives_a_new_vm_with_the_same_home(ctx: AppContext, alice: Princ
 def test_rebuild_over_http_is_the_owners_only(ctx: AppContext, fake_driver: FakeDriver) -> None:
     from fastapi.testclient import TestClient
 
-    from remotecli.api.app import create_app
+    from remotecli.app import create_app
 
     def token(name: str, admin: bool = False) -> tuple[Principal, dict[str, str]]:
         user = users_service.create_user(ctx.db, name, is_admin=admin)
