@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     cli_guest_user: str = "cli"
     cli_guest_home: str = "/home/cli"
     # Persistent workspaces (services/workspaces.py, ADR 0011).
+    cli_vm_idle_stop_s: float = Field(
+        default=3600.0, ge=0,
+        description="A running CLI VM with no terminal, exec, ensure or sign-in for this long is stopped (its "
+        "home kept; the next use starts it again); 0 turns idle stop off",
+    )
     workspace_size_gib: int = Field(
         default=20, ge=1, le=16384,
         description="Size of each user's home volume (a sparse ext4 file: only what is written takes space)",

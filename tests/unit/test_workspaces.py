@@ -378,3 +378,65 @@ def test_rebuild_over_http_is_the_owners_only(ctx: AppContext, fake_driver: Fake
         body = answer.json()
     assert body["id"] != vm.id and body["status"] == "running" and body["vm_type"] == "cli"
     assert workspaces.attached_to(ctx, body["id"]) is not None
+
+
+# -- idle stop ------------------------------------------------------------------------------------
+
+
+def _idle_for(ctx: AppContext, vm_id: str, seconds: float) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from remotecli.db.models import utcnow
+
+    with ctx.db.transaction() as session:
+        session.execute(update(Vm).where(Vm.id == vm_id).values(last_active_at=utcnow() - dt.timedelta(seconds=seconds)))
+
+
+def test_idle_cli_vm_is_stopped_with_its_home_kept_and_started_on_next_use(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
+    ctx.settings.cli_vm_idle_stop_s = 600
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    reconciler = Reconciler(ctx)
+    assert not [f for f in reconciler.run_once().findings if f.kind == "idle_stop"]  # just used
+    _idle_for(ctx, vm.id, 601)
+    assert [f.kind for f in reconciler.run_once(dry_run=True).findings] == ["idle_stop"]
+    report = reconciler.run_once()
+    assert [(f.kind, f.result) for f in report.findings] == [("idle_stop", "done")]
+    assert vm_manager.get_vm(ctx, alice, vm.id).status == "stopped"
+    assert vm.id not in fake_driver.running_ids()  # its memory is freed
+    assert workspaces.attached_to(ctx, vm.id) is not None  # its home stays with it
+    with ctx.db.read() as session:
+        event = session.scalars(select(Event).where(Event.kind == "vm.idle_stopped")).one()
+    assert event.vm_id == vm.id and "home is kept" in event.message
+    # The next use starts the same VM again, with the same home.
+    again, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert not created and again.id == vm.id and again.status == "running"
+    assert fake_driver.home_of(vm.id) == workspaces.attached_to(ctx, vm.id).location  # type: ignore[union-attr]
+    # A VM used since is not stopped.
+    assert not [f for f in reconciler.run_once().findings if f.kind == "idle_stop"]
+
+
+def test_exec_starts_an_idle_stopped_vm(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    ctx.settings.cli_vm_idle_stop_s = 600
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    _idle_for(ctx, vm.id, 601)
+    Reconciler(ctx).run_once()
+    assert vm_manager.get_vm(ctx, alice, vm.id).status == "stopped"
+    result = vm_manager.exec_in_vm(ctx, alice, vm.id, ["echo", "back"], timeout_s=5)
+    assert result.exit_code == 0 and result.stdout == b"back\n"
+    assert vm_manager.get_vm(ctx, alice, vm.id).status == "running"
+
+
+def test_idle_stop_off_and_browser_vms_untouched(ctx: AppContext, alice: Principal) -> None:
+    ctx.settings.cli_vm_idle_stop_s = 0
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    _idle_for(ctx, vm.id, 10**6)
+    assert not [f for f in Reconciler(ctx).run_once().findings if f.kind == "idle_stop"]
+    ctx.settings.cli_vm_idle_stop_s = 600
+    browser = vm_manager.create_vm(ctx, alice, "browser")
+    _idle_for(ctx, browser.id, 10**6)
+    findings = [f for f in Reconciler(ctx).run_once(dry_run=True).findings if f.kind == "idle_stop"]
+    assert [f.id for f in findings] == [vm.id]

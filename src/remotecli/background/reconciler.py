@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from remotecli.background.common import Finding, LoopThread, PassReport, chunks, host_spec, new_owner, run_pass
@@ -90,8 +90,8 @@ class Reconciler:
     # ------------------------------------------------------------------------------ a pass
     def run_once(self, *, dry_run: bool = False) -> PassReport:
         """One pass. With ``dry_run`` nothing is written or changed: the findings say what would be."""
-        steps = (self._expire_sessions, self._check_rows, self._check_host, self._volumes, self._browser_vms,
-                 self._guest_firewall)
+        steps = (self._expire_sessions, self._check_rows, self._check_host, self._volumes, self._idle_stop,
+                 self._browser_vms, self._guest_firewall)
         return run_pass("reconciler", self.owner, steps, dry_run, log)
 
     # ------------------------------------------------------------------------------ host rules
@@ -416,6 +416,54 @@ class Reconciler:
                 finding.result = "waiting"
                 log.warning("home volume not detached yet: %s", exc.log_detail or exc.message,
                             extra={"vm_id": vm_id, "volume_id": volume_id})
+
+    # ------------------------------------------------------------------------------ idle stop
+    def _idle_stop(self, report: PassReport, dry_run: bool) -> None:
+        """A running CLI VM unused (no terminal, exec, ensure or sign-in) for ``cli_vm_idle_stop_s``
+        is stopped gracefully: its memory is freed, its home unmounted cleanly and kept attached;
+        the next ensure, exec, terminal or sign-in starts it again."""
+        s = self.ctx.settings
+        if s.cli_vm_idle_stop_s <= 0:
+            return
+        cutoff = utcnow() - dt.timedelta(seconds=s.cli_vm_idle_stop_s)
+        with self.ctx.db.read() as session:
+            idle = list(session.scalars(select(Vm.id).where(
+                Vm.vm_type == VmType.CLI.value, Vm.status == VmStatus.RUNNING.value,
+                func.coalesce(Vm.last_active_at, Vm.status_changed_at) < cutoff,
+            ).order_by(Vm.id)))
+        if not idle:
+            return
+        taken = idle if dry_run else VM_LEASES.claim(self.ctx.db, self.owner, s.reconciler_lease_s, ids=idle)
+        try:
+            for vm_id in taken:
+                with self.ctx.db.read() as session:
+                    vm = session.get(Vm, vm_id)
+                if vm is None or vm.status != VmStatus.RUNNING.value:
+                    continue
+                last = vm.last_active_at or vm.status_changed_at
+                if last >= cutoff:
+                    continue  # used since the list was read
+                why = f"unused for {_age_s(utcnow(), last):.0f} s (cli_vm_idle_stop_s {s.cli_vm_idle_stop_s:.0f})"
+                finding = Finding("idle_stop", vm_id, vm.user_id, why, "stop")
+                report.findings.append(finding)
+                if dry_run:
+                    continue
+                try:
+                    vm_manager.stop_vm(self.ctx, None, vm_id, reason=f"{vm_manager.IDLE_STOP_REASON}: {why}",
+                                       module=MODULE)
+                    with self.ctx.db.transaction() as session:
+                        record_event(session, module=MODULE, kind="vm.idle_stopped", user_id=vm.user_id,
+                                     vm_id=vm_id, message=f"CLI VM stopped while idle ({why}); its home is kept",
+                                     details={"controller": self.owner, "idle_s": round(_age_s(utcnow(), last))})
+                    finding.result = "done"
+                except StatusChanged:
+                    finding.result = "lost"
+                except RemotecliError as exc:
+                    finding.result = "error"
+                    log.warning("idle stop failed: %s", exc.code, extra={"vm_id": vm_id})
+        finally:
+            if not dry_run:
+                VM_LEASES.release(self.ctx.db, self.owner, taken)
 
     # ------------------------------------------------------------------------------ sign-in sessions
     def _expire_sessions(self, report: PassReport, dry_run: bool) -> None:

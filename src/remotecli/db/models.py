@@ -159,6 +159,9 @@ class Vm(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     unknown_strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Migration 0007: the last use (ensure, exec, an open terminal, a sign-in's delivery); a running
+    # CLI VM unused for ``cli_vm_idle_stop_s`` is stopped by the reconciler, its home kept.
+    last_active_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class Volume(Base):

@@ -384,7 +384,8 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
     elapsed = time.monotonic() - started
     with ctx.db.transaction() as session:
         set_vm_status(session, vm, VmStatus.RUNNING, module=MODULE, message="Guest agent ready",
-                      session_id=session_id, last_seen_at=utcnow(), details={"boot_s": round(elapsed, 3)})
+                      session_id=session_id, last_seen_at=utcnow(), last_active_at=utcnow(),
+                      details={"boot_s": round(elapsed, 3)})
 
 
 def _fail_quietly(ctx: AppContext, vm: Vm, reason: str, *, console: str = "", session_id: str | None = None) -> None:
@@ -506,13 +507,21 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
 
 
 def _touch(ctx: AppContext, vm: Vm) -> None:
-    """Record that ``vm`` was just proven alive (at most every few seconds: it is a write)."""
+    """Record that ``vm`` was just proven alive and used (at most every few seconds: it is a write)."""
     now = utcnow()
     if vm.last_seen_at is not None and (now - vm.last_seen_at).total_seconds() < 5:
         return
     with ctx.db.transaction() as session:
-        session.execute(update(Vm).where(Vm.id == vm.id).values(last_seen_at=now))
+        session.execute(update(Vm).where(Vm.id == vm.id).values(last_seen_at=now, last_active_at=now))
     vm.last_seen_at = now
+    vm.last_active_at = now
+
+
+def mark_active(ctx: AppContext, vm_id: str) -> None:
+    """The VM is in use (exec, an open terminal): it is not idle (``cli_vm_idle_stop_s``)."""
+    with ctx.db.transaction() as session:
+        session.execute(update(Vm).where(Vm.id == vm_id).values(last_active_at=utcnow())
+                        .execution_options(synchronize_session=False))
 
 
 def _skip_stale(ctx: AppContext, vm: Vm, reason: str, session_id: str | None) -> None:
@@ -572,19 +581,26 @@ def _driver_failed(ctx: AppContext, vm: Vm, action: str, exc: Exception, session
     fail_vm(ctx, vm.id, reason, session_id=session_id)
 
 
-def stop_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+#: The status reason of a CLI VM the reconciler stopped while idle: its next use starts it again
+#: (a VM someone stopped on purpose stays stopped until they start it).
+IDLE_STOP_REASON = "stopped while idle"
+
+
+def stop_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, reason: str | None = None,
+            module: str = MODULE) -> Vm:
     vm = _load_for_action(ctx, principal, vm_id)
     if vm.status == VmStatus.STOPPED.value:
         return vm
     with ctx.db.transaction() as session:
-        set_vm_status(session, vm, VmStatus.STOPPING, module=MODULE, message="Stopping the VM")
+        set_vm_status(session, vm, VmStatus.STOPPING, module=module, message="Stopping the VM", reason=reason)
     try:
         ctx.driver.stop(spec_of(ctx, vm), ctx.settings.vm_stop_timeout_s)
     except Exception as exc:
         _driver_failed(ctx, vm, "stop", exc)
         raise DriverError(log_detail=repr(exc)) from exc
     with ctx.db.transaction() as session:
-        return set_vm_status(session, vm, VmStatus.STOPPED, module=MODULE, message="VM stopped", endpoint=None)
+        return set_vm_status(session, vm, VmStatus.STOPPED, module=module, message="VM stopped", endpoint=None,
+                             reason=reason)
 
 
 def start_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, session_id: str | None = None) -> Vm:
@@ -788,9 +804,14 @@ def exec_in_vm(
     """
     if not argv:
         raise InvalidInput("Give a command to run.")
-    vm = require_running(ctx, principal, vm_id)
+    vm = _load_for_action(ctx, principal, vm_id)
     if principal is not None:
         access.ensure_own(principal.user_id, vm.user_id, VmNotFound())
+    if (vm.vm_type == VmType.CLI.value and vm.status == VmStatus.STOPPED.value
+            and (vm.status_reason or "").startswith(IDLE_STOP_REASON)):
+        start_vm(ctx, None, vm.id)  # a CLI VM stopped while idle starts again on its next use
+    vm = require_running(ctx, principal, vm_id)
+    mark_active(ctx, vm.id)
     with _exec_slot(ctx, principal):
         started = time.monotonic()
         agent = ctx.agent(vm, timeout=timeout_s + 10)

@@ -1,4 +1,4 @@
-"""volumes: one home volume per user, attached to at most one VM (ADR 0011)
+"""volumes: one home volume per user, attached to at most one VM; vms.last_active_at for idle stop (ADR 0011)
 
 Revision ID: 0007
 Revises: 0006
@@ -43,9 +43,12 @@ def upgrade() -> None:
         postgresql_where=sa.text(LIVE_VOLUME_WHERE),
     )
     op.create_index("ix_volumes_status", "volumes", ["status"], unique=False)
+    op.add_column("vms", sa.Column("last_active_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("vms") as batch:
+        batch.drop_column("last_active_at")
     op.drop_index("ix_volumes_status", table_name="volumes")
     op.drop_index("uq_volumes_one_live_per_user", table_name="volumes")
     op.drop_table("volumes")
