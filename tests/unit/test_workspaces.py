@@ -391,7 +391,8 @@ def _idle_for(ctx: AppContext, vm_id: str, seconds: float) -> None:
     from remotecli.db.models import utcnow
 
     with ctx.db.transaction() as session:
-        session.execute(update(Vm).where(Vm.id == vm_id).values(last_active_at=utcnow() - dt.timedelta(seconds=seconds)))
+        then = utcnow() - dt.timedelta(seconds=seconds)
+        session.execute(update(Vm).where(Vm.id == vm_id).values(last_active_at=then))
 
 
 def test_idle_cli_vm_is_stopped_with_its_home_kept_and_started_on_next_use(
