@@ -154,6 +154,10 @@ class Settings(BaseSettings):
         description="A running CLI VM with no terminal, exec, ensure or sign-in for this long is stopped (its "
         "home kept; the next use starts it again); 0 turns idle stop off",
     )
+    workspace_orphan_retention_s: float | None = Field(
+        default=30 * 86400.0, ge=0,
+        description="A home volume whose user was deleted (without --purge) is removed by gc after this (None: kept)",
+    )
     workspace_size_gib: int = Field(
         default=20, ge=1, le=16384,
         description="Size of each user's home volume (a sparse ext4 file: only what is written takes space)",

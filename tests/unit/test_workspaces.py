@@ -441,3 +441,75 @@ def test_idle_stop_off_and_browser_vms_untouched(ctx: AppContext, alice: Princip
     _idle_for(ctx, browser.id, 10**6)
     findings = [f for f in Reconciler(ctx).run_once(dry_run=True).findings if f.kind == "idle_stop"]
     assert [f.id for f in findings] == [vm.id]
+
+
+# -- deleting users: the home is kept unless purged; kept homes are gc's orphans ------------------
+
+
+def test_deleting_a_user_keeps_the_home_as_an_orphan_until_its_retention(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from remotecli.background.gc import GarbageCollector
+    from remotecli.db.models import utcnow
+    from remotecli.services import user_removal
+
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    [volume] = _volumes(ctx)
+    removal = user_removal.delete_user(ctx, "alice")
+    assert removal.vms_destroyed == [vm.id] and removal.volume_kept and removal.volume_id == volume.id
+    assert vm.id not in fake_driver.running_ids()
+    [kept] = _volumes(ctx)
+    assert kept.status == "available" and kept.attached_vm_id is None and Path(kept.location).is_file()
+    assert [v.id for v in workspaces.orphans(ctx)] == [volume.id]
+
+    gc = GarbageCollector(ctx)
+    planned = [(f.kind, f.id, f.action) for f in gc.run_once(dry_run=True).findings]
+    assert planned == [("orphan_volume", volume.id, "keep")]
+    assert [(f.kind, f.result) for f in gc.run_once().findings] == [("orphan_volume", "waiting")]
+    assert Path(volume.location).is_file()
+    retention = ctx.settings.workspace_orphan_retention_s or 0
+    with ctx.db.transaction() as session:
+        session.execute(update(Volume).values(updated_at=utcnow() - dt.timedelta(seconds=retention + 1)))
+    assert [(f.kind, f.action) for f in gc.run_once(dry_run=True).findings] == [("orphan_volume", "delete")]
+    assert [(f.kind, f.result) for f in gc.run_once().findings] == [("orphan_volume", "done")]
+    assert not Path(volume.location).exists()
+    assert _volumes(ctx)[0].status == "deleted" and workspaces.orphans(ctx) == []
+
+
+def test_deleting_a_user_with_purge_deletes_the_home(ctx: AppContext, alice: Principal) -> None:
+    from remotecli.services import user_removal
+
+    vm_manager.ensure_cli_vm(ctx, alice)
+    [volume] = _volumes(ctx)
+    removal = user_removal.delete_user(ctx, "alice", purge=True)
+    assert not removal.volume_kept
+    assert not Path(volume.location).exists()
+    [after] = _volumes(ctx)
+    assert after.status == "deleted" and workspaces.orphans(ctx) == []
+    statuses = [(e.from_status, e.to_status) for e in _volume_events(ctx)][-3:]
+    assert statuses == [("attached", "available"), ("available", "deleting"), ("deleting", "deleted")]
+    # A new user of the same name starts with a new, empty home.
+    bob = users_service.create_user(ctx.db, "alice")
+    vm_manager.ensure_cli_vm(ctx, Principal(bob.id, bob.name, False))
+    assert len([v for v in _volumes(ctx) if v.status == "attached"]) == 1
+
+
+def test_users_delete_on_the_command_line(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from remotecli.cli.main import main
+
+    monkeypatch.setenv("REMOTECLI_DATA_DIR", str(tmp_path / "cli-data"))
+    monkeypatch.setenv("REMOTECLI_DATABASE_URL", db_url)
+    monkeypatch.setenv("REMOTECLI_DRIVER", "fake")
+    runner = CliRunner()
+    assert runner.invoke(main, ["users", "create", "carol"], catch_exceptions=False).exit_code == 0
+    assert runner.invoke(main, ["vm", "create", "--user", "carol"], catch_exceptions=False).exit_code == 0
+    result = runner.invoke(main, ["users", "delete", "carol", "--yes"], catch_exceptions=False)
+    assert result.exit_code == 0 and "home volume vol-" in result.output and "kept" in result.output
+    gone = runner.invoke(main, ["users", "delete", "carol", "--yes"], catch_exceptions=False)
+    assert gone.exit_code != 0

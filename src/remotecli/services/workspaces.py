@@ -367,3 +367,42 @@ def list_volumes(ctx: AppContext, *, include_deleted: bool = False) -> list[Volu
         stmt = stmt.where(Volume.status != VolumeStatus.DELETED.value)
     with ctx.db.read() as session:
         return list(session.scalars(stmt))
+
+
+# ----------------------------------------------------------------------------------------------
+# Removing (operator only)
+
+
+def purge(ctx: AppContext, volume: Volume, *, reason: str) -> Volume:
+    """Delete a volume for good: ``→ deleting → (driver) → deleted``. Only an operator's command or
+    the orphan retention does this; a volume attached to a VM is refused (``WorkspaceBusy``)."""
+    with ctx.db.read() as session:
+        fresh = session.get(Volume, volume.id)
+    if fresh is None or fresh.status == VolumeStatus.DELETED.value:
+        return fresh or volume
+    if fresh.attached_vm_id is not None:
+        release(ctx, fresh.attached_vm_id)
+        with ctx.db.read() as session:
+            fresh = session.get(Volume, volume.id)
+        assert fresh is not None
+    if fresh.status != VolumeStatus.DELETING.value:
+        with ctx.db.transaction() as session:
+            set_volume_status(session, fresh, VolumeStatus.DELETING, module=MODULE, reason=reason,
+                              message="Deleting the home volume")
+    ctx.driver.delete_volume(fresh.location)
+    with ctx.db.transaction() as session:
+        set_volume_status(session, fresh, VolumeStatus.DELETED, module=MODULE, reason=reason,
+                          message="Home volume deleted", expected=VolumeStatus.DELETING)
+    return fresh
+
+
+def orphans(ctx: AppContext) -> list[Volume]:
+    """Volumes (not deleted) whose user no longer exists."""
+    from remotecli.db.models import User
+
+    with ctx.db.read() as session:
+        return list(session.scalars(
+            select(Volume).outerjoin(User, User.id == Volume.user_id)
+            .where(User.id.is_(None), Volume.status != VolumeStatus.DELETED.value)
+            .order_by(Volume.created_at)
+        ))
