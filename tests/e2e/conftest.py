@@ -70,7 +70,8 @@ def controller(tmp_path: Path, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> Ite
         monkeypatch.setenv(prefix + "AUTHORIZE_URL", f"{base}/auth")
         monkeypatch.setenv(prefix + "TOKEN_URL", f"{base}/token")
         monkeypatch.setenv(prefix + "CLIENT_ID", client_id)
-        monkeypatch.setenv(prefix + "SCOPES", "openid email offline_access")
+        # user:inference + user:profile: without them Claude Code calls the login "none" (not claude.ai).
+        monkeypatch.setenv(prefix + "SCOPES", "openid email offline_access user:profile user:inference")
     monkeypatch.setenv("REMOTECLI_PROVIDER_GEMINI_CLIENT_SECRET", GEMINI_CLIENT_SECRET)
     # The browser VM reaches the IdP on the host's loopback: the one host port guests may use.
     settings = qemu_settings(f"sqlite:///{tmp_path / 'e2e.db'}", guest_host_allowed_ports=[idp.port])

@@ -21,6 +21,7 @@ from remotecli.domain.states import VmStatus
 from remotecli.services import vm_manager
 from remotecli.services.transitions import set_vm_status
 from tests.e2e.conftest import IDP_PASSWORD, PLANTED_ACCESS, PLANTED_REFRESH, Controller
+from tests.support.cli_judge import assert_cli_signed_in
 from tests.support.rfb import RfbClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.integration]
@@ -162,6 +163,10 @@ def test_claude_code_login_over_vnc_from_the_seeds_state(controller: Controller,
     assert mode == 0o600 and owner == "cli"
     state, mode, owner = _read_in_cli_vm(controller, done["cli_vm_id"], "/home/cli/.claude.json")
     assert state["oauthAccount"]["emailAddress"] == "alice@example.test" and state["hasCompletedOnboarding"]
+    # Account state from the token answer's account/organization objects; 8 h access like Anthropic's.
+    assert state["oauthAccount"]["organizationUuid"] == "org-alice"
+    assert state["oauthAccount"]["accountUuid"] == "account-alice"
+    assert oauth["expiresAt"] > (time.time() + 28000) * 1000
     assert mode == 0o600 and owner == "cli"
     # The stale VM was never resumed or touched after the session began.
     assert vm_manager.get_vm(ctx, None, stale.id).status == "failed"
@@ -171,6 +176,8 @@ def test_claude_code_login_over_vnc_from_the_seeds_state(controller: Controller,
     _assert_browser_gone(controller, body["id"])
     _assert_no_tokens_anywhere(controller, body["id"])
     assert PLANTED_ACCESS not in caplog.text
+    # The real Claude Code in the CLI VM, offline, takes the delivered files as a claude.ai login.
+    assert_cli_signed_in(ctx, done["cli_vm_id"], "claude_code")
 
 
 def test_codex_cli_vm_killed_after_login_before_transfer(controller: Controller) -> None:
@@ -197,6 +204,7 @@ def test_codex_cli_vm_killed_after_login_before_transfer(controller: Controller)
     assert vm_manager.get_vm(controller.ctx, None, first_cli).status == "failed"
     _assert_browser_gone(controller, body["id"])
     _assert_no_tokens_anywhere(controller, body["id"])
+    assert_cli_signed_in(controller.ctx, done["cli_vm_id"], "codex")  # the real Codex, offline
 
 
 def test_gemini_wrong_state_is_refused_then_login_completes(controller: Controller) -> None:
@@ -221,7 +229,10 @@ def test_gemini_wrong_state_is_refused_then_login_completes(controller: Controll
     creds, mode, _ = _read_in_cli_vm(controller, done["cli_vm_id"], "/home/cli/.gemini/oauth_creds.json")
     assert creds["access_token"] == PLANTED_ACCESS and creds["refresh_token"] == PLANTED_REFRESH
     assert isinstance(creds["expiry_date"], int) and creds["token_type"] and mode == 0o600
+    settings, _, _ = _read_in_cli_vm(controller, done["cli_vm_id"], "/home/cli/.gemini/settings.json")
+    assert settings["security"]["auth"]["selectedType"] == "oauth-personal"
     _assert_browser_gone(controller, body["id"])
+    assert_cli_signed_in(controller.ctx, done["cli_vm_id"], "gemini")  # the real Gemini CLI, offline
 
 
 def _browser_id(controller: Controller, session_id: str) -> str:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,42 @@ def test_allocate_uid_exhausted_and_concurrent(tmp_path: Path, monkeypatch: pyte
     for thread in threads:
         thread.join()
     assert len(got) == 40 and len(set(got)) == 40 and all(700100 <= uid <= 700199 for uid in got)
+
+
+def test_driver_reports_the_egress_policy_for_doctor_and_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from remotecli.drivers.qemu.driver import QemuDriver
+
+    settings = _settings(tmp_path, guest_allowed_networks_cli=["10.9.0.0/16"])
+    monkeypatch.setattr(confinement, "inspect", lambda s: confinement.Confinement(RANGE, True, "in force"))
+    state = QemuDriver(settings).guest_confinement()
+    assert state.ok and state.facts["egress"] == confinement.egress_policy(settings)
+    assert "CLI VMs 10.9.0.0/16" in state.facts["egress"] and "(except DNS)" in state.facts["egress"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_uids_of_running_qemus_are_read_from_proc(tmp_path: Path) -> None:
+    """A running QEMU (here: a shell named like one, as a uid of the range) keeps its uid out of the
+    allocation, unless its command line names the VM directory being allocated for."""
+    import tempfile
+
+    public = Path(tempfile.mkdtemp(prefix="rc-fake-qemu-", dir="/tmp"))  # reachable by the uid (tmp_path is not)
+    public.chmod(0o755)
+    fake_qemu = public / "qemu-system-x86_64"
+    shutil.copy("/bin/sh", fake_qemu)
+    fake_qemu.chmod(0o755)
+    vms = tmp_path / "vms"
+    stray_dir = vms / "vm-stray"
+    process = subprocess.Popen(["setpriv", "--reuid=500000", "--regid=500000", "--clear-groups", str(fake_qemu),
+                                "-c", "sleep 30", f"{stray_dir}/disk.qcow2"], stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while 500000 not in confinement.qemu_process_uids() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until setpriv has exec'd the program
+        assert 500000 in confinement.qemu_process_uids()
+        assert 500000 not in confinement.qemu_process_uids(exclude_directory=stray_dir)
+        assert confinement.allocate_uid(vms, _vm_dir(vms, "vm-new"), "cli", RANGE).uid == 500001
+    finally:
+        os.killpg(process.pid, 9)  # the shell and its sleep
+        process.wait(10)
+        shutil.rmtree(public, ignore_errors=True)

@@ -103,3 +103,25 @@ def test_forwarded_ignored_and_trust_rules(tmp_path: Path) -> None:
     assert forwarded.is_trusted(settings, "10.2.3.4") and forwarded.is_trusted(settings, "127.0.0.1")
     assert not forwarded.is_trusted(settings, "192.168.1.1")
     assert forwarded.is_trusted(Settings(data_dir=tmp_path, trusted_proxies="*"), "192.168.1.1")
+
+
+def test_doctor_shows_the_reverse_proxy_check(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from remotecli.cli.main import main
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("REMOTECLI_DATA_DIR", str(data))
+    monkeypatch.setenv("REMOTECLI_DATABASE_URL", db_url)
+    monkeypatch.setenv("REMOTECLI_DRIVER", "fake")
+
+    def proxy_check() -> dict[str, object]:
+        result = CliRunner().invoke(main, ["doctor", "--json"], catch_exceptions=False)
+        return next(c for c in json.loads(result.output) if c["check"] == "reverse proxy")
+
+    assert proxy_check()["ok"] is True
+    forwarded.note_request(Settings(data_dir=data), "127.0.0.1", "203.0.113.5")
+    check = proxy_check()
+    assert check["ok"] is False and "127.0.0.1" in str(check["detail"])
+    monkeypatch.setenv("REMOTECLI_TRUSTED_PROXIES", "127.0.0.1")
+    assert proxy_check()["ok"] is True

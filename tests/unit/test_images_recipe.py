@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,10 @@ def test_recipes_meet_the_contract() -> None:
     assert BROWSER.primary_user.name == "browser" and BROWSER.primary_user.uid == 1000
     assert {"python3", "git", "nodejs", "ca-certificates", "bash", "iproute2"} <= set(CLI.packages)
     assert {"python3", "chromium", "xvfb"} <= set(BROWSER.packages)
-    assert {"@anthropic-ai/claude-code", "@openai/codex", "@google/gemini-cli"} == set(CLI.npm_packages)
+    names = {spec.rsplit("@", 1)[0] for spec in CLI.npm_packages}
+    assert {"@anthropic-ai/claude-code", "@openai/codex", "@google/gemini-cli"} == names
+    # Each CLI pinned to an exact version (a new release is a recipe change, not a silent drift).
+    assert all(re.fullmatch(r"@[a-z-]+/[a-z-]+@\d+\.\d+\.\d+", spec) for spec in CLI.npm_packages)
     assert {"virtio_mmio", "virtio_blk", "virtio_net"} <= set(KERNEL.modules)
 
 

@@ -85,11 +85,25 @@ def test_builtin_profiles(profiles: dict[str, ProviderProfile]) -> None:
     assert claude.token_request_style == "json"
     assert codex.token_request_style == "form"
     assert all(p.pkce for p in profiles.values())
-    assert gemini.client_secret is None  # a placeholder setting: no secret shipped
+    # The Gemini CLI's own installed-app secret (published in the CLI; Google's token endpoint
+    # refuses the code exchange without it).
+    assert gemini.client_secret is not None and gemini.client_secret.startswith("GOCSPX-")
     assert codex.display_name and claude.display_name and gemini.display_name
     assert claude.credential_paths == [".claude/.credentials.json", ".claude.json"]
     assert codex.credential_paths == [".codex/auth.json"]
-    assert gemini.credential_paths == [".gemini/oauth_creds.json"]
+    assert gemini.credential_paths == [".gemini/oauth_creds.json", ".gemini/settings.json"]
+
+
+def test_builtin_profiles_say_what_the_pinned_clis_use(profiles: dict[str, ProviderProfile]) -> None:
+    """The values issue 11 found wrong (the drift test checks all of them against the packages)."""
+    claude, codex = profiles["claude_code"], profiles["codex"]
+    assert claude.authorize_url == "https://claude.com/cai/oauth/authorize"
+    assert claude.token_url == "https://platform.claude.com/v1/oauth/token"
+    assert {"org:create_api_key", "user:profile", "user:inference", "user:sessions:claude_code",
+            "user:mcp_servers", "user:file_upload"} <= set(claude.scopes)
+    assert {"openid", "profile", "email", "offline_access", "api.connectors.read",
+            "api.connectors.invoke"} == set(codex.scopes)
+    assert dict(codex.extra_authorize_params)["originator"] == "codex_cli_rs"
 
 
 def test_oauth_spec_shapes(profiles: dict[str, ProviderProfile]) -> None:
@@ -177,7 +191,7 @@ credential_format = "gemini"
     assert corp.client_id == "from-env"  # the environment wins over the file
     assert corp.pkce is True and corp.token_request_style == "form"
     files = render_credentials(corp, _token_response(), NOW).files
-    assert [f.path for f in files] == [".gemini/oauth_creds.json"]
+    assert [f.path for f in files] == [".gemini/oauth_creds.json", ".gemini/settings.json"]
 
 
 def test_config_file_named_by_environment(settings: Settings, tmp_path: Path) -> None:
@@ -219,6 +233,7 @@ def test_claude_code_credentials(profiles: dict[str, ProviderProfile]) -> None:
             "expiresAt": NOW_MS + 3600 * 1000,
             "scopes": ["openid", "email", "offline_access"],
             "subscriptionType": "max",
+            "rateLimitTier": None,
         }
     }
     assert _doc(rendered.files[1]) == {
@@ -240,18 +255,49 @@ def test_claude_code_anthropic_shape_without_id_token(profiles: dict[str, Provid
         "expires_in": 28800,
         "scope": "user:inference user:profile",
         "account": {"uuid": "acc-uuid", "email_address": "bob@example.test"},
-        "organization": {"uuid": "org-uuid"},
+        "organization": {"uuid": "org-uuid", "name": "Bob's Org"},
     }
     rendered = render_credentials(profiles["claude_code"], answer, NOW.timestamp())
     creds = _doc(rendered.files[0])["claudeAiOauth"]
     assert creds["scopes"] == ["user:inference", "user:profile"]
-    assert creds["subscriptionType"] is None
+    assert creds["subscriptionType"] is None  # not in Anthropic's token response (docs say so)
+    assert creds["rateLimitTier"] is None
     assert creds["expiresAt"] == NOW_MS + 28800 * 1000
     assert _doc(rendered.files[1])["oauthAccount"] == {
         "emailAddress": "bob@example.test",
         "accountUuid": "acc-uuid",
         "organizationUuid": "org-uuid",
+        "organizationName": "Bob's Org",
     }
+    assert rendered.files[1].merge_json and not rendered.files[1].deep_merge  # oauthAccount replaced whole
+
+
+def test_claude_code_subscription_from_the_organization_type(profiles: dict[str, ProviderProfile]) -> None:
+    answer = _token_response(organization={"uuid": "o", "organization_type": "claude_max",
+                                           "rate_limit_tier": "default_claude_max_20x"})
+    creds = _doc(render_credentials(profiles["claude_code"], answer, NOW).files[0])["claudeAiOauth"]
+    assert (creds["subscriptionType"], creds["rateLimitTier"]) == ("max", "default_claude_max_20x")
+    unknown = _token_response(organization={"uuid": "o", "organization_type": "something_new"})
+    assert _doc(render_credentials(profiles["claude_code"], unknown, NOW).files[0])["claudeAiOauth"][
+        "subscriptionType"] is None
+
+
+def test_expiry_counts_from_obtained_at_not_delivery(profiles: dict[str, ProviderProfile]) -> None:
+    """The sign-in may wait (a CLI VM booting) between the token exchange and the delivery."""
+    later = NOW + dt.timedelta(minutes=7)
+    answer = _token_response(obtained_at=NOW.timestamp())
+    claude = _doc(render_credentials(profiles["claude_code"], answer, later).files[0])["claudeAiOauth"]
+    assert claude["expiresAt"] == NOW_MS + 3600 * 1000
+    gemini = _doc(render_credentials(profiles["gemini"], answer, later).files[0])
+    assert gemini["expiry_date"] == NOW_MS + 3600 * 1000
+    codex = _doc(render_credentials(profiles["codex"], answer, later).files[0])
+    assert codex["last_refresh"] == "2026-01-02T03:04:05Z"
+    assert render_credentials(profiles["codex"], answer, later).metadata["expires_at"] == "2026-01-02T04:04:05Z"
+    # Without obtained_at (or with a nonsense one) the delivery time is used.
+    for bad in (None, "soon", True, -1):
+        answer = _token_response(obtained_at=bad)
+        doc = _doc(render_credentials(profiles["gemini"], answer, later).files[0])
+        assert doc["expiry_date"] == int(later.timestamp() * 1000) + 3600 * 1000
 
 
 def test_claude_code_without_email_writes_only_credentials(profiles: dict[str, ProviderProfile]) -> None:
@@ -288,8 +334,11 @@ def test_codex_account_id_falls_back_to_sub(profiles: dict[str, ProviderProfile]
 
 def test_gemini_credentials(profiles: dict[str, ProviderProfile]) -> None:
     rendered = render_credentials(profiles["gemini"], _token_response(), NOW)
-    (file,) = rendered.files
+    file, settings_file = rendered.files
     assert file.path == ".gemini/oauth_creds.json" and file.mode == 0o600
+    assert settings_file.path == ".gemini/settings.json" and settings_file.mode == 0o600
+    assert settings_file.merge_json and settings_file.deep_merge
+    assert _doc(settings_file) == {"security": {"auth": {"selectedType": "oauth-personal"}}}
     assert _doc(file) == {
         "access_token": ACCESS,
         "refresh_token": REFRESH,
@@ -302,7 +351,7 @@ def test_gemini_credentials(profiles: dict[str, ProviderProfile]) -> None:
 
 def test_naive_now_is_utc(profiles: dict[str, ProviderProfile]) -> None:
     naive = NOW.replace(tzinfo=None)
-    doc = _doc(render_credentials(profiles["gemini"], _token_response(), naive).files[0])
+    doc = _doc(render_credentials(profiles["gemini"], _token_response(obtained_at=None), naive).files[0])
     assert doc["expiry_date"] == NOW_MS + 3600 * 1000
 
 
@@ -348,3 +397,30 @@ def test_merge_json_file_keeps_other_keys_and_survives_bad_input() -> None:
     assert merged == {"theme": "dark", "oauthAccount": {"emailAddress": "a@x.test"}, "hasCompletedOnboarding": True}
     for existing in (None, b"", b"not json", b"[1, 2]", b"\xff\xfe"):
         assert merge_json_file(existing, update) == update
+
+
+def test_merge_json_file_deep_keeps_nested_user_settings() -> None:
+    from remotecli.services.providers import GEMINI_AUTH_SETTINGS, merge_json_file
+
+    update = json.dumps(GEMINI_AUTH_SETTINGS).encode()
+    existing = json.dumps({
+        "theme": "GitHub",
+        "security": {"folderTrust": {"enabled": True},
+                     "auth": {"selectedType": "gemini-api-key", "useExternal": False}},
+        "general": {"vimMode": True},
+    }).encode()
+    merged = json.loads(merge_json_file(existing, update, deep=True))
+    assert merged == {
+        "theme": "GitHub",
+        "security": {"folderTrust": {"enabled": True},
+                     "auth": {"selectedType": "oauth-personal", "useExternal": False}},
+        "general": {"vimMode": True},
+    }
+    # A non-object where ours has an object is replaced; lists are values, not merged.
+    merged = json.loads(merge_json_file(b'{"security": "weird", "list": [1]}', b'{"security": {"a": 1}, "list": [2]}',
+                                        deep=True))
+    assert merged == {"security": {"a": 1}, "list": [2]}
+    # Top-level merging (the default) replaces nested objects whole.
+    assert json.loads(merge_json_file(existing, update))["security"] == GEMINI_AUTH_SETTINGS["security"]
+    for bad in (None, b"", b"not json", b"[1, 2]", b"\xff\xfe"):
+        assert merge_json_file(bad, update, deep=True) == update

@@ -87,6 +87,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
+class _Request(BaseModel):
+    """What the host builds and sends: a misspelt field is an error, not silently dropped."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
 class AgentHealth(_Model):
     """``GET /v1/health``."""
 
@@ -197,7 +203,7 @@ CONFIG_DISK_DEVICE: Final = "/dev/vdb"  # where the guest finds it (second virti
 CONFIG_DISK_SIZE: Final = 64 * 1024
 
 
-class ConfigDisk(_Model):
+class ConfigDisk(_Request):
     """The config disk's JSON document: what a guest learns about itself at boot.
 
     The guest reads it in ``agent/guest/config.py`` (``REQUIRED_KEYS`` are the required fields
@@ -262,7 +268,7 @@ class OAuthFlowStatus(enum.StrEnum):
 OAUTH_TERMINAL: Final = frozenset({OAuthFlowStatus.COMPLETED, OAuthFlowStatus.DENIED, OAuthFlowStatus.FAILED})
 
 
-class OAuthRedirect(_Model):
+class OAuthRedirect(_Request):
     """The loopback redirect the guest listens on (port 0: any free port)."""
 
     host: str = "127.0.0.1"  # "localhost" or "127.0.0.1"
@@ -270,7 +276,7 @@ class OAuthRedirect(_Model):
     path: str = "/callback"
 
 
-class OAuthBrowser(_Model):
+class OAuthBrowser(_Request):
     """How the guest runs the browser for the flow."""
 
     display: str = ":0"
@@ -280,7 +286,7 @@ class OAuthBrowser(_Model):
     app: bool = True
 
 
-class OAuthFlowSpec(_Model):
+class OAuthFlowSpec(_Request):
     """``POST /v1/oauth/flows`` body: one authorization-code flow (PKCE, loopback redirect).
 
     Defaults are the guest's. Only the fields that were set are sent (``to_wire``), so the body

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from remotecli.domain.states import VM_STATUS_WORDS, VmStatus
+from remotecli.images.cli_constants import CliConstants
 from remotecli.services.auth_session_view import AuthSessionOut as AuthSessionOut  # shared with the dashboard
 from remotecli.services.auth_session_view import CredentialMetaOut as CredentialMetaOut
+from remotecli.services.provider_drift import ProviderDifference
 from remotecli.services.providers import ProviderProfile
 from remotecli.services.vm_manager import VmView
 
@@ -153,14 +156,42 @@ class EventListOut(BaseModel):
     items: list[EventOut]
 
 
+class ProviderCliOut(BaseModel):
+    """The OAuth constants the CLI in the cli image uses (read from its package by images build)."""
+
+    package: str
+    version: str | None
+    authorize_url: str | None
+    token_url: str | None
+    client_id: str | None
+    scopes: list[str]
+    redirect_uri: str | None
+
+
+class ProviderDifferenceOut(BaseModel):
+    kind: str  # "drift" (profile and CLI disagree), "override" (the operator's setting), "unchecked"
+    field: str
+    message: str
+
+
 class ProviderOut(BaseModel):
     name: str
     display_name: str
     credential_files: list[str]
+    cli: ProviderCliOut | None = None
+    differences: list[ProviderDifferenceOut] = []
 
     @classmethod
-    def of(cls, name: str, profile: ProviderProfile) -> ProviderOut:
-        return cls(name=name, display_name=profile.display_name, credential_files=profile.credential_paths)
+    def of(cls, name: str, profile: ProviderProfile, cli: CliConstants | None = None,
+           differences: Sequence[ProviderDifference] = ()) -> ProviderOut:
+        return cls(
+            name=name, display_name=profile.display_name, credential_files=profile.credential_paths,
+            cli=ProviderCliOut(package=cli.package, version=cli.version, authorize_url=cli.authorize_url,
+                               token_url=cli.token_url, client_id=cli.client_id, scopes=list(cli.scopes),
+                               redirect_uri=cli.redirect_uri) if cli else None,
+            differences=[ProviderDifferenceOut(kind=d.kind, field=d.field, message=d.message)
+                         for d in differences if d.provider == name],
+        )
 
 
 class ProviderListOut(BaseModel):

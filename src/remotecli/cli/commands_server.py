@@ -120,6 +120,7 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
     if _needs_images(ctx) and not skip_images:
         click.echo("remotecli: checking guest images (the first build takes a few minutes)…", err=True)
         build_images(settings, ["cli", "browser"])
+    _echo_provider_drift(settings, ctx)
     from remotecli.services import users as users_service
 
     first_login: tuple[str, str] | None = None
@@ -177,6 +178,32 @@ def _drift_check(ctx: AppContext) -> tuple[str, bool, str]:
     return ("drift", False, f"{summary}: see 'remotecli gc --dry-run' (the reconciler fixes it within its interval)")
 
 
+def _echo_provider_drift(settings: Settings, ctx: AppContext | None) -> None:
+    """The CLIs' versions and every difference between their OAuth constants and the profiles."""
+    from remotecli.services import provider_drift
+
+    clis, found = provider_drift.installed_differences(settings, effective=dict(ctx.providers) if ctx else None)
+    for line in provider_drift.describe(clis, found):
+        warn = line.startswith(("DRIFT", "UNCHECKED"))
+        click.echo(f"remotecli: {'WARNING: ' if warn else ''}{line}", err=True)
+
+
+def _provider_checks(ctx: AppContext) -> list[tuple[str, bool, str]]:
+    """One doctor line per provider: the CLI version in the cli image and how the profile differs."""
+    from remotecli.services import provider_drift
+
+    clis, found = provider_drift.installed_differences(ctx.settings, effective=dict(ctx.providers))
+    if clis is None:
+        return [("provider profiles", not _needs_images(ctx), provider_drift.describe(None, [])[0])]
+    checks: list[tuple[str, bool, str]] = []
+    for name, cli in sorted(clis.items()):
+        mine = [d for d in found if d.provider == name]
+        problems = [d for d in mine if d.kind != "override"]
+        detail = "; ".join(d.message.removeprefix(f"{name}: ") for d in mine) or "matches the built-in profile"
+        checks.append((f"provider {name}", not problems, f"{cli.label}: {detail}"))
+    return checks
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def doctor(as_json: bool) -> None:
@@ -215,6 +242,7 @@ def doctor(as_json: bool) -> None:
 
                 checks.append(("single sign-on", *oidc.check_provider(ctx.settings)))
             checks.append(_drift_check(ctx))
+            checks.extend(_provider_checks(ctx))
             from remotecli.services import forwarded
 
             checks.append(forwarded.doctor_check(ctx.settings))
@@ -244,6 +272,8 @@ def images_build(which: str, force: bool) -> None:
     settings.ensure_dirs()
     started = time.monotonic()
     build_images(settings, ["cli", "browser"] if which == "all" else [which], force=force)
+    if which in ("cli", "all"):
+        _echo_provider_drift(settings, None)
     click.echo(f"done in {time.monotonic() - started:.1f} s", err=True)
 
 
@@ -263,6 +293,60 @@ def images_status(as_json: bool) -> None:
                 [[i.target, "yes" if i.built else "NO", i.hash,
                   f"{i.size_bytes / 2**20:.0f} MiB" if i.size_bytes else "-", i.built_at or "-", i.path]
                  for i in items])
+
+
+@images.command("outdated")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@handle_errors
+def images_outdated(as_json: bool) -> None:
+    """List newer releases of the pinned CLIs on the npm registry and the OAuth constant
+    differences they would bring (downloads their packages into a temporary directory)."""
+    import tempfile
+    from pathlib import Path
+
+    from remotecli.images import cli_constants
+    from remotecli.images.recipes import CLI_VERSIONS
+    from remotecli.services import provider_drift
+
+    settings = settings_from_env()
+    builtin = provider_drift.builtin_profiles(settings)
+    rows: list[dict[str, Any]] = []
+    newer: dict[str, str] = {}
+    for provider, package in cli_constants.CLI_PACKAGES.items():
+        pinned = CLI_VERSIONS[package]
+        try:
+            latest = cli_constants.npm_latest_version(package)
+        except cli_constants.NpmError as exc:
+            rows.append({"provider": provider, "package": package, "pinned": pinned, "latest": None,
+                         "outdated": None, "error": str(exc), "differences": []})
+            continue
+        rows.append({"provider": provider, "package": package, "pinned": pinned, "latest": latest,
+                     "outdated": latest != pinned, "error": None, "differences": []})
+        if latest != pinned:
+            newer[provider] = latest
+    if newer:
+        with tempfile.TemporaryDirectory(prefix="remotecli-outdated-") as tmp:
+            if not as_json:
+                specs = ", ".join(f"{cli_constants.CLI_PACKAGES[p]}@{v}" for p, v in newer.items())
+                click.echo(f"remotecli: downloading {specs} to read their OAuth constants…", err=True)
+            node_modules = cli_constants.fetch_packages(newer, Path(tmp))
+            found = provider_drift.differences(
+                {p: cli_constants.extract(p, node_modules / cli_constants.CLI_PACKAGES[p]) for p in newer}, builtin)
+        for row in rows:
+            row["differences"] = [d.as_dict() for d in found if d.provider == row["provider"]]
+    if as_json:
+        print_json(rows)
+        return
+    print_table(["provider", "package", "pinned", "latest", "status"],
+                [[r["provider"], r["package"], r["pinned"], r["latest"] or "-",
+                  r["error"] or ("newer release" if r["outdated"] else "up to date")] for r in rows])
+    for row in rows:
+        if row["outdated"]:
+            changes = row["differences"]
+            click.echo(f"{row['package']} {row['latest']} against the built-in {row['provider']} profile: "
+                       + ("no OAuth constant differences" if not changes else f"{len(changes)} difference(s)"))
+            for change in changes:
+                click.echo(f"  {change['kind']}: {change['message']}")
 
 
 def register(main: click.Group) -> None:

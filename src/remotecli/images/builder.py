@@ -37,7 +37,7 @@ from remotecli.config import Settings
 from remotecli.drivers.base import ImageRef
 from remotecli.drivers.host import read_json_object
 from remotecli.errors import ImageMissing, RemotecliError, UnknownVmType
-from remotecli.images import hashing
+from remotecli.images import cli_constants, hashing
 from remotecli.images.kernel import build_initramfs, find_kernel, resolve_modules
 from remotecli.images.recipes import KERNEL, RECIPES, ImageRecipe, KernelRecipe
 
@@ -626,6 +626,11 @@ def _ensure_image(settings: Settings, vm_type: str, report: ProgressCallback, fo
     seconds = time.monotonic() - started
     tree_info = read_json_object(tree / "tree.json")
     image = tmp / "rootfs.ext4"
+    constants: dict[str, Any] = {}
+    if recipe.npm_packages:
+        report(ProgressEvent(vm_type, "files", "reading the CLIs' OAuth constants", 95.0))
+        node_modules = tree / "root" / "usr" / "local" / "lib" / "node_modules"
+        constants = {name: c.as_dict() for name, c in cli_constants.extract_all(node_modules).items()}
     manifest = {
         "kind": "rootfs",
         "vm_type": vm_type,
@@ -640,6 +645,11 @@ def _ensure_image(settings: Settings, vm_type: str, report: ProgressCallback, fo
         "allocated_bytes": _disk_usage(image),
         "versions": tree_info.get("versions", {}),
     }
+    if constants:
+        # What the installed CLIs sign in with (compared with the provider profiles by
+        # services/provider_drift.py: images build, doctor, up, GET /api/v1/providers).
+        manifest["cli_constants"] = constants
+        manifest["cli_constants_extractor"] = cli_constants.EXTRACTOR_VERSION
     _write_json(tmp / "manifest.json", manifest)
     _publish(tmp, final)
     size = _disk_usage(final)
@@ -724,6 +734,16 @@ def status(settings: Settings) -> list[ImageStatus]:
             )
         )
     return entries
+
+
+def installed_cli_constants(settings: Settings) -> dict[str, cli_constants.CliConstants] | None:
+    """The OAuth constants recorded in the current ``cli`` image's manifest, per provider profile
+    name; ``None`` when that image is not built or was built before constants were recorded."""
+    idir = image_dir(settings, "cli", hashing.image_hash(_recipe("cli")))
+    recorded = read_json_object(idir / "manifest.json").get("cli_constants")
+    if not isinstance(recorded, dict) or not recorded:
+        return None
+    return {str(k): cli_constants.CliConstants.from_dict(v) for k, v in recorded.items() if isinstance(v, dict)}
 
 
 def _paths_in_use(settings: Settings) -> set[Path]:

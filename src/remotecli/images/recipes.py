@@ -128,6 +128,16 @@ _BASE_PACKAGES: tuple[str, ...] = (
     "netbase",
 )
 
+# The CLIs of the cli image, pinned to exact versions: the provider profiles
+# (services/provider_profiles.toml) are checked against the OAuth constants of these very
+# releases (images/cli_constants.py). Moving a pin changes the recipe hash, so the image is rebuilt;
+# `remotecli images outdated` lists newer releases and the differences they would bring.
+CLI_VERSIONS: dict[str, str] = {
+    "@anthropic-ai/claude-code": "2.1.332",
+    "@openai/codex": "0.171.0",
+    "@google/gemini-cli": "0.61.0",
+}
+
 CLI = ImageRecipe(
     vm_type="cli",
     packages=(
@@ -141,7 +151,7 @@ CLI = ImageRecipe(
         # e2fsck: remotecli-init checks the home volume (journal recovery) before mounting it.
         "e2fsprogs",
     ),
-    npm_packages=("@anthropic-ai/claude-code", "@openai/codex", "@google/gemini-cli"),
+    npm_packages=tuple(f"{name}@{version}" for name, version in CLI_VERSIONS.items()),
     users=(User(name="cli", uid=1000, home="/home/cli"),),
     # The guest is the user's sandbox: let the CLI user install what a task needs.
     customize=('echo \'cli ALL=(ALL) NOPASSWD:ALL\' > "$1/etc/sudoers.d/cli" && chmod 0440 "$1/etc/sudoers.d/cli"',),

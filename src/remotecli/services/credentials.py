@@ -190,7 +190,7 @@ def _write_and_verify(ctx: AppContext, vm: Vm, files: list[CredentialFile]) -> N
                     existing: bytes | None = agent.read_file(path).data
                 except AgentFileNotFound:
                     existing = None
-                content = merge_json_file(existing, content)
+                content = merge_json_file(existing, content, deep=item.deep_merge)
             agent.write_file(path, content, mode=item.mode, owner=user)
             back = agent.read_file(path)
             if back.data != content or (back.mode & 0o777) != item.mode or back.owner != user:

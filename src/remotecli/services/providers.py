@@ -355,6 +355,9 @@ class CredentialFile:
     # A JSON object merged into the file the CLI already has (its own settings, projects, history
     # live there too) instead of replacing it: our top-level keys win, the others stay.
     merge_json: bool = False
+    # With merge_json: merge nested objects too (our leaves win, the user's other nested keys stay),
+    # for settings files such as ~/.gemini/settings.json.
+    deep_merge: bool = False
 
     def __repr__(self) -> str:
         return f"CredentialFile(path={self.path!r}, size={len(self.content)}, mode={oct(self.mode)})"
@@ -385,7 +388,11 @@ def decode_jwt_claims(token: Any) -> dict[str, Any]:
 def render_credentials(
     profile: ProviderProfile, token_response: dict[str, Any], now: dt.datetime | float
 ) -> RenderedCredentials:
-    """The credential file(s) the profile's CLI reads, from the token endpoint's JSON answer."""
+    """The credential file(s) the profile's CLI reads, from the token endpoint's JSON answer.
+
+    Expiry times count from ``token_response["obtained_at"]`` (epoch seconds, recorded by the OAuth
+    agent when the token endpoint answered); ``now`` is used only when it is absent.
+    """
     if not isinstance(token_response, dict):
         raise InvalidTokenResponse(log_detail=f"{profile.name}: token response is not an object")
     access = token_response.get("access_token")
@@ -395,7 +402,11 @@ def render_credentials(
         value = token_response.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidTokenResponse(log_detail=f"{profile.name}: {key} is not a string")
-    moment = _as_datetime(now)
+    obtained_at = token_response.get("obtained_at")
+    if isinstance(obtained_at, int | float) and not isinstance(obtained_at, bool) and obtained_at > 0:
+        moment = _as_datetime(float(obtained_at))
+    else:
+        moment = _as_datetime(now)
     expires_in = token_response.get("expires_in")
     if isinstance(expires_in, str) and expires_in.isdigit():
         expires_in = int(expires_in)
@@ -451,15 +462,17 @@ def _rfc3339(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _json_file(path: str, doc: dict[str, Any], *, merge: bool = False) -> CredentialFile:
+def _json_file(path: str, doc: dict[str, Any], *, merge: bool = False, deep: bool = False) -> CredentialFile:
     content = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
-    return CredentialFile(path=path, content=content, mode=0o600, merge_json=merge)
+    return CredentialFile(path=path, content=content, mode=0o600, merge_json=merge or deep, deep_merge=deep)
 
 
-def merge_json_file(existing: bytes | None, update: bytes) -> bytes:
+def merge_json_file(existing: bytes | None, update: bytes, *, deep: bool = False) -> bytes:
     """``update`` (a JSON object) laid over ``existing``: top-level keys of ``update`` replace those
-    of ``existing``, the rest of ``existing`` stays. A missing, unreadable or non-object
-    ``existing`` yields ``update`` unchanged."""
+    of ``existing``, the rest of ``existing`` stays. With ``deep``, where both hold an object under
+    the same key the objects are merged the same way, at every depth (so ``{"security": {"auth":
+    {"selectedType": ...}}}`` keeps the user's other ``security`` and ``security.auth`` keys). A
+    missing, unreadable or non-object ``existing`` yields ``update`` unchanged."""
     new = json.loads(update)
     try:
         old = json.loads(existing) if existing else None
@@ -467,7 +480,18 @@ def merge_json_file(existing: bytes | None, update: bytes) -> bytes:
         old = None
     if not isinstance(old, dict) or not isinstance(new, dict):
         return update
-    return (json.dumps({**old, **new}, indent=2) + "\n").encode("utf-8")
+    merged = _deep_merge(old, new) if deep else {**old, **new}
+    return (json.dumps(merged, indent=2) + "\n").encode("utf-8")
+
+
+def _deep_merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(old)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _email(ctx: _Context) -> str | None:
@@ -478,15 +502,36 @@ def _email(ctx: _Context) -> str | None:
     return email if isinstance(email, str) and email else None
 
 
+# How Claude Code turns its profile's ``organization.organization_type`` into ``subscriptionType``.
+_CLAUDE_SUBSCRIPTIONS = {"claude_max": "max", "claude_pro": "pro", "claude_enterprise": "enterprise",
+                         "claude_team": "team"}
+
+
 def _render_claude(ctx: _Context) -> tuple[list[CredentialFile], str | None]:
+    """``~/.claude/.credentials.json`` as Claude Code writes it after its own sign-in, and the
+    account state it keeps in ``~/.claude.json``: ``oauthAccount`` from the token response's
+    ``account`` and ``organization`` objects, as Claude Code records them when it has no profile
+    yet (its later profile fetch adds display name, billing type and the like).
+
+    ``subscriptionType`` and ``rateLimitTier`` come from the organization's ``organization_type`` /
+    ``rate_limit_tier`` when the token response carries them; Anthropic's answer normally does not
+    (Claude Code reads them from its profile endpoint), so they stay null until Claude Code's first
+    profile fetch, and ``claude auth status --text`` says "Claude API account" until then.
+    """
+    organization = ctx.response.get("organization")
+    organization = organization if isinstance(organization, dict) else {}
     subscription = ctx.response.get("subscriptionType", ctx.response.get("subscription_type"))
+    if not isinstance(subscription, str):
+        subscription = _CLAUDE_SUBSCRIPTIONS.get(str(organization.get("organization_type")))
+    tier = organization.get("rate_limit_tier")
     credentials = {
         "claudeAiOauth": {
             "accessToken": ctx.response["access_token"],
             "refreshToken": ctx.str_or_none("refresh_token"),
             "expiresAt": _ms(ctx.expires_at),
             "scopes": ctx.scopes,
-            "subscriptionType": subscription if isinstance(subscription, str) else None,
+            "subscriptionType": subscription,
+            "rateLimitTier": tier if isinstance(tier, str) and tier else None,
         }
     }
     files = [_json_file(".claude/.credentials.json", credentials)]
@@ -496,9 +541,10 @@ def _render_claude(ctx: _Context) -> tuple[list[CredentialFile], str | None]:
         account = ctx.response.get("account")
         if isinstance(account, dict) and isinstance(account.get("uuid"), str):
             oauth_account["accountUuid"] = account["uuid"]
-        organization = ctx.response.get("organization")
-        if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
+        if isinstance(organization.get("uuid"), str):
             oauth_account["organizationUuid"] = organization["uuid"]
+        if isinstance(organization.get("name"), str) and organization["name"]:
+            oauth_account["organizationName"] = organization["name"]
         files.append(_json_file(".claude.json", {"hasCompletedOnboarding": True, "oauthAccount": oauth_account},
                                 merge=True))
     return files, email
@@ -519,9 +565,14 @@ def _render_codex(ctx: _Context) -> tuple[list[CredentialFile], str | None]:
             "refresh_token": ctx.str_or_none("refresh_token"),
             "account_id": account_id,
         },
-        "last_refresh": _rfc3339(ctx.now),
+        "last_refresh": _rfc3339(ctx.now),  # when the tokens were obtained (Codex refreshes by its age)
     }
     return [_json_file(".codex/auth.json", doc)], _email(ctx)
+
+
+# Without an auth type in its settings the Gemini CLI ignores oauth_creds.json and says "Please set
+# an Auth method" (exit code 41); "oauth-personal" is what its own Google sign-in records.
+GEMINI_AUTH_SETTINGS = {"security": {"auth": {"selectedType": "oauth-personal"}}}
 
 
 def _render_gemini(ctx: _Context) -> tuple[list[CredentialFile], str | None]:
@@ -533,11 +584,15 @@ def _render_gemini(ctx: _Context) -> tuple[list[CredentialFile], str | None]:
         "id_token": ctx.str_or_none("id_token"),
         "expiry_date": _ms(ctx.expires_at),
     }
-    return [_json_file(".gemini/oauth_creds.json", doc)], _email(ctx)
+    files = [
+        _json_file(".gemini/oauth_creds.json", doc),
+        _json_file(".gemini/settings.json", GEMINI_AUTH_SETTINGS, deep=True),  # the user's other settings stay
+    ]
+    return files, _email(ctx)
 
 
 CREDENTIAL_FORMATS: dict[str, _Format] = {
     "claude_code": _Format(paths=(".claude/.credentials.json", ".claude.json"), render=_render_claude),
     "codex": _Format(paths=(".codex/auth.json",), render=_render_codex),
-    "gemini": _Format(paths=(".gemini/oauth_creds.json",), render=_render_gemini),
+    "gemini": _Format(paths=(".gemini/oauth_creds.json", ".gemini/settings.json"), render=_render_gemini),
 }

@@ -13,8 +13,21 @@
 //   remotecli-dashboard    web, secret (client_secret_basic) + PKCE: the dashboard's single sign-on; its
 //                          redirect URIs (exact, with port) come from --dashboard-redirect-uri (repeatable;
 //                          default http://127.0.0.1/auth/oidc/callback). Secret: remotecli-dashboard-test-secret
-// Every grant issues a refresh token; PKCE is required for every client; id_tokens carry `email`.
-// The token endpoint also accepts a JSON body (as Anthropic's does): it is re-posted form-encoded.
+// Every grant issues a refresh token; id_tokens carry `email`.
+// Strict like the real providers: every authorization request needs `state` and PKCE with
+// code_challenge_method=S256 (anything else is refused with a 400 page), redirect URIs must be
+// registered (host and path; the loopback port is free, RFC 8252) and the token request must
+// repeat the authorization's redirect_uri.
+// Answers shaped like the real providers':
+//   - the token endpoint also accepts a JSON body (as Anthropic's does): it is re-posted
+//     form-encoded; a JSON authorization_code request must send back the authorization's `state`
+//     (Claude Code does, Anthropic checks it), and the answer is Anthropic's, with
+//     `account` {uuid, email_address} and `organization` {uuid, name} objects; the Claude client's
+//     access tokens last 28800 s (expires_in 28800), as Anthropic's do;
+//   - OpenAI: the id_token carries the `https://api.openai.com/auth` claims (chatgpt_account_id,
+//     chatgpt_plan_type, chatgpt_user_id);
+//   - Google: the Gemini client's access tokens look like Google's (`ya29.` prefix), with an
+//     id_token.
 // Interaction pages are our own and keyboard-drivable: the login form autofocuses the user name
 // (Tab to the password, Enter submits); the consent page autofocuses "Allow" (Enter allows),
 // "Deny" ends in a redirect to the client with error=access_denied.
@@ -85,6 +98,12 @@ const PROVIDER_SCOPES = [
   'user:profile',
   'user:inference',
   'user:sessions:claude_code',
+  'user:mcp_servers',
+  'user:file_upload',
+  'user:plugins',
+  'user:privacy_consents:write',
+  'api.connectors.read',
+  'api.connectors.invoke',
   'https://www.googleapis.com/auth/cloud-platform',
   'https://www.googleapis.com/auth/userinfo.email',
   'https://www.googleapis.com/auth/userinfo.profile',
@@ -197,13 +216,18 @@ async function main() {
             email_verified: true,
             name: sub,
             preferred_username: sub,
-            'https://api.openai.com/auth': { chatgpt_account_id: `acct-${sub}`, chatgpt_plan_type: 'plus' },
+            'https://api.openai.com/auth': {
+              chatgpt_account_id: `acct-${sub}`,
+              chatgpt_plan_type: 'plus',
+              chatgpt_user_id: `user-${sub}`,
+              user_id: `user-${sub}`,
+            },
           };
         },
       };
     },
     ttl: {
-      AccessToken: 3600,
+      AccessToken: (_ctx, _token, client) => (client && client.clientId === 'remotecli-claude-code' ? 28800 : 3600),
       AuthorizationCode: 120,
       IdToken: 3600,
       RefreshToken: 14 * 24 * 3600,
@@ -233,6 +257,48 @@ async function main() {
   }
   if (plantedAt) plant(provider.AccessToken, plantedAt);
   if (plantedRt) plant(provider.RefreshToken, plantedRt);
+  if (!plantedAt) {
+    // Google's access tokens start with "ya29.".
+    const original = provider.AccessToken.prototype.generateTokenId;
+    provider.AccessToken.prototype.generateTokenId = function generateTokenId(...rest) {
+      const id = original.apply(this, rest);
+      return this.clientId === 'remotecli-gemini' ? `ya29.${id}` : id;
+    };
+  }
+
+  // The `state` each authorization code was issued with (seen in the redirect to the client).
+  const codeStates = new Map();
+  function watchRedirects(res) {
+    const setHeader = res.setHeader.bind(res);
+    res.setHeader = (name, value) => {
+      if (String(name).toLowerCase() === 'location') {
+        try {
+          const target = new URL(String(value));
+          const code = target.searchParams.get('code');
+          if (code) codeStates.set(code, target.searchParams.get('state'));
+        } catch {
+          // a relative redirect inside the IdP
+        }
+      }
+      return setHeader(name, value);
+    };
+  }
+
+  function refuse(res, status, error, description) {
+    const body = JSON.stringify({ error, error_description: description });
+    res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  }
+
+  // Anthropic's token answer: the account and organization of the grant. (Anthropic sends no
+  // id_token; one is kept here when `openid` was asked for, which tests of the OAuth agent use.)
+  async function anthropicShape(doc) {
+    const token = doc.access_token ? await provider.AccessToken.find(doc.access_token) : undefined;
+    const sub = token ? token.accountId : 'unknown';
+    doc.account = { uuid: `account-${sub}`, email_address: `${sub}@example.test` };
+    doc.organization = { uuid: `org-${sub}`, name: `${sub}'s Organization` };
+    return doc;
+  }
 
   const oidc = provider.callback();
 
@@ -310,16 +376,40 @@ async function main() {
       res.end(JSON.stringify({ error: 'invalid_request', error_description: 'bad JSON body' }));
       return;
     }
+    if (doc && doc.grant_type === 'authorization_code') {
+      const expected = codeStates.get(String(doc.code));
+      if (!doc.state || expected === undefined || expected !== doc.state) {
+        refuse(res, 400, 'invalid_grant', 'state does not match the authorization request');
+        return;
+      }
+      codeStates.delete(String(doc.code));
+    }
     const form = new URLSearchParams();
     for (const [key, value] of Object.entries(doc || {})) {
+      if (key === 'state') continue; // ours to check (above), not part of RFC 6749's token request
       if (value !== null && value !== undefined) form.set(key, String(value));
     }
     const body = form.toString();
     const headers = { 'content-type': 'application/x-www-form-urlencoded', 'content-length': Buffer.byteLength(body) };
     if (req.headers.authorization) headers.authorization = req.headers.authorization;
     const inner = http.request({ host: HOST, port, method: 'POST', path: req.url, headers }, (answer) => {
-      res.writeHead(answer.statusCode, answer.headers);
-      answer.pipe(res);
+      const chunks = [];
+      answer.on('data', (chunk) => chunks.push(chunk));
+      answer.on('end', async () => {
+        let out = Buffer.concat(chunks);
+        const outHeaders = { ...answer.headers };
+        delete outHeaders['transfer-encoding'];
+        if (answer.statusCode === 200) {
+          try {
+            out = Buffer.from(JSON.stringify(await anthropicShape(JSON.parse(out.toString('utf8')))));
+            outHeaders['content-length'] = String(out.length);
+          } catch (err) {
+            console.error(`idp: could not shape the JSON token answer: ${err.message}`);
+          }
+        }
+        res.writeHead(answer.statusCode, outHeaders);
+        res.end(out);
+      });
     });
     inner.on('error', () => {
       res.writeHead(502);
@@ -330,6 +420,18 @@ async function main() {
 
   server.on('request', (req, res) => {
     const url = new URL(req.url, issuer);
+    watchRedirects(res);
+    if (url.pathname === '/auth' && req.method === 'GET') {
+      const params = url.searchParams;
+      let problem = null;
+      if (!params.get('state')) problem = 'state is required';
+      else if (!params.get('code_challenge')) problem = 'code_challenge is required (PKCE)';
+      else if (params.get('code_challenge_method') !== 'S256') problem = 'code_challenge_method must be S256';
+      if (problem) {
+        send(res, 400, page('Error - remotecli test IdP', `<h1>Error</h1><p id="error">invalid_request: ${escapeHtml(problem)}</p>`));
+        return;
+      }
+    }
     const match = /^\/interaction\/([A-Za-z0-9_-]+)(?:\/(login|confirm))?$/.exec(url.pathname);
     if (match) {
       interaction(req, res, match[1], match[2]).catch((err) => {

@@ -24,7 +24,7 @@ from remotecli.api.schemas import (
 from remotecli.context import AppContext
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger
-from remotecli.services import auth_flow, tickets
+from remotecli.services import auth_flow, provider_drift, tickets
 from remotecli.services.auth_session_view import session_out
 
 router = APIRouter(tags=["auth-sessions"])
@@ -35,8 +35,11 @@ ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorOut} for code
 
 @router.get("/api/v1/providers", response_model=ProviderListOut, responses=ERRORS)
 def list_providers(ctx: Ctx, principal: CurrentPrincipal) -> ProviderListOut:
-    """Providers a user can sign in to (their profiles, without client secrets)."""
-    return ProviderListOut(items=[ProviderOut.of(name, profile) for name, profile in sorted(ctx.providers.items())])
+    """Providers a user can sign in to (their profiles, without client secrets), with the OAuth
+    constants of the CLI in the cli image and every difference from them (provider_drift)."""
+    clis, found = provider_drift.installed_differences(ctx.settings, effective=dict(ctx.providers))
+    return ProviderListOut(items=[ProviderOut.of(name, profile, (clis or {}).get(name), found)
+                                  for name, profile in sorted(ctx.providers.items())])
 
 
 @router.post("/api/v1/auth-sessions", response_model=AuthSessionOut, status_code=status.HTTP_201_CREATED,

@@ -309,10 +309,11 @@ def egress_policy(settings: Settings) -> str:
     def listed(items: list[str]) -> str:
         return ", ".join(items) or "none"
 
-    ports = listed([str(port) for port in settings.guest_host_allowed_ports])
+    ports = ", ".join(str(port) for port in settings.guest_host_allowed_ports)
+    host = f"the host (except DNS and ports {ports})" if ports else "the host (except DNS)"
     return (
-        "guest egress: public Internet only; refused: the host (except DNS and ports "
-        f"{ports}), private and special ranges ({', '.join(PRIVATE_IPV4)}; IPv6 {', '.join(PRIVATE_IPV6)}) "
+        f"guest egress: public Internet only; refused: {host}, private and special ranges "
+        f"({', '.join(PRIVATE_IPV4)}; IPv6 {', '.join(PRIVATE_IPV6)}) "
         f"and guest_blocked_networks ({listed(settings.guest_blocked_networks)}); re-opened: all guests "
         f"{listed(settings.guest_allowed_networks)}, CLI VMs {listed(settings.guest_allowed_networks_cli)}, "
         f"Browser VMs {listed(settings.guest_allowed_networks_browser)}"
