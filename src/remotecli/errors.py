@@ -25,6 +25,7 @@ code or parent disagrees: add new error classes to this tree.
     │   └── BrowserVmNotAllowed         403 browser_vm_not_allowed     [services/vm_manager.py]
     ├── NotFound                        404 not_found
     │   ├── VmNotFound                  404 vm_not_found
+    │   ├── WorkspaceNotFound           404 workspace_not_found
     │   ├── UserNotFound                404 user_not_found
     │   └── AuthSessionNotFound         404 auth_session_not_found
     ├── Conflict                        409 conflict
@@ -141,6 +142,11 @@ class NotFound(RemotecliError):
 class VmNotFound(NotFound):
     code = "vm_not_found"
     default_message = "No such VM."
+
+
+class WorkspaceNotFound(NotFound):
+    code = "workspace_not_found"
+    default_message = "You have no workspace yet; it is made with your first CLI VM (POST /api/v1/vms/ensure)."
 
 
 class UserNotFound(NotFound):

@@ -98,6 +98,10 @@ def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Pri
     _assert_home_is_the_volume(qctx, owner, second)
     _assert_work_is_there(qctx, owner, second)
     assert vm_manager.get_vm(qctx, owner, first.id).status == "failed"
+    # Usage as the guest's filesystem sees it (GET /api/v1/workspace).
+    _, usage = workspaces.my_workspace(qctx, owner.user_id)
+    assert usage.used_bytes is not None and usage.total_bytes is not None
+    assert 0 < usage.used_bytes < usage.total_bytes <= qctx.settings.workspace_size_gib * 1024**3
 
     # A rebuild: a new VM on the current image, the same home; the old one is gone.
     _sh(qctx, owner, second, "echo 'more work' >> ~/notes.txt && sync")

@@ -273,6 +273,8 @@ API_ROWS = [
     Row("POST", "/api/v1/vms/{vm_id}/rebuild", OK, VM_NOT_FOUND, VM_NOT_FOUND, params={"vm_id": "cli"}),
     # A terminal is the owner's only, admins included (a shell in someone's workspace is not a feature).
     Row("POST", "/api/v1/vms/{vm_id}/terminal", OK, VM_NOT_FOUND, VM_NOT_FOUND, params={"vm_id": "cli"}),
+    # The caller's own home volume: the owner has one (made with their CLI VM); nobody sees another's.
+    Row("GET", "/api/v1/workspace", OK, Want(404, "workspace_not_found"), Want(404, "workspace_not_found")),
     Row("GET", "/api/v1/providers", OK, OK, OK),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[2]),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[3], query="all=true"),

@@ -513,3 +513,24 @@ def test_users_delete_on_the_command_line(tmp_path: Path, db_url: str, monkeypat
     assert result.exit_code == 0 and "home volume vol-" in result.output and "kept" in result.output
     gone = runner.invoke(main, ["users", "delete", "carol", "--yes"], catch_exceptions=False)
     assert gone.exit_code != 0
+
+
+def test_workspace_usage_over_http(ctx: AppContext, fake_driver: FakeDriver) -> None:
+    from fastapi.testclient import TestClient
+
+    from remotecli.app import create_app
+
+    user = users_service.create_user(ctx.db, "dora")
+    _, secret = users_service.create_token(ctx.db, user)
+    auth = {"Authorization": f"Bearer {secret}"}
+    with TestClient(create_app(ctx, background=False), raise_server_exceptions=False) as client:
+        none_yet = client.get("/api/v1/workspace", headers=auth)
+        assert none_yet.status_code == 404 and none_yet.json()["code"] == "workspace_not_found"
+        vm, _ = vm_manager.ensure_cli_vm(ctx, Principal(user.id, user.name, False))
+        body = client.get("/api/v1/workspace", headers=auth).json()
+    [volume] = _volumes(ctx)
+    assert body["id"] == volume.id and body["status"] == "attached" and body["attached_vm_id"] == vm.id
+    assert body["size_bytes"] == body["total_bytes"] == ctx.settings.workspace_size_gib * 1024**3
+    assert body["host_allocated_bytes"] > 0
+    assert body["used_bytes"] is None  # the fake guest has no df; a real guest answers (integration test)
+    assert "location" not in body  # host paths stay on the host

@@ -361,6 +361,59 @@ def check_guest_home(home: HomeDisk, read_file: Callable[[str], FileContent]) ->
 # Reading
 
 
+@dataclass(frozen=True)
+class WorkspaceUsage:
+    """How full a home is: what its filesystem says (from the guest, when its VM runs) and what the
+    sparse file takes on the host. ``None`` where it cannot be known right now."""
+
+    used_bytes: int | None
+    total_bytes: int | None
+    host_allocated_bytes: int | None
+
+
+def _guest_usage(ctx: AppContext, vm_id: str, mount_path: str) -> tuple[int, int] | None:
+    from remotecli.errors import AgentError
+
+    with ctx.db.read() as session:
+        vm = session.get(Vm, vm_id)
+    if vm is None or vm.status != VmStatus.RUNNING.value or not vm.endpoint:
+        return None
+    try:
+        agent = ctx.agent(vm, timeout=10.0)
+        try:
+            result = agent.exec(["df", "-B1", "--output=used,size", mount_path], timeout_s=5)
+        finally:
+            agent.close()
+    except AgentError:
+        return None
+    lines = result.stdout.decode("ascii", "replace").split("\n")
+    if result.exit_code != 0 or len(lines) < 2:
+        return None
+    try:
+        used, size = (int(part) for part in lines[1].split())
+    except ValueError:
+        return None
+    return used, size
+
+
+def my_workspace(ctx: AppContext, user_id: str) -> tuple[WorkspaceView, WorkspaceUsage]:
+    """The user's home volume and its usage; ``WorkspaceNotFound`` before their first CLI VM."""
+    from remotecli.errors import WorkspaceNotFound
+
+    volume = user_volume(ctx, user_id)
+    if volume is None:
+        raise WorkspaceNotFound()
+    guest = (_guest_usage(ctx, volume.attached_vm_id, ctx.settings.cli_guest_home)
+             if volume.attached_vm_id else None)
+    host = ctx.driver.volume_usage(volume.location)
+    usage = WorkspaceUsage(
+        used_bytes=guest[0] if guest else None,
+        total_bytes=guest[1] if guest else volume.size_bytes,
+        host_allocated_bytes=host[0] if host else None,
+    )
+    return WorkspaceView.of(volume), usage
+
+
 def list_volumes(ctx: AppContext, *, include_deleted: bool = False) -> list[Volume]:
     stmt = select(Volume).order_by(Volume.created_at)
     if not include_deleted:
