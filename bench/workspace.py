@@ -125,7 +125,7 @@ def main() -> int:
 
     accel = ctx.driver.availability().facts.get("accel", "?")
 
-    def row(times: list[float]) -> str:
+    def fmt(times: list[float]) -> str:
         return f"{statistics.median(times):.1f} s | {', '.join(f'{t:.1f}' for t in times)}"
 
     section = f"""## Workspaces
@@ -137,8 +137,8 @@ mounted; a file written before is read back each time.
 
 | from | to | median | runs (s) |
 |---|---|---|---|
-| CLI VM killed (SIGKILL) + directory deleted | new VM ready, home fenced, moved, `e2fsck -p`, mounted | {row(deaths)} |
-| idle-stopped (graceful stop, home unmounted) | the same VM running again with its home | {row(idles)} |
+| CLI VM killed (SIGKILL) + directory deleted | new VM ready, home fenced, moved, `e2fsck -p`, mounted | {fmt(deaths)} |
+| idle-stopped (graceful stop, home unmounted) | the same VM running again with its home | {fmt(idles)} |
 
 First CLI VM of the user (volume made with `mkfs.ext4`, seeded): {first_boot:.1f} s. The guest's
 filesystem said {usage.used_bytes or 0} bytes used of {usage.total_bytes or 0}; the sparse file
