@@ -534,3 +534,51 @@ def test_workspace_usage_over_http(ctx: AppContext, fake_driver: FakeDriver) -> 
     assert body["host_allocated_bytes"] > 0
     assert body["used_bytes"] is None  # the fake guest has no df; a real guest answers (integration test)
     assert "location" not in body  # host paths stay on the host
+
+
+def test_a_delivery_into_a_full_home_fails_with_workspace_full(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
+    import time
+
+    from remotecli.background import signins
+    from remotecli.services import auth_flow
+
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    [volume] = _volumes(ctx)
+    fake_driver.full_homes.add(volume.location)
+    worker = signins.SigninWorker(ctx, interval_s=0.05)
+    worker.start()
+    try:
+        auth = auth_flow.start_session(ctx, alice, "claude_code")
+        fake_driver.login_outcome = ("complete", {"access_token": "at-x", "refresh_token": "rt-x",
+                                                  "expires_in": 3600, "token_type": "Bearer"})
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            auth = auth_flow.get_session(ctx, None, auth.id)
+            if auth.status in ("completed", "failed"):
+                break
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert auth.status == "failed" and auth.error_code == "workspace_full"
+    assert "home is full" in (auth.error_message or "") and "Free some space" in (auth.error_message or "")
+    # The full home is not the VM's fault: it is not failed or replaced, and no credential was kept.
+    assert vm_manager.get_vm(ctx, alice, vm.id).status == "running"
+    assert [v.id for v in vm_manager.list_vms(ctx, alice, include_ended=False, vm_type="cli")] == [vm.id]
+    assert auth.credential_enc is None
+
+
+def test_guest_says_no_space_when_the_home_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from remotecli.agent.guest import files as guest_files
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(guest_files.os, "write", full)
+    with pytest.raises(guest_files.FileOpError) as raised:
+        guest_files.write_file(str(tmp_path / "f.json"), b"{}", 0o600)
+    assert (raised.value.status, raised.value.code) == (507, "no_space")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too

@@ -78,6 +78,8 @@ class FakeDriver(VmDriver):
         # lock would refuse it the same way); tests assert this stays empty.
         self.double_attach: list[tuple[str, str, str]] = []
         self._home_mount_error: str | None = None
+        # Home volumes (by location) whose filesystem is full: writes into them fail with no_space.
+        self.full_homes: set[str] = set()
 
     # --- test controls -------------------------------------------------------------------
     def kill(self, vm_id: str) -> None:
@@ -302,7 +304,12 @@ class FakeAgent:
 
     def write_file(self, path: str, data: bytes, *, mode: int, owner: str | None = None,
                    dir_mode: int | None = None) -> FileInfo:
-        self._vm().files[path] = (data, mode, owner)
+        vm = self._vm()
+        if vm.spec.home is not None and vm.spec.home.location in self._driver.full_homes:
+            from remotecli.agent.client import AgentCallError
+
+            raise AgentCallError(status=507, agent_code="no_space", agent_message=f"No space left to write {path}.")
+        vm.files[path] = (data, mode, owner)
         user = (owner or "root").split(":")[0]
         return FileInfo(path=path, mode=mode, owner=user, group=user, size=len(data))
 
