@@ -167,3 +167,33 @@ def test_kill_during_fsynced_writes_loses_nothing_and_leaves_a_clean_filesystem(
     vm_manager.stop_vm(qctx, owner, replacement.id)
     check = subprocess.run(["e2fsck", "-fn", volume.location], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_export_and_import_of_a_home(qctx: AppContext, owner: Principal) -> None:
+    import io
+    import tarfile
+
+    from remotecli.services import workspace_transfer
+
+    vm, _ = vm_manager.ensure_cli_vm(qctx, owner)
+    _sh(qctx, owner, vm, "mkdir -p ~/work && echo exported > ~/work/a.txt && chmod 640 ~/work/a.txt && sync")
+    archive = b"".join(workspace_transfer.export_home(qctx, owner.name))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = tar.getmember("./work/a.txt")
+        assert (member.uid, member.mode & 0o777) == (1000, 0o640)
+        extracted = tar.extractfile(member)
+        assert extracted is not None and extracted.read() == b"exported\n"
+        assert "./.bashrc" in tar.getnames()
+
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as tar:
+        data = b"imported\n" * 1000
+        info = tarfile.TarInfo("./restored/b.txt")
+        info.size, info.uid, info.gid, info.mode = len(data), 1000, 1000, 0o600
+        tar.addfile(info, io.BytesIO(data))
+    payload.seek(0)
+    size = workspace_transfer.import_home(qctx, owner.name, payload)
+    assert size == len(payload.getvalue())
+    assert _sh(qctx, owner, vm, "stat -c '%a %U' ~/restored/b.txt && wc -c < ~/restored/b.txt") == "600 cli\n9000\n"
+    assert _sh(qctx, owner, vm, "cat ~/work/a.txt") == "exported\n"  # files not in the archive stay
+    assert _sh(qctx, owner, vm, "ls /var/tmp | grep -c remotecli- || true") == "0\n"  # staging removed
