@@ -27,6 +27,7 @@ from remotecli.services import auth_flow, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 from tests.e2e.conftest import IDP_PASSWORD, PLANTED_ACCESS, PLANTED_REFRESH, Controller
+from tests.support.cli_judge import assert_cli_signed_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.integration]
 
@@ -267,6 +268,9 @@ def test_login_sign_in_to_claude_code_over_novnc_then_read_the_file_in_the_termi
     browser.record_page_state(admin)
 
     browser.seen.assert_no_tokens()
+    with ctx.db.read() as db:  # the real Claude Code in that CLI VM, offline, says it is signed in
+        cli_vm_id = db.get(AuthSession, session_id).cli_vm_id  # type: ignore[union-attr]
+    assert cli_vm_id and assert_cli_signed_in(ctx, cli_vm_id, "claude_code")
 
 
 def test_denied_consent_shows_the_failure_in_words(controller: Controller, dashboard_user: Principal,

@@ -332,3 +332,45 @@ async function authWithWeb(client) {{
     assert found.extra_authorize_params == {"access_type": "offline"}
     (package / "bundle" / "chunk-B.js").write_text(chunk.replace("123-abc", "456-def"))
     assert "OAUTH_CLIENT_ID was found with different values" in extract("gemini", package).problems
+
+
+def test_images_outdated_lists_newer_releases_and_their_differences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from remotecli.cli.main import main
+
+    newer = {"codex": "9.0.0"}
+
+    def latest(package: str) -> str:
+        provider = next(p for p, name in cli_constants.CLI_PACKAGES.items() if name == package)
+        return newer.get(provider, CLI_VERSIONS[package])
+
+    def fetch(versions: dict[str, str], cache_dir: Path) -> Path:
+        assert versions == newer
+        package = _package(cache_dir / "node_modules", "@openai/codex", "9.0.0")
+        binary = package / "vendor" / "x86_64-unknown-linux-musl" / "bin"
+        binary.mkdir(parents=True)
+        (binary / "codex").write_bytes(
+            b"flowapp_EMoamEEZ73f0CkXaXp7hrannturn https://auth.openai.com/oauth/tokenX /oauth/authorize\x00"
+            b"https://auth.openai.com portid_token_add_organizationscodex_cli_simplified_flowlogin_hint"
+            b"openid profile email offline_access api.connectors.read api.responses.writeGET"
+            b" /auth/callback codex_cli_rs"
+        )
+        return cache_dir / "node_modules"
+
+    monkeypatch.setattr(cli_constants, "npm_latest_version", latest)
+    monkeypatch.setattr(cli_constants, "fetch_packages", fetch)
+    monkeypatch.setenv("REMOTECLI_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["images", "outdated", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["provider"]: row for row in json.loads(result.stdout)}
+    assert rows["claude_code"]["outdated"] is False and rows["gemini"]["differences"] == []
+    codex = rows["codex"]
+    assert (codex["pinned"], codex["latest"], codex["outdated"]) == (CLI_VERSIONS["@openai/codex"], "9.0.0", True)
+    (scopes,) = codex["differences"]
+    assert scopes["kind"] == "drift" and scopes["field"] == "scopes"
+    assert "lacks api.responses.write" in scopes["message"] and "Codex 9.0.0" in scopes["message"]
+    text = CliRunner().invoke(main, ["images", "outdated"])
+    assert "@openai/codex 9.0.0 against the built-in codex profile: 1 difference(s)" in text.stdout
