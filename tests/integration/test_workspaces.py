@@ -23,6 +23,7 @@ from remotecli.context import AppContext
 from remotecli.db.models import Vm
 from remotecli.services import vm_manager, workspaces
 from remotecli.services.users import Principal
+from tests.support.cli_judge import assert_cli_signed_in
 from tests.support.net import process_gone
 
 pytestmark = [
@@ -31,7 +32,23 @@ pytestmark = [
     pytest.mark.parametrize("db_url", ["sqlite"], indirect=True),
 ]
 
-CREDENTIAL = b'{"claudeAiOauth": {"accessToken": "sk-ant-oat01-test", "refreshToken": "sk-ant-ort01-test"}}'
+# A token answer shaped like Anthropic's (8 h access, account and organization objects), rendered by
+# the controller's own provider code into the files Claude Code reads: the real CLI judges them.
+TOKEN_ANSWER = {
+    "access_token": "sk-ant-oat01-workspace-test", "refresh_token": "sk-ant-ort01-workspace-test",
+    "expires_in": 28800, "token_type": "Bearer",
+    "account": {"uuid": "account-itest", "email_address": "itest@example.test"},
+    "organization": {"uuid": "org-itest", "name": "Itest"},
+}
+
+
+def _sign_in_files(ctx: AppContext) -> dict[str, tuple[bytes, int]]:
+    from remotecli.db.models import utcnow
+    from remotecli.services.providers import load_profiles, render_credentials
+
+    profile = load_profiles(ctx.settings)["claude_code"]
+    rendered = render_credentials(profile, {**TOKEN_ANSWER, "obtained_at": time.time()}, utcnow())
+    return {item.path: (item.content, item.mode) for item in rendered.files}
 
 
 def _sh(ctx: AppContext, owner: Principal, vm: Vm, script: str, *, user: str = "cli", timeout: float = 60) -> str:
@@ -61,12 +78,14 @@ def _assert_home_is_the_volume(ctx: AppContext, owner: Principal, vm: Vm) -> Non
     assert source == [str(report["device"]), "ext4"]
 
 
-def _assert_work_is_there(ctx: AppContext, owner: Principal, vm: Vm) -> None:
+def _assert_work_is_there(ctx: AppContext, owner: Principal, vm: Vm, credential: bytes) -> None:
     assert _sh(ctx, owner, vm, "cat ~/notes.txt") == "my work\n"
     assert _sh(ctx, owner, vm, "git -C ~/project log --format=%s") == "first commit\n"
     assert _sh(ctx, owner, vm, "git -C ~/project status --porcelain") == ""
     assert _sh(ctx, owner, vm, "stat -c '%a %U' ~/.claude/.credentials.json") == "600 cli\n"
-    assert _sh(ctx, owner, vm, "cat ~/.claude/.credentials.json").encode() == CREDENTIAL
+    assert _sh(ctx, owner, vm, "cat ~/.claude/.credentials.json").encode() == credential
+    # The real Claude Code, offline, still says it is signed in: no new sign-in needed.
+    assert_cli_signed_in(ctx, vm.id, "claude_code")
 
 
 def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Principal) -> None:
@@ -81,12 +100,16 @@ def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Pri
         mkdir ~/project && cd ~/project && git init -q && echo 'print(1)' > main.py && git add main.py
         git -c user.name=Test -c user.email=test@example.invalid commit -qm 'first commit'
         mkdir -p ~/.claude && chmod 700 ~/.claude""")
+    files = _sign_in_files(qctx)  # what a sign-in delivers (services/credentials.py writes the same way)
     agent = qctx.agent(first)
     try:
-        agent.write_file("/home/cli/.claude/.credentials.json", CREDENTIAL, mode=0o600, owner="cli")
+        for path, (content, mode) in files.items():
+            agent.write_file(f"/home/cli/{path}", content, mode=mode, owner="cli")
     finally:
         agent.close()
+    credential = files[".claude/.credentials.json"][0]
     _sh(qctx, owner, first, "sync")
+    assert_cli_signed_in(qctx, first.id, "claude_code")
 
     # The seed's case: QEMU killed, the VM's directory deleted behind the controller's back.
     pid = _qemu_pid(first)
@@ -96,7 +119,7 @@ def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Pri
     second, created = vm_manager.ensure_cli_vm(qctx, owner)
     assert created and second.id != first.id
     _assert_home_is_the_volume(qctx, owner, second)
-    _assert_work_is_there(qctx, owner, second)
+    _assert_work_is_there(qctx, owner, second, credential)
     assert vm_manager.get_vm(qctx, owner, first.id).status == "failed"
     # Usage as the guest's filesystem sees it (GET /api/v1/workspace).
     _, usage = workspaces.my_workspace(qctx, owner.user_id)
@@ -113,6 +136,7 @@ def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Pri
     assert _sh(qctx, owner, third, "cat ~/notes.txt") == "my work\nmore work\n"
     assert _sh(qctx, owner, third, "git -C ~/project log --format=%s") == "first commit\n"
     assert _sh(qctx, owner, third, "stat -c '%a %U' ~/.claude/.credentials.json") == "600 cli\n"
+    assert_cli_signed_in(qctx, third.id, "claude_code")
     # The old VM was shut down cleanly: its successor found the filesystem clean (no journal replay).
     assert _home_report(qctx, third)["fsck"] == 0
     [volume] = workspaces.list_volumes(qctx)
