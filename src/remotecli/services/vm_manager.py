@@ -221,7 +221,10 @@ def create_vm(
     image = _resolve_image(ctx, kind)
     if kind is VmType.CLI:
         # The user's home volume exists and no ended VM holds it any more (fenced), before a row
-        # exists: a workspace that cannot be used refuses the VM instead of failing it.
+        # exists: a workspace that cannot be used refuses the VM instead of failing it. A request
+        # the limits refuse changes nothing, the home included (they are checked again below).
+        with ctx.db.transaction() as session:
+            _check_creation_limits(ctx, session, principal)
         workspaces.prepare_home(ctx, principal.user_id, session_id=session_id)
 
     vm_id = f"vm-{uuid.uuid4()}"
