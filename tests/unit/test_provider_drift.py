@@ -117,7 +117,7 @@ def _constants_like(profile: ProviderProfile, **changes: object) -> CliConstants
 def test_no_difference_when_the_cli_agrees(builtin: dict[str, ProviderProfile]) -> None:
     constants = {name: _constants_like(profile) for name, profile in builtin.items()}
     assert differences(constants, builtin) == []
-    assert describe(constants, [])[-1] == "provider profiles match the CLIs' OAuth constants"
+    assert describe(constants, [])[-1] == "the built-in provider profiles match the CLIs' OAuth constants"
 
 
 def test_every_field_difference_is_drift_in_words(builtin: dict[str, ProviderProfile]) -> None:
@@ -178,7 +178,7 @@ def test_an_operator_override_is_reported_as_override_not_drift(settings: Settin
     assert "overridden by the operator" in item.message and "http://127.0.0.1:9/token" in item.message
     assert builtin["claude_code"].token_url in item.message
     lines = describe(constants, [item])
-    assert lines[-1] == "provider profiles match the CLIs' OAuth constants"  # an override is not drift
+    assert lines[-1] == "the built-in provider profiles match the CLIs' OAuth constants"  # an override is not drift
     assert any(line.startswith("override: claude_code: ") for line in lines)
 
 

@@ -237,15 +237,15 @@ def doctor(as_json: bool) -> None:
                     else:
                         detail = f"not built for the current recipe (hash {item.hash}): run 'remotecli images build'"
                     checks.append((f"image {item.target}", item.built, detail))
+            checks.extend(_provider_checks(ctx))
             if ctx.settings.oidc_enabled:
                 from remotecli.services import oidc
 
                 checks.append(("single sign-on", *oidc.check_provider(ctx.settings)))
-            checks.append(_drift_check(ctx))
-            checks.extend(_provider_checks(ctx))
             from remotecli.services import forwarded
 
             checks.append(forwarded.doctor_check(ctx.settings))
+            checks.append(_drift_check(ctx))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:

@@ -43,9 +43,9 @@ _FIELDS: tuple[tuple[str, str], ...] = (
     ("token_url", "token URL"),
     ("client_id", "client id"),
     ("client_secret", "client secret"),
-    ("scopes", "scopes"),
+    ("scopes", "scope list"),
     ("redirect_uri", "redirect URI"),
-    ("extra_authorize_params", "authorize parameters"),
+    ("extra_authorize_params", "set of authorize parameters"),
 )
 
 
@@ -92,7 +92,7 @@ def describe(constants: Mapping[str, CliConstants] | None, found: list[ProviderD
         marker = {"drift": "DRIFT", "override": "override", "unchecked": "UNCHECKED"}[item.kind]
         lines.append(f"{marker}: {item.message}")
     if not any(item.kind != "override" for item in found):
-        lines.append("provider profiles match the CLIs' OAuth constants")
+        lines.append("the built-in provider profiles match the CLIs' OAuth constants")
     return lines
 
 
