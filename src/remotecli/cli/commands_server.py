@@ -120,7 +120,8 @@ def up(host: str | None, port: int | None, skip_images: bool, tls_cert: str | No
     if _needs_images(ctx) and not skip_images:
         click.echo("remotecli: checking guest images (the first build takes a few minutes)…", err=True)
         build_images(settings, ["cli", "browser"])
-    _echo_provider_drift(settings, ctx)
+    if _needs_images(ctx):
+        _echo_provider_drift(settings, ctx)
     from remotecli.services import users as users_service
 
     first_login: tuple[str, str] | None = None
