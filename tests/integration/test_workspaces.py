@@ -138,7 +138,8 @@ def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Pri
     assert _sh(qctx, owner, third, "stat -c '%a %U' ~/.claude/.credentials.json") == "600 cli\n"
     assert_cli_signed_in(qctx, third.id, "claude_code")
     # The old VM was shut down cleanly: its successor found the filesystem clean (no journal replay).
-    assert _home_report(qctx, third)["fsck"] == 0
+    assert _home_report(qctx, third)["fsck"] == 0, _sh(qctx, owner, third, "cat /run/remotecli/home-fsck.log",
+                                                       user="root")
     [volume] = workspaces.list_volumes(qctx)
     assert volume.attached_vm_id == third.id
 
