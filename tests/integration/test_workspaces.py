@@ -76,6 +76,8 @@ def _assert_home_is_the_volume(ctx: AppContext, owner: Principal, vm: Vm) -> Non
     assert report["volume_id"] == volume.id and report["state"] == "mounted" and report["fsck"] in (0, 1)
     source = _sh(ctx, owner, vm, "findmnt -no SOURCE,FSTYPE /home/cli").split()
     assert source == [str(report["device"]), "ext4"]
+    # e2fsck -p really ran before the mount (in preen mode it names the filesystem by its label).
+    assert _sh(ctx, owner, vm, "cat /run/remotecli/home-fsck.log", user="root").startswith("rc-home:")
 
 
 def _assert_work_is_there(ctx: AppContext, owner: Principal, vm: Vm, credential: bytes) -> None:
