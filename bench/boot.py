@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/boot.py [--runs 6] [--data-dir DIR] [--memory-mib 1024] [--no-write]
 
-Runs alternate between guest confinement on (QEMU as its own user, nftables rules installed
+Runs alternate between guest confinement on (QEMU as a uid of its own, nftables rules installed
 before the launch; drivers/qemu/confinement.py) and off, so the cost of confinement is measured
-side by side in one run; the time of one ``confine()`` call (useradd lookup + one nft
+side by side in one run; the time of one ``confine()`` call (uid range check + one nft
 transaction) is timed on its own too. As root only; otherwise every run is unconfined.
 
 Each run creates a fresh ``cli`` VM (new directory, new qcow2 overlay: a cold boot of the guest),
@@ -203,7 +203,7 @@ overlay). "Agent ready" is from the `driver.create()` call until the guest agent
 guest-RAM mapping (read from `/proc/<pid>/smaps`, see the script's docstring), right after the
 agent answered; under TCG QEMU's own share includes the translated-code cache. "boots" > 1 means
 the driver's TCG early-boot watchdog restarted a kernel that stalled (docs/decisions/0003).
-Confinement "on": QEMU drops to its own user and the host firewall rules are (re)installed before
+Confinement "on": QEMU drops to a uid of its own and the host firewall rules are (re)installed before
 the launch (docs/decisions/0007); runs alternate on/off so both share the same host conditions.
 
 **{summary}**

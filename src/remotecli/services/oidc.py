@@ -27,6 +27,10 @@ Every failure raises an ``SsoError`` (``remotecli.errors``) with a stable code a
 words, before anything is written. The client secret, the code, the verifier and every token stay
 out of logs, events, responses and exception messages; ``log_detail`` names what failed, never a
 value.
+
+Why one module of about 600 lines: the flow is one security contract (state, nonce, PKCE, the
+sealed attempt, the ID token's checks, the identity mapping); kept together it can be read and
+reviewed top to bottom, and nothing here is used by another service.
 """
 
 from __future__ import annotations
