@@ -2,7 +2,7 @@
 
 Besides the settings, the database, the VM driver and the secret box, a context carries:
 
-* ``providers``: the sign-in provider profiles (``services.providers.ProviderRegistry``, a
+* ``providers``: the sign-in provider profiles (``remotecli.profiles.ProviderRegistry``, a
   ``Mapping[str, ProviderProfile]``), loaded once, at first use, from the built-in profiles, the
   config file and ``REMOTECLI_PROVIDER_*``; ``ctx.providers.reload()`` reads them again;
 * ``notifier``: in-process wake-ups (``remotecli.notifier``): a service that creates work for a
@@ -12,7 +12,6 @@ Besides the settings, the database, the VM driver and the secret box, a context 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from remotecli.agent.protocol import GuestAgent
 from remotecli.config import Settings
@@ -22,9 +21,7 @@ from remotecli.db.session import Database
 from remotecli.drivers.base import VmDriver
 from remotecli.errors import AgentUnreachable
 from remotecli.notifier import Notifier
-
-if TYPE_CHECKING:
-    from remotecli.services.providers import ProviderRegistry
+from remotecli.profiles import ProviderRegistry
 
 
 def vm_agent_aad(vm: Vm | str) -> str:
@@ -43,10 +40,7 @@ class AppContext:
     providers: ProviderRegistry = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # The one import of services/ here: profile loading is configuration that lives beside
-        # the credential formats (services/providers.py); the registry reads nothing until used.
-        from remotecli.services.providers import ProviderRegistry
-
+        # The registry reads nothing until a profile is first used.
         self.providers = ProviderRegistry(self.settings)
 
     @classmethod

@@ -17,7 +17,7 @@ code or parent disagrees: add new error classes to this tree.
     ├── InvalidInput                    422 invalid_input
     │   ├── UnknownVmType               422 unknown_vm_type
     │   ├── UnknownProvider             422 unknown_provider
-    │   └── ProviderConfigError         422 provider_config_invalid    [services/providers.py]
+    │   └── ProviderConfigError         422 provider_config_invalid    [profiles.py]
     ├── AuthenticationRequired          401 authentication_required
     │   └── TicketInvalid               401 ticket_invalid
     ├── PermissionDenied                403 permission_denied

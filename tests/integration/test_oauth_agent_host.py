@@ -3,7 +3,7 @@ Connect provider (``tests/support/idp``, oidc-provider), the real guest agent as
 the sign-in driven through the browser with keyboard events only (xdotool).
 
 Needs the Debian packages chromium, xvfb and xdotool (installed here with apt when missing and
-root), and node + npm for the IdP. Profiles come from ``services.providers``, pointed at the IdP
+root), and node + npm for the IdP. Profiles come from ``remotecli.profiles``, pointed at the IdP
 through their ``REMOTECLI_PROVIDER_*`` environment overrides.
 """
 
@@ -30,7 +30,8 @@ import remotecli.agent.guest as guest_package
 from remotecli.agent.client import AgentCallError, AgentClient
 from remotecli.agent.protocol import OAuthFlowSpec, OAuthFlowState
 from remotecli.config import Settings
-from remotecli.services.providers import ProviderProfile, load_profiles, render_credentials
+from remotecli.profiles import ProviderProfile, load_profiles
+from remotecli.services.providers import render_credentials
 from tests.support.idp_server import Idp, IdpUnavailable, run_idp
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -367,7 +367,7 @@ def test_stop_waits_for_its_own_workers(ctx: AppContext, alice: Principal, fake_
 
 
 def test_provider_registry_is_built_once_per_context(ctx: AppContext, monkeypatch: pytest.MonkeyPatch) -> None:
-    from remotecli.services import providers
+    from remotecli import profiles as providers
 
     calls = []
     real = providers.load_profiles

@@ -27,8 +27,8 @@ from remotecli.config import Settings
 from remotecli.images import cli_constants
 from remotecli.images.cli_constants import CliConstants, extract, secret_digest
 from remotecli.images.recipes import CLI_VERSIONS
+from remotecli.profiles import ProviderProfile, load_profiles
 from remotecli.services.provider_drift import builtin_profiles, describe, differences
-from remotecli.services.providers import ProviderProfile, load_profiles
 
 REPO = Path(__file__).resolve().parents[2]
 GEMINI_SECRET = "GOCSPX-test-not-the-real-one"

@@ -11,13 +11,12 @@ from typing import Any
 import pytest
 
 from remotecli.config import Settings
+from remotecli.profiles import CREDENTIAL_FILES, ProviderConfigError, ProviderProfile, load_profiles
 from remotecli.services.providers import (
+    CREDENTIAL_FORMATS,
     CredentialFile,
     InvalidTokenResponse,
-    ProviderConfigError,
-    ProviderProfile,
     decode_jwt_claims,
-    load_profiles,
     render_credentials,
 )
 
@@ -424,3 +423,9 @@ def test_merge_json_file_deep_keeps_nested_user_settings() -> None:
     assert json.loads(merge_json_file(existing, update))["security"] == GEMINI_AUTH_SETTINGS["security"]
     for bad in (None, b"", b"not json", b"[1, 2]", b"\xff\xfe"):
         assert merge_json_file(bad, update, deep=True) == update
+
+
+def test_every_credential_format_a_profile_may_name_is_rendered_with_the_same_files() -> None:
+    assert set(CREDENTIAL_FILES) == set(CREDENTIAL_FORMATS)
+    for name, paths in CREDENTIAL_FILES.items():
+        assert CREDENTIAL_FORMATS[name].paths == paths

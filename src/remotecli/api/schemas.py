@@ -10,10 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from remotecli.domain.states import VM_STATUS_WORDS, VmStatus
 from remotecli.images.cli_constants import CliConstants
+from remotecli.profiles import ProviderProfile
 from remotecli.services.auth_session_view import AuthSessionOut as AuthSessionOut  # shared with the dashboard
 from remotecli.services.auth_session_view import CredentialMetaOut as CredentialMetaOut
 from remotecli.services.provider_drift import ProviderDifference
-from remotecli.services.providers import ProviderProfile
 from remotecli.services.vm_manager import VmView
 
 

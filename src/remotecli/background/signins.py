@@ -42,8 +42,8 @@ from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmSt
 from remotecli.errors import AgentError, RemotecliError
 from remotecli.logging import get_logger, log_context
 from remotecli.notifier import Topic
+from remotecli.profiles import ProviderProfile
 from remotecli.services import credentials, vm_manager
-from remotecli.services.providers import ProviderProfile
 from remotecli.services.signin_state import (
     MODULE,
     SessionFailure,

@@ -129,7 +129,7 @@ _BASE_PACKAGES: tuple[str, ...] = (
 )
 
 # The CLIs of the cli image, pinned to exact versions: the provider profiles
-# (services/provider_profiles.toml) are checked against the OAuth constants of these very
+# (provider_profiles.toml) are checked against the OAuth constants of these very
 # releases (images/cli_constants.py). Moving a pin changes the recipe hash, so the image is rebuilt;
 # `remotecli images outdated` lists newer releases and the differences they would bring.
 CLI_VERSIONS: dict[str, str] = {

@@ -30,8 +30,9 @@ from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm, utcnow
 from remotecli.domain.states import VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
 from remotecli.errors import AgentError, RemotecliError
+from remotecli.profiles import ProviderProfile
 from remotecli.services import vm_manager
-from remotecli.services.providers import CredentialFile, ProviderProfile, merge_json_file, render_credentials
+from remotecli.services.providers import CredentialFile, merge_json_file, render_credentials
 from remotecli.services.signin_state import (
     SessionFailure,
     cleanup_browser,

@@ -25,7 +25,7 @@ from typing import Literal
 
 from remotecli.config import Settings
 from remotecli.images.cli_constants import CliConstants, secret_digest
-from remotecli.services.providers import ProviderProfile, load_profiles
+from remotecli.profiles import ProviderProfile, load_profiles
 
 __all__ = [
     "DifferenceKind",
