@@ -44,7 +44,8 @@ TOKEN_ANSWER = {
 
 def _sign_in_files(ctx: AppContext) -> dict[str, tuple[bytes, int]]:
     from remotecli.db.models import utcnow
-    from remotecli.services.providers import load_profiles, render_credentials
+    from remotecli.profiles import load_profiles
+    from remotecli.services.providers import render_credentials
 
     profile = load_profiles(ctx.settings)["claude_code"]
     rendered = render_credentials(profile, {**TOKEN_ANSWER, "obtained_at": time.time()}, utcnow())
