@@ -148,6 +148,20 @@ class Settings(BaseSettings):
     )
     cli_guest_user: str = "cli"
     cli_guest_home: str = "/home/cli"
+    # Persistent workspaces (services/workspaces.py, ADR 0011).
+    cli_vm_idle_stop_s: float = Field(
+        default=3600.0, ge=0,
+        description="A running CLI VM with no terminal, exec, ensure or sign-in for this long is stopped (its "
+        "home kept; the next use starts it again); 0 turns idle stop off",
+    )
+    workspace_orphan_retention_s: float | None = Field(
+        default=30 * 86400.0, ge=0,
+        description="A home volume whose user was deleted (without --purge) is removed by gc after this (None: kept)",
+    )
+    workspace_size_gib: int = Field(
+        default=20, ge=1, le=16384,
+        description="Size of each user's home volume (a sparse ext4 file: only what is written takes space)",
+    )
     browser_guest_user: str = "browser"
     browser_vnc_port: int = 5900
     run_background: bool = Field(default=True, description="Run the background loops in this process")
@@ -276,6 +290,10 @@ class Settings(BaseSettings):
         return self.shared_images_dir or self.data_dir / "images"
 
     @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
 
@@ -291,10 +309,11 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         """Create the data directory tree (mode 0700: it holds keys and VM secrets)."""
-        for path in (self.data_dir, self.vms_dir, self.images_dir, self.logs_dir):
+        for path in (self.data_dir, self.vms_dir, self.volumes_dir, self.images_dir, self.logs_dir):
             path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         os.chmod(self.vms_dir, 0o700)
+        os.chmod(self.volumes_dir, 0o700)
 
     def vm_defaults(self, vm_type: str) -> tuple[int, int]:
         """(vcpus, memory_mib) for a VM type."""

@@ -25,6 +25,7 @@ code or parent disagrees: add new error classes to this tree.
     │   └── BrowserVmNotAllowed         403 browser_vm_not_allowed     [services/vm_manager.py]
     ├── NotFound                        404 not_found
     │   ├── VmNotFound                  404 vm_not_found
+    │   ├── WorkspaceNotFound           404 workspace_not_found
     │   ├── UserNotFound                404 user_not_found
     │   └── AuthSessionNotFound         404 auth_session_not_found
     ├── Conflict                        409 conflict
@@ -33,6 +34,7 @@ code or parent disagrees: add new error classes to this tree.
     │   ├── VmNotRunning                409 vm_not_running
     │   ├── AuthSessionEnded            409 auth_session_ended
     │   ├── AlreadyExists               409 already_exists
+    │   ├── WorkspaceBusy               409 workspace_busy
     │   └── StatusChanged               409 status_changed             [services/transitions.py]
     ├── LimitExceeded                   429 limit_exceeded
     │   ├── TooManyAuthSessions         429 too_many_auth_sessions
@@ -43,6 +45,7 @@ code or parent disagrees: add new error classes to this tree.
     ├── RequestTooLarge                 413 request_too_large
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable
+    │   ├── WorkspaceUnavailable        503 workspace_unavailable
     │   └── ImageMissing                503 image_missing
     │       └── BuildToolMissing        503 build_tool_missing         [images/builder.py]
     ├── VmError                         502 vm_error
@@ -141,6 +144,11 @@ class VmNotFound(NotFound):
     default_message = "No such VM."
 
 
+class WorkspaceNotFound(NotFound):
+    code = "workspace_not_found"
+    default_message = "You have no workspace yet; it is made with your first CLI VM (POST /api/v1/vms/ensure)."
+
+
 class UserNotFound(NotFound):
     code = "user_not_found"
     default_message = "No such user."
@@ -180,6 +188,13 @@ class AuthSessionEnded(Conflict):
 class AlreadyExists(Conflict):
     code = "already_exists"
     default_message = "That already exists."
+
+
+class WorkspaceBusy(Conflict):
+    code = "workspace_busy"
+    default_message = (
+        "Your workspace is still held by a VM that could not be proven stopped yet; try again in a minute."
+    )
 
 
 class LimitExceeded(RemotecliError):
@@ -223,6 +238,14 @@ class Unavailable(RemotecliError):
 class DriverUnavailable(Unavailable):
     code = "driver_unavailable"
     default_message = "No VM driver can run on this host; 'remotecli doctor' says why."
+
+
+class WorkspaceUnavailable(Unavailable):
+    code = "workspace_unavailable"
+    default_message = (
+        "Your workspace's storage cannot be used right now; nothing in it was changed. "
+        "An operator can see why in the VM's timeline."
+    )
 
 
 class ImageMissing(Unavailable):

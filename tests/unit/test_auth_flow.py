@@ -142,6 +142,7 @@ def test_seed_replayed_failed_cli_vm_with_directory_gone(
     stale = vm_manager.create_vm(ctx, alice, "cli")
     with ctx.db.transaction() as session:
         set_vm_status(session, stale, VmStatus.FAILED, module="test", message="died earlier", reason="test")
+    fake_driver.kill(stale.id)  # as in the seed, its process is gone too (else fencing kills it: ADR 0011)
     shutil.rmtree(stale.directory)
     fake_driver.calls.clear()
     fake_driver.login_outcome = ("complete", TOKENS)

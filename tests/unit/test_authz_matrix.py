@@ -269,8 +269,12 @@ API_ROWS = [
     Row("DELETE", "/api/v1/vms/{vm_id}", OK, VM_NOT_FOUND, OK, params=VM),
     # Running a command is *use*, like the terminal: the owner's only, admins included.
     Row("POST", "/api/v1/vms/{vm_id}/exec", OK, VM_NOT_FOUND, VM_NOT_FOUND, params=VM, body={"argv": ["true"]}),
+    # Rebuilding a workspace is use too (it replaces the owner's VM, keeping their home): owner only.
+    Row("POST", "/api/v1/vms/{vm_id}/rebuild", OK, VM_NOT_FOUND, VM_NOT_FOUND, params={"vm_id": "cli"}),
     # A terminal is the owner's only, admins included (a shell in someone's workspace is not a feature).
     Row("POST", "/api/v1/vms/{vm_id}/terminal", OK, VM_NOT_FOUND, VM_NOT_FOUND, params={"vm_id": "cli"}),
+    # The caller's own home volume: the owner has one (made with their CLI VM); nobody sees another's.
+    Row("GET", "/api/v1/workspace", OK, Want(404, "workspace_not_found"), Want(404, "workspace_not_found")),
     Row("GET", "/api/v1/providers", OK, OK, OK),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[2]),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[3], query="all=true"),

@@ -686,3 +686,43 @@ def test_jailer_command_line(settings: Settings, fake_binary: Path, make_spec: C
         "--id",
         "vm-odd-id",
     ]
+
+
+# -- home volume (ADR 0011) -----------------------------------------------------------------------
+
+
+def test_home_volume_is_the_third_drive_and_named_in_the_config_disk(
+    driver: FirecrackerDriver, make_spec: Callable[..., VmSpec], base: Path
+) -> None:
+    from remotecli.drivers.base import HomeDisk
+
+    volume = base / "data" / "volumes" / "vol-1.ext4"
+    volume.parent.mkdir(parents=True, exist_ok=True)
+    volume.write_bytes(b"\0" * 4096)
+    spec = make_spec(home=HomeDisk(volume_id="vol-1", location=str(volume)))
+    driver.create(spec)
+
+    sequence = calls(spec)
+    assert sequence.index("PUT /drives/config") < sequence.index("PUT /drives/home") < sequence.index("PUT /actions")
+    assert body_of(spec, "PUT /drives/home") == {
+        "drive_id": "home",
+        "path_on_host": str(volume),
+        "is_root_device": False,
+        "is_read_only": False,
+    }
+    config = (spec.directory / "config.img").read_bytes()
+    doc = json.loads(config[: config.index(b"\0")])
+    assert doc["home_volume_id"] == "vol-1"
+    assert doc["home_device"] == "/dev/vdc" and doc["home_path"] == "/home/cli" and doc["home_serial"] == "rc-home"
+
+    # Destroying the VM never touches the volume.
+    driver.destroy(spec)
+    assert volume.read_bytes() == b"\0" * 4096
+
+
+def test_no_home_drive_without_a_home(driver: FirecrackerDriver, make_spec: Callable[..., VmSpec]) -> None:
+    spec = make_spec()
+    driver.create(spec)
+    assert "PUT /drives/home" not in calls(spec)
+    config = (spec.directory / "config.img").read_bytes()
+    assert "home_volume_id" not in json.loads(config[: config.index(b"\0")])

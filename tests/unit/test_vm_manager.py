@@ -90,6 +90,7 @@ def test_seed_failed_vm_with_directory_gone_is_never_picked(
     old = vm_manager.create_vm(ctx, alice, "cli")
     with ctx.db.transaction() as session:
         set_vm_status(session, old, VmStatus.FAILED, module="test", message="died earlier", reason="test")
+    fake_driver.kill(old.id)  # as in the seed, its process is gone too (else fencing kills it: ADR 0011)
     shutil.rmtree(old.directory)
     fake_driver.calls.clear()
 

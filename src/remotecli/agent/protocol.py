@@ -219,6 +219,13 @@ class ConfigDisk(_Request):
     # Firecracker only: the host reaches the agent over vsock on this port (ADR 0004); agents
     # that do not know the key ignore it, and it is left out of the document when None.
     agent_vsock_port: int | None = None
+    # The user's home volume on CLI VMs (ADR 0011): /sbin/remotecli-init finds the disk by serial
+    # (else takes ``home_device``), runs e2fsck -p and mounts it at ``home_path`` before the agent
+    # starts. Left out of the document when None.
+    home_volume_id: str | None = None
+    home_serial: str | None = None
+    home_device: str | None = None
+    home_path: str | None = None
 
     def encode(self) -> bytes:
         """The disk image's bytes (see ``encode_config_disk``)."""

@@ -196,3 +196,17 @@ class ProviderOut(BaseModel):
 
 class ProviderListOut(BaseModel):
     items: list[ProviderOut]
+
+
+class WorkspaceOut(BaseModel):
+    """The caller's home volume (ADR 0011): it outlives every CLI VM."""
+
+    id: str
+    status: str = Field(description="creating, available, attached, failed, deleting, deleted")
+    status_reason: str | None = Field(description="Why it is failed, in words")
+    size_bytes: int = Field(description="The volume's size (a sparse file: only what is written takes space)")
+    attached_vm_id: str | None = Field(description="The CLI VM it is attached to (at most one)")
+    created_at: dt.datetime
+    used_bytes: int | None = Field(description="Used by files, as the guest's filesystem says (null: no running VM)")
+    total_bytes: int | None = Field(description="The filesystem's size as the guest sees it (else the volume's)")
+    host_allocated_bytes: int | None = Field(description="What the volume file takes on the host")

@@ -22,7 +22,7 @@ from remotecli.db.models import LoginFailure, Vm, WsTicket, utcnow
 from remotecli.domain.states import VmStatus
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger
-from remotecli.services import vm_manager
+from remotecli.services import vm_manager, workspaces
 from remotecli.services.transitions import StatusChanged
 
 MODULE = "gc"
@@ -43,7 +43,7 @@ class GarbageCollector:
         self._loop.stop()
 
     def run_once(self, *, dry_run: bool = False) -> PassReport:
-        steps = (self._failed_vms, self._destroyed_rows, self._tickets, self._login_failures)
+        steps = (self._failed_vms, self._destroyed_rows, self._orphan_volumes, self._tickets, self._login_failures)
         return run_pass("gc", self.owner, steps, dry_run, log)
 
     def _failed_vms(self, report: PassReport, dry_run: bool) -> None:
@@ -76,6 +76,30 @@ class GarbageCollector:
         finally:
             if not dry_run:
                 VM_LEASES.release(self.ctx.db, self.owner, sorted(taken))
+
+    def _orphan_volumes(self, report: PassReport, dry_run: bool) -> None:
+        """Home volumes whose user was deleted (kept by 'users delete' without --purge) are listed and,
+        after ``workspace_orphan_retention_s``, deleted (ADR 0011)."""
+        retention = self.ctx.settings.workspace_orphan_retention_s
+        now = utcnow()
+        for volume in workspaces.orphans(self.ctx):
+            age = (now - volume.updated_at).total_seconds()
+            due = retention is not None and age >= retention
+            finding = Finding("orphan_volume", volume.id, volume.user_id,
+                              f"its user is gone (volume {volume.status}, {volume.location})",
+                              "delete" if due else "keep")
+            report.findings.append(finding)
+            if dry_run:
+                continue
+            if not due:
+                finding.result = "waiting"
+                continue
+            try:
+                workspaces.purge(self.ctx, volume, reason=f"its user was deleted {age:.0f} s ago")
+                finding.result = "done"
+            except (StatusChanged, RemotecliError) as exc:
+                finding.result = "error"
+                log.warning("could not delete an orphan volume: %s", exc, extra={"volume_id": volume.id})
 
     def _destroyed_rows(self, report: PassReport, dry_run: bool) -> None:
         retention = self.ctx.settings.gc_destroyed_retention_s

@@ -16,6 +16,12 @@ or a ``destroyed`` one) is an orphan; its first sighting is written to ``host_or
 all controllers) and it is destroyed once seen for ``reconciler_orphan_grace_s``. A ``failed``
 row still owns its directory (GC removes it after the TTL) but any process it still has is stopped.
 
+Home volumes (ADR 0011): when a pass fails or destroys a CLI VM it also detaches its home volume
+once the driver has fenced the VM (process killed if it still ran, then proven dead). Any volume
+still attached to an ending VM (failed, destroying, destroyed) after that is detached by the
+``_volumes`` step the same way, so no volume stays attached to a dead VM after a pass. A volume
+whose VM row is gone waits while the host still runs that VM (an orphan, removed after its grace).
+
 Sign-in sessions: sessions past ``expires_at`` whose worker lease is free become ``expired``
 (the same transition the sign-in worker makes; losing that race is fine). Browser VMs whose session
 has ended, or that no session references long after they were made, are destroyed.
@@ -31,18 +37,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from remotecli.background.common import Finding, LoopThread, PassReport, chunks, host_spec, new_owner, run_pass
 from remotecli.background.leases import ORPHAN_LEASES, SESSION_LEASES, VM_LEASES
 from remotecli.context import AppContext
-from remotecli.db.models import AuthSession, HostOrphan, Vm, utcnow
-from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.db.models import AuthSession, HostOrphan, Vm, Volume, utcnow
+from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
 from remotecli.drivers.base import HostVm, Liveness
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger, log_context
-from remotecli.services import vm_manager
+from remotecli.services import vm_manager, workspaces
 from remotecli.services.signin_state import STEP_MESSAGES
 from remotecli.services.transitions import StatusChanged, record_event, set_auth_status, set_vm_status
 
@@ -84,7 +90,8 @@ class Reconciler:
     # ------------------------------------------------------------------------------ a pass
     def run_once(self, *, dry_run: bool = False) -> PassReport:
         """One pass. With ``dry_run`` nothing is written or changed: the findings say what would be."""
-        steps = (self._expire_sessions, self._check_rows, self._check_host, self._browser_vms, self._guest_firewall)
+        steps = (self._expire_sessions, self._check_rows, self._check_host, self._volumes, self._idle_stop,
+                 self._browser_vms, self._guest_firewall)
         return run_pass("reconciler", self.owner, steps, dry_run, log)
 
     # ------------------------------------------------------------------------------ host rules
@@ -171,6 +178,7 @@ class Reconciler:
                                   message="VM destroyed (reconciler retried the destroy)", endpoint=None,
                                   details={"controller": self.owner})
                 finding.result = "done"
+                self._release_home(vm)
             except StatusChanged:
                 finding.result = "lost"
             return
@@ -183,6 +191,7 @@ class Reconciler:
             if not dry_run:
                 finding.result = self._fail(vm, why, status)
                 self._stop_process(spec)
+                self._release_home(vm)
             return
         if status is VmStatus.STOPPED:
             if not spec.directory.is_dir():
@@ -205,6 +214,7 @@ class Reconciler:
             if not dry_run:
                 finding.result = self._fail(vm, why, status)
                 self._stop_process(spec)  # e.g. the directory is gone but QEMU still runs
+                self._release_home(vm)
             return
         strikes = vm.unknown_strikes + 1
         if strikes < _UNKNOWN_STRIKES_TO_FAIL:
@@ -222,6 +232,7 @@ class Reconciler:
         if not dry_run:
             finding.result = self._fail(vm, why, status)
             self._stop_process(spec)
+            self._release_home(vm)
 
     def _set_strikes(self, vm: Vm, strikes: int) -> None:
         with self.ctx.db.transaction() as session:
@@ -238,6 +249,16 @@ class Reconciler:
             return "done"
         except StatusChanged:
             return "lost"
+
+    def _release_home(self, vm: Vm) -> None:
+        """The home volume of a VM this pass ended goes free once the VM is proven dead (part of the
+        same action; what fails here is picked up by ``_volumes``)."""
+        if vm.vm_type != VmType.CLI.value:
+            return
+        try:
+            workspaces.release(self.ctx, vm.id, module=MODULE)
+        except RemotecliError as exc:
+            log.warning("home volume not detached yet: %s", exc.log_detail or exc.message, extra={"vm_id": vm.id})
 
     def _stop_process(self, spec: Any) -> None:
         try:
@@ -349,6 +370,11 @@ class Reconciler:
             self.ctx.driver.destroy(spec)
             if h.directory is not None and h.directory != spec.directory:
                 self.ctx.driver.destroy(host_spec(self.ctx, vm_id=h.vm_id, directory=Path(h.directory)))
+            try:  # a home volume left attached to it goes free in the same action (fenced: destroyed above)
+                workspaces.release(self.ctx, h.vm_id, module=MODULE)
+            except RemotecliError as exc:
+                log.warning("home volume not detached yet: %s", exc.log_detail or exc.message,
+                            extra={"vm_id": h.vm_id})
             with self.ctx.db.transaction() as session:
                 session.execute(delete(HostOrphan).where(HostOrphan.vm_id == h.vm_id))
                 record_event(session, module=MODULE, kind="reconcile.orphan_removed",
@@ -362,6 +388,82 @@ class Reconciler:
             log.exception("could not remove an orphan; the next pass retries", extra={"vm_id": h.vm_id})
             ORPHAN_LEASES.release(self.ctx.db, self.owner, [h.vm_id])
             return "error"
+
+    # ------------------------------------------------------------------------------ home volumes
+    def _volumes(self, report: PassReport, dry_run: bool) -> None:
+        """Volumes attached to an ended (or vanished) VM are detached after fencing it."""
+        with self.ctx.db.read() as session:
+            held = list(session.execute(
+                select(Volume.id, Volume.user_id, Volume.attached_vm_id, Vm.status)
+                .outerjoin(Vm, Vm.id == Volume.attached_vm_id)
+                .where(Volume.attached_vm_id.is_not(None))
+            ).all())
+        ending = {st.value for st in VM_ENDING}
+        for volume_id, user_id, vm_id, vm_status in held:
+            if vm_id is None or (vm_status is not None and vm_status not in ending):
+                continue
+            if vm_status is None and self.ctx.driver.inspect(
+                    host_spec(self.ctx, vm_id=vm_id)).liveness is not Liveness.DEAD:
+                continue  # a VM no row owns is an orphan: removed after its grace period, then detached here
+            finding = Finding("volume_attached_to_dead_vm", volume_id, user_id,
+                              f"attached to VM {vm_id}, which is {vm_status or 'gone'}", "detach")
+            report.findings.append(finding)
+            if dry_run:
+                continue
+            try:
+                finding.result = "done" if workspaces.release(self.ctx, vm_id, module=MODULE) else "lost"
+            except RemotecliError as exc:
+                finding.result = "waiting"
+                log.warning("home volume not detached yet: %s", exc.log_detail or exc.message,
+                            extra={"vm_id": vm_id, "volume_id": volume_id})
+
+    # ------------------------------------------------------------------------------ idle stop
+    def _idle_stop(self, report: PassReport, dry_run: bool) -> None:
+        """A running CLI VM unused (no terminal, exec, ensure or sign-in) for ``cli_vm_idle_stop_s``
+        is stopped gracefully: its memory is freed, its home unmounted cleanly and kept attached;
+        the next ensure, exec, terminal or sign-in starts it again."""
+        s = self.ctx.settings
+        if s.cli_vm_idle_stop_s <= 0:
+            return
+        cutoff = utcnow() - dt.timedelta(seconds=s.cli_vm_idle_stop_s)
+        with self.ctx.db.read() as session:
+            idle = list(session.scalars(select(Vm.id).where(
+                Vm.vm_type == VmType.CLI.value, Vm.status == VmStatus.RUNNING.value,
+                func.coalesce(Vm.last_active_at, Vm.status_changed_at) < cutoff,
+            ).order_by(Vm.id)))
+        if not idle:
+            return
+        taken = idle if dry_run else VM_LEASES.claim(self.ctx.db, self.owner, s.reconciler_lease_s, ids=idle)
+        try:
+            for vm_id in taken:
+                with self.ctx.db.read() as session:
+                    vm = session.get(Vm, vm_id)
+                if vm is None or vm.status != VmStatus.RUNNING.value:
+                    continue
+                last = vm.last_active_at or vm.status_changed_at
+                if last >= cutoff:
+                    continue  # used since the list was read
+                why = f"unused for {_age_s(utcnow(), last):.0f} s (cli_vm_idle_stop_s {s.cli_vm_idle_stop_s:.0f})"
+                finding = Finding("idle_stop", vm_id, vm.user_id, why, "stop")
+                report.findings.append(finding)
+                if dry_run:
+                    continue
+                try:
+                    vm_manager.stop_vm(self.ctx, None, vm_id, reason=f"{vm_manager.IDLE_STOP_REASON}: {why}",
+                                       module=MODULE)
+                    with self.ctx.db.transaction() as session:
+                        record_event(session, module=MODULE, kind="vm.idle_stopped", user_id=vm.user_id,
+                                     vm_id=vm_id, message=f"CLI VM stopped while idle ({why}); its home is kept",
+                                     details={"controller": self.owner, "idle_s": round(_age_s(utcnow(), last))})
+                    finding.result = "done"
+                except StatusChanged:
+                    finding.result = "lost"
+                except RemotecliError as exc:
+                    finding.result = "error"
+                    log.warning("idle stop failed: %s", exc.code, extra={"vm_id": vm_id})
+        finally:
+            if not dry_run:
+                VM_LEASES.release(self.ctx.db, self.owner, taken)
 
     # ------------------------------------------------------------------------------ sign-in sessions
     def _expire_sessions(self, report: PassReport, dry_run: bool) -> None:

@@ -83,6 +83,26 @@ def users_enable(name: str) -> None:
     click.echo(f"Enabled {name}.")
 
 
+@users.command("delete")
+@click.argument("name")
+@click.option("--purge", is_flag=True, help="Also delete the user's home volume (their files), for good.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@handle_errors
+def users_delete(name: str, purge: bool, yes: bool) -> None:
+    """Delete user NAME: their VMs are destroyed; their home volume is kept (an orphan that 'gc'
+    removes after REMOTECLI_WORKSPACE_ORPHAN_RETENTION_S) unless --purge."""
+    from remotecli.services import user_removal
+
+    if not yes:
+        what = "their VMs and their home volume (all their files)" if purge else "their VMs (their home is kept)"
+        click.confirm(f"Delete {name}, {what}?", abort=True)
+    with app_context() as ctx:
+        removal = user_removal.delete_user(ctx, name, purge=purge)
+    kept = (f"; home volume {removal.volume_id} kept" if removal.volume_kept
+            else "; home volume deleted" if removal.volume_id else "")
+    click.echo(f"Deleted {name} ({len(removal.vms_destroyed)} VM(s) destroyed{kept}).")
+
+
 @users.command("link-sso")
 @click.argument("name")
 @click.option("--subject", required=True, help="The user's 'sub' claim at the identity provider.")

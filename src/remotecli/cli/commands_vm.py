@@ -125,6 +125,8 @@ _action("start", vm_manager.start_vm, "Boot a stopped VM again on its disk.")
 _action("pause", vm_manager.pause_vm, "Freeze the VM's CPUs.")
 _action("resume", vm_manager.resume_vm, "Unfreeze a paused VM.")
 _action("destroy", vm_manager.destroy_vm, "Destroy the VM and everything it owns on the host.")
+_action("rebuild", vm_manager.rebuild_cli_vm,
+        "Replace a CLI VM with a new one on the current image, keeping the user's home (prints the new VM).")
 
 
 @vm.command("exec", context_settings={"ignore_unknown_options": True})

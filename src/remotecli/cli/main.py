@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import click
 
-from remotecli.cli import commands_auth, commands_gc, commands_server, commands_users, commands_vm
+from remotecli.cli import (
+    commands_auth,
+    commands_gc,
+    commands_server,
+    commands_users,
+    commands_vm,
+    commands_workspace,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,3 +40,4 @@ commands_users.register(main)
 commands_vm.register(main)
 commands_auth.register(main)
 commands_gc.register(main)
+commands_workspace.register(main)

@@ -40,6 +40,8 @@ NAMING_CONVENTION = {
 # Migration 0004: 'destroying' is not live either (a failed VM's garbage collection passes through it
 # while the user already has a new CLI VM).
 LIVE_CLI_VM_WHERE = "vm_type = 'cli' AND status NOT IN ('failed', 'destroying', 'destroyed')"
+# Migration 0007: one home volume per user (a deleted one's row stays for the timeline).
+LIVE_VOLUME_WHERE = "status NOT IN ('deleting', 'deleted')"
 
 
 def utcnow() -> dt.datetime:
@@ -157,6 +159,46 @@ class Vm(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     unknown_strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Migration 0007: the last use (ensure, exec, an open terminal, a sign-in's delivery); a running
+    # CLI VM unused for ``cli_vm_idle_stop_s`` is stopped by the reconciler, its home kept.
+    last_active_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Volume(Base):
+    """A user's home volume (migration 0007; ADR 0011): attached to at most one VM at a time.
+
+    ``attached_vm_id`` is unique (the database refuses a second attachment) and has no foreign key:
+    the VM row may be garbage-collected while the volume still names it, until the reconciler has
+    proven that VM dead and detached it. ``user_id`` has no foreign key either: deleting a user
+    keeps the home unless the operator purges it, and such a volume is an orphan for ``gc``.
+    """
+
+    __tablename__ = "volumes"
+    __table_args__ = (
+        Index(
+            "uq_volumes_one_live_per_user",
+            "user_id",
+            unique=True,
+            sqlite_where=text(LIVE_VOLUME_WHERE),
+            postgresql_where=text(LIVE_VOLUME_WHERE),
+        ),
+        Index("ix_volumes_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16))
+    status_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    attached_vm_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    driver: Mapped[str] = mapped_column(String(32))
+    # Where the driver keeps it: for the QEMU, Firecracker and fake drivers a file path on the host.
+    location: Mapped[str] = mapped_column(Text)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    status_changed_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    attached_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class HostOrphan(Base):

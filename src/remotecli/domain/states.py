@@ -15,6 +15,19 @@ VM::
 
 ``failed`` is terminal for work: a failed VM is never resumed, reused or selected; the only way out
 is garbage collection (``failed → destroying → destroyed``), which removes its resources.
+
+Home volume (a user's workspace, ADR 0011)::
+
+    creating ─► available ⇄ attached
+       │            │           │
+       │            ▼           ▼
+       └──────►  failed ◄───────┘        (its file is missing or unreadable)
+                    │
+                    └─► available        (an operator restored the file)
+    creating | available | failed ─► deleting ─► deleted
+
+``attached`` always comes with ``volumes.attached_vm_id`` set (unique: one VM at a time); a volume
+leaves ``attached`` only after the VM it was attached to is proven dead by the driver (fencing).
 """
 
 from __future__ import annotations
@@ -103,6 +116,34 @@ AUTH_TRANSITIONS: dict[AuthStatus, frozenset[AuthStatus]] = {
     AuthStatus.EXPIRED: frozenset(),
     AuthStatus.CANCELLED: frozenset(),
 }
+
+
+class VolumeStatus(enum.StrEnum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    ATTACHED = "attached"
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+#: A volume in one of these is the user's home (the database allows one per user).
+VOLUME_LIVE: frozenset[VolumeStatus] = frozenset(
+    {VolumeStatus.CREATING, VolumeStatus.AVAILABLE, VolumeStatus.ATTACHED, VolumeStatus.FAILED}
+)
+
+VOLUME_TRANSITIONS: dict[VolumeStatus, frozenset[VolumeStatus]] = {
+    VolumeStatus.CREATING: frozenset({VolumeStatus.AVAILABLE, VolumeStatus.FAILED, VolumeStatus.DELETING}),
+    VolumeStatus.AVAILABLE: frozenset({VolumeStatus.ATTACHED, VolumeStatus.FAILED, VolumeStatus.DELETING}),
+    VolumeStatus.ATTACHED: frozenset({VolumeStatus.AVAILABLE, VolumeStatus.FAILED}),
+    VolumeStatus.FAILED: frozenset({VolumeStatus.AVAILABLE, VolumeStatus.DELETING}),
+    VolumeStatus.DELETING: frozenset({VolumeStatus.DELETED}),
+    VolumeStatus.DELETED: frozenset(),
+}
+
+
+def volume_transition_allowed(current: VolumeStatus, new: VolumeStatus) -> bool:
+    return new in VOLUME_TRANSITIONS[current]
 
 
 def auth_transition_allowed(current: AuthStatus, new: AuthStatus) -> bool:

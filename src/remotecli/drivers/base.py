@@ -70,6 +70,21 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class HomeDisk:
+    """A user's home volume, attached to a CLI VM as its third virtio disk (ADR 0011).
+
+    The guest finds it by ``serial`` (or, where the hypervisor has no drive serials, as
+    ``guest_device``), runs ``e2fsck -p`` and mounts it at ``mount_path`` before its agent starts.
+    """
+
+    volume_id: str
+    location: str  # a file on the host for the qemu, firecracker and fake drivers
+    mount_path: str = "/home/cli"
+    serial: str = "rc-home"
+    guest_device: str = "/dev/vdc"
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """Everything a driver needs to create, boot, inspect or remove one VM."""
 
@@ -82,6 +97,8 @@ class VmSpec:
     image: ImageRef | None = None
     # Guest port the agent listens on; the driver forwards a host loopback port to it.
     agent_guest_port: int = 7000
+    # The user's home volume (CLI VMs); None: the home lives on the VM's own disk.
+    home: HomeDisk | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return f"VmSpec(vm_id={self.vm_id!r}, vm_type={self.vm_type!r}, directory={str(self.directory)!r})"
@@ -204,6 +221,40 @@ class VmDriver(abc.ABC):
         """A client of the guest agent at ``endpoint`` (``BootInfo.endpoint``), authenticated
         with ``secret``; ``timeout`` bounds each request. The caller closes it."""
         return AgentClient(endpoint, secret, timeout=timeout)
+
+    # ---------------------------------------------------------------- home volumes (ADR 0011)
+
+    def create_volume(self, location: str, size_bytes: int, owner_uid: int) -> None:
+        """Make a new, empty ext4 home volume at ``location`` (a sparse file). Refuses to touch a
+        volume that exists: raises ``DriverError`` instead of formatting over it."""
+        from remotecli.drivers import volumes
+
+        volumes.create_ext4_file(Path(location), size_bytes, owner_uid=owner_uid)
+
+    def volume_problem(self, location: str) -> str | None:
+        """None when the volume at ``location`` can be attached; else why not, in words."""
+        from remotecli.drivers import volumes
+
+        return volumes.file_problem(Path(location))
+
+    def delete_volume(self, location: str) -> None:
+        """Remove a volume for good (operator purge only). Idempotent."""
+        Path(location).unlink(missing_ok=True)
+
+    def volume_usage(self, location: str) -> tuple[int, int] | None:
+        """(bytes allocated on the host, size) of a volume, or None when it cannot be read."""
+        from remotecli.drivers import volumes
+
+        return volumes.file_usage(Path(location))
+
+    def fence(self, spec: VmSpec, timeout: float = 5.0) -> Inspection:
+        """Make sure no hypervisor process of this VM runs any more, and prove it from the host.
+
+        Kills the process if it still runs (whether or not its directory still exists), then
+        inspects. Only ``Liveness.DEAD`` is a proof; a volume moves to another VM only after it.
+        """
+        self.stop(spec, timeout)
+        return self.inspect(spec)
 
     def console_tail(self, spec: VmSpec, lines: int = 40) -> str:
         """The last lines of the guest console, or '' when there is none."""

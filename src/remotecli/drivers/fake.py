@@ -41,7 +41,10 @@ from remotecli.drivers.base import (
     VmGone,
     VmSpec,
 )
-from remotecli.errors import AgentError, AgentRejected, AgentTimeout, AgentUnreachable, VmBootFailed
+from remotecli.errors import AgentError, AgentRejected, AgentTimeout, AgentUnreachable, DriverError, VmBootFailed
+
+FAKE_VOLUME_MAGIC = b"remotecli-fake-ext4\n"
+HOME_STATUS_PATH = "/run/remotecli/home.json"
 
 
 @dataclass
@@ -71,6 +74,12 @@ class FakeDriver(VmDriver):
         self.oauth_flows: dict[str, dict[str, object]] = {}
         # What the next user "does" in the fake browser: ("complete", token_response) or ("deny", None).
         self.login_outcome: tuple[str, dict[str, object] | None] | None = None
+        # Home volumes: a boot that found its volume in use by another live fake VM (QEMU's image
+        # lock would refuse it the same way); tests assert this stays empty.
+        self.double_attach: list[tuple[str, str, str]] = []
+        self._home_mount_error: str | None = None
+        # Home volumes (by location) whose filesystem is full: writes into them fail with no_space.
+        self.full_homes: set[str] = set()
 
     # --- test controls -------------------------------------------------------------------
     def kill(self, vm_id: str) -> None:
@@ -97,6 +106,31 @@ class FakeDriver(VmDriver):
     def fail_next_boot(self, count: int = 1) -> None:
         self._fail_next_boots += count
 
+    def fail_home_mount(self, error: str | None = "mount: wrong fs type") -> None:
+        """The next guests report that their home volume could not be mounted (None: they can)."""
+        self._home_mount_error = error
+
+    def home_of(self, vm_id: str) -> str | None:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            return vm.spec.home.location if vm is not None and vm.spec.home is not None else None
+
+    def _attach_home(self, spec: VmSpec, vm: _FakeVm) -> None:
+        """Like a guest's init: the home volume is 'mounted' and its status written before the agent."""
+        if spec.home is None:
+            return
+        for other_id, other in self._vms.items():
+            if (other_id != spec.vm_id and other.process_alive and other.spec.home is not None
+                    and other.spec.home.location == spec.home.location):
+                self.double_attach.append((spec.home.location, other_id, spec.vm_id))
+                raise DriverError(log_detail=f"fake: volume {spec.home.location} is in use by {other_id}")
+        import json
+
+        state = {"volume_id": spec.home.volume_id, "state": "mounted", "fsck": 0}
+        if self._home_mount_error:
+            state = {"volume_id": spec.home.volume_id, "state": "failed", "error": self._home_mount_error}
+        vm.files[HOME_STATUS_PATH] = (json.dumps(state).encode(), 0o644, "root")
+
     def running_ids(self) -> set[str]:
         with self._lock:
             return {vm_id for vm_id, vm in self._vms.items() if vm.process_alive}
@@ -119,7 +153,9 @@ class FakeDriver(VmDriver):
             spec.directory.mkdir(parents=True, exist_ok=True)
             (spec.directory / "console.log").write_text("fake: booted\n")
             self._next_pid += 1
-            self._vms[spec.vm_id] = _FakeVm(spec=spec, pid=self._next_pid)
+            vm = _FakeVm(spec=spec, pid=self._next_pid)
+            self._attach_home(spec, vm)
+            self._vms[spec.vm_id] = vm
         if self.boot_delay_s:
             time.sleep(self.boot_delay_s)
         return BootInfo(endpoint=f"fake://{spec.vm_id}", pid=None, accel="none")
@@ -130,6 +166,8 @@ class FakeDriver(VmDriver):
             vm = self._vms.get(spec.vm_id)
             if vm is None or not spec.directory.is_dir():
                 raise VmGone(log_detail=f"{spec.vm_id}: directory missing")
+            vm.spec = spec
+            self._attach_home(spec, vm)
             vm.process_alive = True
             vm.power = PowerState.RUNNING
             vm.boots += 1
@@ -176,6 +214,19 @@ class FakeDriver(VmDriver):
                 return Inspection(Liveness.UNKNOWN, "control socket unresponsive")
             return Inspection(Liveness.ALIVE, "", power=vm.power)
 
+    def fence(self, spec: VmSpec, timeout: float = 5.0) -> Inspection:
+        """Like a real host: the process is what counts (its directory may be gone while it runs)."""
+        with self._lock:
+            vm = self._vms.get(spec.vm_id)
+            alive = vm is not None and vm.process_alive
+        if alive:
+            self.stop(spec, timeout)
+        with self._lock:
+            vm = self._vms.get(spec.vm_id)
+            if vm is not None and vm.process_alive:
+                return Inspection(Liveness.UNKNOWN, "process still runs")
+        return Inspection(Liveness.DEAD, "no process")
+
     def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
         with self._lock:
             found = {
@@ -186,6 +237,32 @@ class FakeDriver(VmDriver):
                 if path.is_dir() and path.name.startswith("vm-") and path.name not in found:
                     found[path.name] = HostVm(path.name, path, None)
         return list(found.values())
+
+    # --- home volumes: small marker files instead of ext4 images -------------------------
+    def create_volume(self, location: str, size_bytes: int, owner_uid: int) -> None:
+        self.calls.append(("create_volume", location))
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "xb") as handle:
+                handle.write(FAKE_VOLUME_MAGIC)
+        except FileExistsError:
+            raise DriverError(log_detail=f"fake: refusing to format over {location}") from None
+
+    def volume_problem(self, location: str) -> str | None:
+        try:
+            head = Path(location).read_bytes()[: len(FAKE_VOLUME_MAGIC)]
+        except FileNotFoundError:
+            return f"its volume file {location} is missing"
+        except OSError as exc:
+            return f"its volume file {location} cannot be read ({exc.strerror})"
+        return None if head == FAKE_VOLUME_MAGIC else f"its volume file {location} holds no ext4 filesystem"
+
+    def volume_usage(self, location: str) -> tuple[int, int] | None:
+        try:
+            return Path(location).stat().st_size, 20 * 1024**3
+        except OSError:
+            return None
 
     # --- fake guest agent ----------------------------------------------------------------
     def agent_client(self, endpoint: str, secret: str, *, timeout: float) -> GuestAgent:
@@ -227,7 +304,12 @@ class FakeAgent:
 
     def write_file(self, path: str, data: bytes, *, mode: int, owner: str | None = None,
                    dir_mode: int | None = None) -> FileInfo:
-        self._vm().files[path] = (data, mode, owner)
+        vm = self._vm()
+        if vm.spec.home is not None and vm.spec.home.location in self._driver.full_homes:
+            from remotecli.agent.client import AgentCallError
+
+            raise AgentCallError(status=507, agent_code="no_space", agent_message=f"No space left to write {path}.")
+        vm.files[path] = (data, mode, owner)
         user = (owner or "root").split(":")[0]
         return FileInfo(path=path, mode=mode, owner=user, group=user, size=len(data))
 

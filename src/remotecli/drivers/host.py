@@ -113,4 +113,10 @@ def config_disk(spec: VmSpec, *, vsock_port: int | None = None) -> ConfigDisk:
         hostname=hostname_for(spec.vm_id),
         cli_user=recipe.primary_user.name if recipe else "cli",
         agent_vsock_port=vsock_port,
+        **({
+            "home_volume_id": spec.home.volume_id,
+            "home_serial": spec.home.serial,
+            "home_device": spec.home.guest_device,
+            "home_path": spec.home.mount_path,
+        } if spec.home is not None else {}),
     )

@@ -148,6 +148,8 @@ CLI = ImageRecipe(
         "curl",
         "ripgrep",
         "tzdata",
+        # e2fsck: remotecli-init checks the home volume (journal recovery) before mounting it.
+        "e2fsprogs",
     ),
     npm_packages=tuple(f"{name}@{version}" for name, version in CLI_VERSIONS.items()),
     users=(User(name="cli", uid=1000, home="/home/cli"),),

@@ -25,7 +25,7 @@ import json
 from pydantic import JsonValue
 from sqlalchemy import select
 
-from remotecli.agent.client import AgentFileNotFound
+from remotecli.agent.client import AgentCallError, AgentFileNotFound
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm, utcnow
 from remotecli.domain.states import VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
@@ -97,6 +97,11 @@ def deliver(ctx: AppContext, auth: AuthSession, profile: ProviderProfile) -> Non
         try:
             _write_and_verify(ctx, cli_vm, rendered.files)
         except (AgentError, _VerifyFailed) as exc:
+            if isinstance(exc, AgentCallError) and exc.agent_code == "no_space":
+                # A full home is the same on every VM (it moves with the user): no retry, no new VM.
+                record(ctx, auth, "auth.delivery_failed", f"Writing to {cli_vm.id} failed: the home is full",
+                       vm_id=cli_vm.id, error="workspace_full")
+                raise SessionFailure("workspace_full", f"no space left in the home of {cli_vm.id}") from exc
             record(ctx, auth, "auth.delivery_retry", f"Writing to {cli_vm.id} failed; retrying", vm_id=cli_vm.id,
                    error=exc.code if isinstance(exc, AgentError) else _VerifyFailed.code)
             vm_manager.fail_vm(ctx, cli_vm.id, "credential delivery failed", session_id=auth.id)

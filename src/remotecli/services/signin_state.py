@@ -49,6 +49,8 @@ FAILURE_MESSAGES: dict[str, str] = {
     "browser_failed": "The secure browser could not be started. Try again in a minute.",
     "vm_boot_failed": "A workspace could not be started. Try again in a minute.",
     "delivery_failed": "Your credentials could not be saved to your CLI workspace. Sign in again.",
+    "workspace_full": "Your workspace's home is full, so the credentials could not be saved. Free some space "
+                      "in your home (for example delete build outputs or caches), then sign in again.",
     "exchange_interrupted": "The sign-in was interrupted before the credentials were saved. Sign in again.",
     "internal_error": "Something went wrong on our side. Try again.",
 }

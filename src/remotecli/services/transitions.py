@@ -1,4 +1,4 @@
-"""The only functions that change a VM's or an auth session's status.
+"""The only functions that change a VM's, a home volume's or an auth session's status.
 
 Each one checks the transition table (``domain.states``), updates conditionally
 (``UPDATE ... WHERE id = ? AND status = ?``), checks that exactly one row changed, and writes the
@@ -13,14 +13,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from remotecli.db.models import AuthSession, Event, Vm, utcnow
+from remotecli.db.models import AuthSession, Event, Vm, Volume, utcnow
 from remotecli.domain.states import (
     AUTH_TERMINAL,
     VM_TERMINAL,
     AuthStatus,
     VmStatus,
+    VolumeStatus,
     auth_transition_allowed,
     vm_transition_allowed,
+    volume_transition_allowed,
 )
 from remotecli.errors import Conflict, InvalidTransition, VmNotFound, VmTerminal
 from remotecli.logging import get_logger
@@ -35,7 +37,7 @@ class StatusChanged(Conflict):
     default_message = "The VM changed state at the same moment; look again and retry."
 
 
-def _reload(session: Session, obj: Vm | AuthSession) -> None:
+def _reload(session: Session, obj: Vm | AuthSession | Volume) -> None:
     """Refresh ``obj`` from its row, whether it is attached to ``session`` or detached."""
     model = type(obj)
     fresh = session.execute(
@@ -139,6 +141,69 @@ def set_vm_status(
         extra={"vm_id": vm.id, "user_id": vm.user_id},
     )
     return vm
+
+
+def set_volume_status(
+    session: Session,
+    volume: Volume,
+    new: VolumeStatus,
+    *,
+    module: str,
+    message: str,
+    reason: str | None = None,
+    expected: VolumeStatus | None = None,
+    vm_id: str | None = None,
+    details: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Volume:
+    """The volume twin of ``set_vm_status``: table check, conditional update, event.
+
+    The update is also conditioned on the VM the loaded volume is attached to (``attached_vm_id``,
+    ``NULL`` included), so an attach or a detach never overwrites someone else's.
+    """
+    current = VolumeStatus(expected or volume.status)
+    if not volume_transition_allowed(current, new):
+        raise InvalidTransition(
+            f"A workspace volume that is {current.value} cannot become {new.value}.",
+            log_detail=f"{volume.id}: {current} -> {new} refused",
+        )
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": new.value,
+        "generation": Volume.generation + 1,
+        "updated_at": now,
+        "status_changed_at": now,
+        "status_reason": reason,
+        **fields,
+    }
+    was_attached_to = volume.attached_vm_id
+    stmt = update(Volume).where(
+        Volume.id == volume.id,
+        Volume.status == current.value,
+        Volume.attached_vm_id.is_(None) if was_attached_to is None else Volume.attached_vm_id == was_attached_to,
+    )
+    result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StatusChanged(
+            "The workspace changed state at the same moment; try again.",
+            log_detail=f"{volume.id}: expected {current}, row has changed",
+        )
+    record_event(
+        session,
+        module=module,
+        kind="volume.status",
+        message=message,
+        user_id=volume.user_id,
+        # The VM goes in the details, not vm_id: a VM's timeline of statuses stays its own.
+        from_status=current.value,
+        to_status=new.value,
+        details={"volume_id": volume.id, "vm_id": vm_id or fields.get("attached_vm_id") or was_attached_to,
+                 **(details or {}), **({"reason": reason} if reason else {})},
+    )
+    _reload(session, volume)
+    log.info("%s: %s -> %s%s", message, current.value, new.value, f" ({reason})" if reason else "",
+             extra={"volume_id": volume.id, "user_id": volume.user_id})
+    return volume
 
 
 def load_vm(session: Session, vm_id: str, *, for_update: bool = False) -> Vm:

@@ -39,7 +39,7 @@ from remotecli.agent.protocol import ExecResult
 from remotecli.context import AppContext, vm_agent_aad
 from remotecli.db.models import User, Vm, utcnow
 from remotecli.domain.states import VM_ENDING, VM_TERMINAL, VmStatus, VmType
-from remotecli.drivers.base import ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
+from remotecli.drivers.base import HomeDisk, ImageRef, Liveness, NotSupported, PowerState, VmGone, VmSpec
 from remotecli.errors import (
     AgentError,
     AlreadyExists,
@@ -48,6 +48,7 @@ from remotecli.errors import (
     InvalidInput,
     InvalidTransition,
     LimitExceeded,
+    NotFound,
     PermissionDenied,
     RemotecliError,
     TooManyExecs,
@@ -57,9 +58,11 @@ from remotecli.errors import (
     VmNotRunning,
     VmRateLimited,
     VmTerminal,
+    WorkspaceBusy,
+    WorkspaceUnavailable,
 )
 from remotecli.logging import get_logger, log_context
-from remotecli.services import access
+from remotecli.services import access, workspaces
 from remotecli.services.transitions import StatusChanged, load_vm, record_event, set_vm_status
 from remotecli.services.users import Principal
 
@@ -158,7 +161,7 @@ def list_vms(
         return list(session.scalars(stmt))
 
 
-def spec_of(ctx: AppContext, vm: Vm, image: ImageRef | None = None) -> VmSpec:
+def spec_of(ctx: AppContext, vm: Vm, image: ImageRef | None = None, home: HomeDisk | None = None) -> VmSpec:
     from pathlib import Path
 
     return VmSpec(
@@ -169,6 +172,7 @@ def spec_of(ctx: AppContext, vm: Vm, image: ImageRef | None = None) -> VmSpec:
         directory=Path(vm.directory),
         agent_secret=ctx.agent_secret(vm),
         image=image,
+        home=home,
     )
 
 
@@ -220,6 +224,13 @@ def create_vm(
     if not 128 <= memory_mib <= ctx.settings.max_vm_memory_mib:
         raise InvalidInput(f"memory_mib must be between 128 and {ctx.settings.max_vm_memory_mib}.")
     image = _resolve_image(ctx, kind)
+    if kind is VmType.CLI:
+        # The user's home volume exists and no ended VM holds it any more (fenced), before a row
+        # exists: a workspace that cannot be used refuses the VM instead of failing it. A request
+        # the limits refuse changes nothing, the home included (they are checked again below).
+        with ctx.db.transaction() as session:
+            _check_creation_limits(ctx, session, principal)
+        workspaces.prepare_home(ctx, principal.user_id, session_id=session_id)
 
     vm_id = f"vm-{uuid.uuid4()}"
     secret = secrets.token_urlsafe(32)
@@ -258,8 +269,19 @@ def create_vm(
             log_detail=f"live CLI VM exists for user {principal.user_id}",
         ) from None
     with log_context(vm_id=vm_id, user_id=principal.user_id, session_id=session_id):
-        _boot(ctx, vm, image, first_boot=True, session_id=session_id)
+        home = _attach_home(ctx, vm, session_id) if kind is VmType.CLI else None
+        _boot(ctx, vm, image, first_boot=True, session_id=session_id, home=home)
     return vm
+
+
+def _attach_home(ctx: AppContext, vm: Vm, session_id: str | None) -> HomeDisk:
+    """The user's home volume, attached to ``vm``; on failure the VM is ``failed`` with the reason."""
+    try:
+        return workspaces.attach_home(ctx, vm, session_id=session_id)
+    except (WorkspaceUnavailable, WorkspaceBusy) as exc:
+        _fail_quietly(ctx, vm, f"its home volume cannot be attached: {exc.log_detail or exc.message}",
+                      session_id=session_id)
+        raise
 
 
 def create_vm_for_user(
@@ -299,12 +321,13 @@ def _check_creation_limits(ctx: AppContext, session: Session, principal: Princip
         raise TooManyLiveVms(log_detail=f"user {principal.user_id}: {live} live VMs")
 
 
-def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, session_id: str | None) -> None:
-    """creating/stopped → starting → (driver) → wait for agent → running; or → failed."""
+def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, session_id: str | None,
+          home: HomeDisk | None = None) -> None:
+    """creating/stopped → starting → (driver) → wait for agent (and its home mounted) → running; or → failed."""
     with ctx.db.transaction() as session:
         set_vm_status(session, vm, VmStatus.STARTING, module=MODULE,
                       message="Booting the VM" if first_boot else "Starting the VM again", session_id=session_id)
-    spec = spec_of(ctx, vm, image)
+    spec = spec_of(ctx, vm, image, home)
     started = time.monotonic()
     try:
         boot = ctx.driver.create(spec) if first_boot else ctx.driver.start(spec)
@@ -331,10 +354,13 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
                      details={"accel": boot.accel, "driver": ctx.driver.name})
     vm.endpoint = boot.endpoint
     remaining = max(1.0, ctx.settings.vm_boot_timeout_s - (time.monotonic() - started))
+    home_problem: tuple[str, bool] | None = None
     try:
         agent = ctx.agent(vm, timeout=min(5.0, remaining))
         try:
             agent.wait_ready(remaining)
+            if home is not None:
+                home_problem = workspaces.check_guest_home(home, agent.read_file)
         finally:
             agent.close()
     except AgentError as exc:
@@ -346,10 +372,28 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
         _fail_quietly(ctx, vm, f"the guest agent did not answer within {ctx.settings.vm_boot_timeout_s:.0f} s",
                       console=console, session_id=session_id)
         raise VmBootFailed(log_detail=exc.log_detail or exc.message) from exc
+    if home is not None and home_problem is not None:
+        problem, volume_broken = home_problem
+        console = ctx.driver.console_tail(spec, 20)
+        try:
+            ctx.driver.stop(spec, timeout=2.0)
+        except Exception:
+            log.exception("could not stop a VM whose home did not mount", extra={"vm_id": vm.id})
+        _fail_quietly(ctx, vm, f"its home volume was not mounted: {problem}", console=console, session_id=session_id)
+        if volume_broken:
+            volume = workspaces.attached_to(ctx, vm.id)
+            if volume is not None:
+                workspaces.mark_failed(ctx, volume, problem, vm_id=vm.id)
+        raise WorkspaceUnavailable(
+            f"Your workspace's home could not be mounted ({problem}); nothing in it was changed. "
+            "An operator can see the details in the VM's timeline.",
+            log_detail=problem,
+        )
     elapsed = time.monotonic() - started
     with ctx.db.transaction() as session:
         set_vm_status(session, vm, VmStatus.RUNNING, module=MODULE, message="Guest agent ready",
-                      session_id=session_id, last_seen_at=utcnow(), details={"boot_s": round(elapsed, 3)})
+                      session_id=session_id, last_seen_at=utcnow(), last_active_at=utcnow(),
+                      details={"boot_s": round(elapsed, 3)})
 
 
 def _fail_quietly(ctx: AppContext, vm: Vm, reason: str, *, console: str = "", session_id: str | None = None) -> None:
@@ -471,13 +515,21 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
 
 
 def _touch(ctx: AppContext, vm: Vm) -> None:
-    """Record that ``vm`` was just proven alive (at most every few seconds: it is a write)."""
+    """Record that ``vm`` was just proven alive and used (at most every few seconds: it is a write)."""
     now = utcnow()
     if vm.last_seen_at is not None and (now - vm.last_seen_at).total_seconds() < 5:
         return
     with ctx.db.transaction() as session:
-        session.execute(update(Vm).where(Vm.id == vm.id).values(last_seen_at=now))
+        session.execute(update(Vm).where(Vm.id == vm.id).values(last_seen_at=now, last_active_at=now))
     vm.last_seen_at = now
+    vm.last_active_at = now
+
+
+def mark_active(ctx: AppContext, vm_id: str) -> None:
+    """The VM is in use (exec, an open terminal): it is not idle (``cli_vm_idle_stop_s``)."""
+    with ctx.db.transaction() as session:
+        session.execute(update(Vm).where(Vm.id == vm_id).values(last_active_at=utcnow())
+                        .execution_options(synchronize_session=False))
 
 
 def _skip_stale(ctx: AppContext, vm: Vm, reason: str, session_id: str | None) -> None:
@@ -489,10 +541,20 @@ def _skip_stale(ctx: AppContext, vm: Vm, reason: str, session_id: str | None) ->
         ctx.driver.stop(spec_of(ctx, vm), timeout=2.0)
     except Exception:
         log.warning("could not stop the stale VM's process; the reconciler will", extra={"vm_id": vm.id})
+    _release_quietly(ctx, vm.id, session_id=session_id)
     with ctx.db.transaction() as session:
         record_event(session, module=MODULE, kind="vm.skipped",
                      message=f"Stale CLI VM skipped ({reason}); a new one will be prepared",
                      user_id=vm.user_id, vm_id=vm.id, session_id=session_id)
+
+
+def _release_quietly(ctx: AppContext, vm_id: str, *, session_id: str | None = None, module: str = MODULE) -> None:
+    """Detach the home volume of an ended VM once it is proven dead; else the reconciler will."""
+    try:
+        workspaces.release(ctx, vm_id, session_id=session_id, module=module)
+    except RemotecliError as exc:
+        log.warning("home volume stays attached to the ended VM for now: %s", exc.log_detail or exc.message,
+                    extra={"vm_id": vm_id})
 
 
 def _wait_while(ctx: AppContext, vm: Vm, status: VmStatus, *, session_id: str | None) -> None:
@@ -527,19 +589,26 @@ def _driver_failed(ctx: AppContext, vm: Vm, action: str, exc: Exception, session
     fail_vm(ctx, vm.id, reason, session_id=session_id)
 
 
-def stop_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+#: The status reason of a CLI VM the reconciler stopped while idle: its next use starts it again
+#: (a VM someone stopped on purpose stays stopped until they start it).
+IDLE_STOP_REASON = "stopped while idle"
+
+
+def stop_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, reason: str | None = None,
+            module: str = MODULE) -> Vm:
     vm = _load_for_action(ctx, principal, vm_id)
     if vm.status == VmStatus.STOPPED.value:
         return vm
     with ctx.db.transaction() as session:
-        set_vm_status(session, vm, VmStatus.STOPPING, module=MODULE, message="Stopping the VM")
+        set_vm_status(session, vm, VmStatus.STOPPING, module=module, message="Stopping the VM", reason=reason)
     try:
         ctx.driver.stop(spec_of(ctx, vm), ctx.settings.vm_stop_timeout_s)
     except Exception as exc:
         _driver_failed(ctx, vm, "stop", exc)
         raise DriverError(log_detail=repr(exc)) from exc
     with ctx.db.transaction() as session:
-        return set_vm_status(session, vm, VmStatus.STOPPED, module=MODULE, message="VM stopped", endpoint=None)
+        return set_vm_status(session, vm, VmStatus.STOPPED, module=module, message="VM stopped", endpoint=None,
+                             reason=reason)
 
 
 def start_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, session_id: str | None = None) -> Vm:
@@ -550,7 +619,8 @@ def start_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, sessio
         raise InvalidTransition(f"Only a stopped VM can be started; this one is {vm.status}.")
     image = _resolve_image(ctx, VmType(vm.vm_type))
     with log_context(vm_id=vm.id, user_id=vm.user_id):
-        _boot(ctx, vm, image, first_boot=False, session_id=session_id)
+        home = _attach_home(ctx, vm, session_id) if vm.vm_type == VmType.CLI.value else None
+        _boot(ctx, vm, image, first_boot=False, session_id=session_id, home=home)
     return vm
 
 
@@ -606,8 +676,49 @@ def destroy_vm(ctx: AppContext, principal: Principal | None, vm_id: str, *, reas
         log.exception("destroy failed; the reconciler will retry", extra={"vm_id": vm.id})
         raise DriverError(log_detail=repr(exc)) from exc
     with ctx.db.transaction() as session:
-        return set_vm_status(session, vm, VmStatus.DESTROYED, module=module, message="VM destroyed",
-                             expected=VmStatus.DESTROYING, session_id=session_id, endpoint=None)
+        set_vm_status(session, vm, VmStatus.DESTROYED, module=module, message="VM destroyed",
+                      expected=VmStatus.DESTROYING, session_id=session_id, endpoint=None)
+    if vm.vm_type == VmType.CLI.value:
+        _release_quietly(ctx, vm.id, session_id=session_id, module=module)
+    return vm
+
+
+def rebuild_cli_vm(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
+    """A new CLI VM on the current image with the same home (the way to take a new image or new
+    CLI versions). The old VM is shut down gracefully when it runs (its home is unmounted cleanly),
+    then destroyed; the home moves to the new VM after the old one is proven gone (ADR 0011).
+
+    Rebuilding is *use* of the VM: only its owner may (the operator's CLI may on any VM).
+    """
+    vm = get_vm(ctx, principal, vm_id)
+    if principal is not None:
+        access.ensure_own(principal.user_id, vm.user_id, VmNotFound())
+    if vm.vm_type != VmType.CLI.value:
+        raise InvalidInput("Only a CLI VM can be rebuilt; it keeps the user's home.")
+    with log_context(vm_id=vm.id, user_id=vm.user_id):
+        if vm.status in (VmStatus.RUNNING.value, VmStatus.PAUSED.value):
+            try:
+                stop_vm(ctx, None, vm.id)
+            except RemotecliError as exc:  # the destroy below kills it anyway
+                log.warning("graceful stop before a rebuild failed: %s", exc.code, extra={"vm_id": vm.id})
+        if vm_manager_status(ctx, vm.id) != VmStatus.DESTROYED.value:
+            destroy_vm(ctx, None, vm.id, reason="rebuilt on the current image")
+        with ctx.db.read() as session:
+            from remotecli.db.models import User
+
+            user = session.get(User, vm.user_id)
+        if user is None:
+            raise NotFound("The VM's user no longer exists.")
+        new, _ = ensure_cli_vm(ctx, Principal(user.id, user.name, user.is_admin))
+        with ctx.db.transaction() as session:
+            record_event(session, module=MODULE, kind="vm.rebuilt", message="CLI VM rebuilt with the same home",
+                         user_id=vm.user_id, vm_id=new.id, details={"replaces": vm.id, "image": new.image_hash})
+    return new
+
+
+def vm_manager_status(ctx: AppContext, vm_id: str) -> str | None:
+    with ctx.db.read() as session:
+        return session.scalar(select(Vm.status).where(Vm.id == vm_id))
 
 
 def require_running(ctx: AppContext, principal: Principal | None, vm_id: str) -> Vm:
@@ -701,9 +812,14 @@ def exec_in_vm(
     """
     if not argv:
         raise InvalidInput("Give a command to run.")
-    vm = require_running(ctx, principal, vm_id)
+    vm = _load_for_action(ctx, principal, vm_id)
     if principal is not None:
         access.ensure_own(principal.user_id, vm.user_id, VmNotFound())
+    if (vm.vm_type == VmType.CLI.value and vm.status == VmStatus.STOPPED.value
+            and (vm.status_reason or "").startswith(IDLE_STOP_REASON)):
+        start_vm(ctx, None, vm.id)  # a CLI VM stopped while idle starts again on its next use
+    vm = require_running(ctx, principal, vm_id)
+    mark_active(ctx, vm.id)
     with _exec_slot(ctx, principal):
         started = time.monotonic()
         agent = ctx.agent(vm, timeout=timeout_s + 10)

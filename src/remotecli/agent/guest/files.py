@@ -1,6 +1,7 @@
 """``PUT/GET /v1/files``: atomic writes with mode and owner, and reads."""
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -9,6 +10,12 @@ import tempfile
 
 from .users import resolve_owner
 from .wire import MAX_FILE_BYTES
+
+
+def _no_space(exc, path):
+    """A full filesystem (or quota) is its own stable code: the host tells the user their home is full."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise FileOpError(507, "no_space", f"No space left to write {path}.") from None
 
 
 class FileOpError(Exception):
@@ -73,6 +80,7 @@ def write_file(path, data, mode, owner=None, dir_mode=0o755):
     except PermissionError:
         raise FileOpError(403, "permission_denied", f"Cannot create files in {directory}.") from None
     except OSError as exc:
+        _no_space(exc, directory)
         raise FileOpError(
             500, "write_failed", f"Cannot create a file in {directory}: {exc.strerror}."
         ) from None
@@ -92,6 +100,7 @@ def write_file(path, data, mode, owner=None, dir_mode=0o755):
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp_path)
+        _no_space(exc, path)
         raise FileOpError(500, "write_failed", f"Cannot write {path}: {exc.strerror}.") from None
     with contextlib.suppress(OSError):
         _fsync_dir(directory)

@@ -15,6 +15,7 @@ someone else's workspace is not a dashboard feature). Errors close the socket wi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Callable
@@ -136,5 +137,22 @@ async def terminal(websocket: WebSocket, vm_id: str, token: str = "", cols: str 
         code = 4409 if isinstance(exc, AgentError) else None
         await ws_bridge.refuse(websocket, exc, log, "terminal", code=code, extra={"vm_id": vm_id})
         return
-    await ws_bridge.bridge(websocket, ctx, user_id, _Terminal(pty, agent.close), log, "terminal",
-                           extra={"vm_id": vm_id})
+    # An open terminal is use of the VM: it is not idle-stopped under the user (ADR 0011).
+    keepalive = asyncio.create_task(_keep_active(ctx, vm_id))
+    try:
+        await ws_bridge.bridge(websocket, ctx, user_id, _Terminal(pty, agent.close), log, "terminal",
+                               extra={"vm_id": vm_id})
+    finally:
+        keepalive.cancel()
+
+
+async def _keep_active(ctx: AppContext, vm_id: str) -> None:
+    """Mark the VM active now and then while its terminal is open (well within cli_vm_idle_stop_s)."""
+    idle_s = ctx.settings.cli_vm_idle_stop_s
+    every = min(60.0, idle_s / 4) if idle_s > 0 else 60.0
+    while True:
+        try:
+            await run_in_threadpool(vm_manager.mark_active, ctx, vm_id)
+        except Exception:
+            log.warning("could not record terminal activity", extra={"vm_id": vm_id})
+        await asyncio.sleep(every)

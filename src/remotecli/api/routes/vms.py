@@ -80,6 +80,12 @@ def resume_vm(vm_id: str, ctx: Ctx, principal: CurrentPrincipal) -> VmOut:
     return _out(vm_manager.resume_vm(ctx, principal, vm_id))
 
 
+@router.post("/{vm_id}/rebuild", response_model=VmOut, responses=ERRORS)
+def rebuild_vm(vm_id: str, ctx: Ctx, principal: CurrentPrincipal) -> VmOut:
+    """Replace my CLI VM with a new one on the current image, keeping my home; answers with the new VM."""
+    return _out(vm_manager.rebuild_cli_vm(ctx, principal, vm_id))
+
+
 @router.post("/{vm_id}/exec", response_model=VmExecOut, responses=ERRORS)
 def exec_in_vm(vm_id: str, body: VmExecIn, ctx: Ctx, principal: CurrentPrincipal) -> VmExecOut:
     """Run a command in my running VM and wait for it (no shell: ``argv`` as given). A timeout is

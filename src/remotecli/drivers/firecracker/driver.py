@@ -504,6 +504,22 @@ class FirecrackerDriver(VmDriver):
             staged.append(target)
         return staged[0], staged[1], staged[2], staged[3]
 
+    def _stage_home(self, layout: _Layout, volume: Path) -> Path:
+        """Hard-link the home volume into the chroot (owned by the jailer's user while it runs)."""
+        assert self.jailer is not None
+        target = layout.root / "home.ext4"
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        try:
+            os.link(volume, target)
+        except OSError:
+            raise DriverError(
+                "The workspace volume must be on the same filesystem as the VM's jail.",
+                log_detail=f"cannot hard-link {volume} into {layout.root}",
+            ) from None
+        os.chown(target, self.jailer.uid, self.jailer.gid)
+        return target
+
     # -- booting -------------------------------------------------------------------------------
 
     def command(self, spec: VmSpec) -> list[str]:
@@ -534,8 +550,11 @@ class FirecrackerDriver(VmDriver):
         for path in (kernel, initrd):
             if not path.is_file():
                 raise ImageMissing(log_detail=f"{path} is missing")
+        home = Path(spec.home.location) if spec.home is not None else None
         if layout.jailed:
             kernel, initrd, rootfs, config = self._stage_jail(layout, kernel, initrd)
+            if home is not None:
+                home = self._stage_home(layout, home)
         for path in (layout.api_socket, layout.vsock, layout.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -567,7 +586,7 @@ class FirecrackerDriver(VmDriver):
         try:
             api = self._wait_for_api(spec, layout, proc)
             with api:
-                self._configure(api, spec, layout, kernel, initrd, rootfs, config)
+                self._configure(api, spec, layout, kernel, initrd, rootfs, config, home)
                 api.action("InstanceStart")
         except BaseException:
             self._kill(proc.pid)
@@ -610,6 +629,7 @@ class FirecrackerDriver(VmDriver):
         initrd: Path,
         rootfs: Path,
         config: Path,
+        home: Path | None = None,
     ) -> None:
         vm = layout.vm_path
         api.put_logger(vm(layout.fc_log), level="Warning")
@@ -618,6 +638,10 @@ class FirecrackerDriver(VmDriver):
         # The root device becomes /dev/vda, the next drive /dev/vdb (order of configuration).
         api.put_drive("rootfs", vm(rootfs), is_root_device=True, is_read_only=False)
         api.put_drive("config", vm(config), is_root_device=False, is_read_only=True)
+        if home is not None:
+            # The user's home volume (ADR 0011) becomes /dev/vdc; Firecracker drives have no serial,
+            # so the guest takes the device named in the config disk.
+            api.put_drive("home", vm(home), is_root_device=False, is_read_only=False)
         api.put_machine_config(spec.vcpus, spec.memory_mib)
         if self.network:
             api.put_network_interface("eth0", tap_name(spec.vm_id, self.tap_prefix), guest_mac(spec.vm_id))

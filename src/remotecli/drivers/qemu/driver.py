@@ -389,6 +389,7 @@ class QemuDriver(VmDriver):
             f"id=vdb,file={_qemu_opt(paths.config)},format=raw,if=none,readonly=on",
             "-device",
             "virtio-blk-device,drive=vdb",
+            *self._home_args(spec),
             "-netdev",
             f"user,id=n0,ipv6=off,hostfwd=tcp:127.0.0.1:{port}-:{spec.agent_guest_port}",
             "-device",
@@ -410,6 +411,19 @@ class QemuDriver(VmDriver):
             "on,obsolete=deny,resourcecontrol=deny",
             *confinement.runas_args(qemu, user),
             "-daemonize",
+        ]
+
+    @staticmethod
+    def _home_args(spec: VmSpec) -> list[str]:
+        """The home volume as the third virtio disk (vdc), with a serial the guest finds it by.
+        QEMU locks the image file: a second QEMU cannot open the same volume for writing."""
+        if spec.home is None:
+            return []
+        return [
+            "-drive",
+            f"id=home,file={_qemu_opt(spec.home.location)},format=raw,if=none,cache=writeback,discard=unmap",
+            "-device",
+            f"virtio-blk-device,drive=home,serial={_qemu_opt(spec.home.serial)}",
         ]
 
     def _prepare_disk(self, paths: _Paths, image: ImageRef) -> str:
@@ -710,6 +724,16 @@ class QemuDriver(VmDriver):
                 self._kill(pid, paths.directory)
         if paths.directory.exists():
             shutil.rmtree(paths.directory)
+
+    def fence(self, spec: VmSpec, timeout: float = 5.0) -> Inspection:
+        """Kill any QEMU of this VM (its directory present or not) and prove none is left: DEAD only
+        when no live QEMU process references the VM's directory any more (ADR 0011)."""
+        if self._find_pids(spec.directory) or self._live_pid(_Paths(spec.directory)) is not None:
+            self.stop(spec, timeout)
+        left = self._find_pids(spec.directory)
+        if left:
+            return Inspection(Liveness.UNKNOWN, reason=f"QEMU process(es) {left} still run", details={"pids": left})
+        return Inspection(Liveness.DEAD, reason="no QEMU process of the VM is left")
 
     def inspect(self, spec: VmSpec) -> Inspection:
         paths = _Paths(spec.directory)

@@ -1,0 +1,227 @@
+"""Persistent workspaces with real QEMU guests (ADR 0011): the home survives the seed's case (QEMU
+killed, VM directory deleted), a rebuild, and a kill -9 in the middle of fsynced writes.
+
+Run under the shared lock: ``flock /tmp/remotecli-vm-tests.lock .venv/bin/python -m pytest
+tests/integration/test_workspaces.py``. SQLite only: the database side of the same flows runs on
+SQLite and PostgreSQL in tests/unit/test_workspaces.py; here each boot costs about half a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from remotecli.context import AppContext
+from remotecli.db.models import Vm
+from remotecli.services import vm_manager, workspaces
+from remotecli.services.users import Principal
+from tests.support.cli_judge import assert_cli_signed_in
+from tests.support.net import process_gone
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.parametrize("db_url", ["sqlite"], indirect=True),
+]
+
+# A token answer shaped like Anthropic's (8 h access, account and organization objects), rendered by
+# the controller's own provider code into the files Claude Code reads: the real CLI judges them.
+TOKEN_ANSWER = {
+    "access_token": "sk-ant-oat01-workspace-test", "refresh_token": "sk-ant-ort01-workspace-test",
+    "expires_in": 28800, "token_type": "Bearer",
+    "account": {"uuid": "account-itest", "email_address": "itest@example.test"},
+    "organization": {"uuid": "org-itest", "name": "Itest"},
+}
+
+
+def _sign_in_files(ctx: AppContext) -> dict[str, tuple[bytes, int]]:
+    from remotecli.db.models import utcnow
+    from remotecli.profiles import load_profiles
+    from remotecli.services.providers import render_credentials
+
+    profile = load_profiles(ctx.settings)["claude_code"]
+    rendered = render_credentials(profile, {**TOKEN_ANSWER, "obtained_at": time.time()}, utcnow())
+    return {item.path: (item.content, item.mode) for item in rendered.files}
+
+
+def _sh(ctx: AppContext, owner: Principal, vm: Vm, script: str, *, user: str = "cli", timeout: float = 60) -> str:
+    result = vm_manager.exec_in_vm(ctx, owner, vm.id, ["bash", "-c", script], timeout_s=timeout, user=user)
+    assert result.exit_code == 0, (script, result.stdout, result.stderr)
+    return result.stdout.decode()
+
+
+def _qemu_pid(vm: Vm) -> int:
+    return int((Path(vm.directory) / "qemu.pid").read_text().strip())
+
+
+def _home_report(ctx: AppContext, vm: Vm) -> dict[str, object]:
+    agent = ctx.agent(vm)
+    try:
+        return dict(json.loads(agent.read_file(workspaces.HOME_STATUS_PATH).data))
+    finally:
+        agent.close()
+
+
+def _assert_home_is_the_volume(ctx: AppContext, owner: Principal, vm: Vm) -> None:
+    volume = workspaces.attached_to(ctx, vm.id)
+    assert volume is not None and volume.status == "attached"
+    report = _home_report(ctx, vm)
+    assert report["volume_id"] == volume.id and report["state"] == "mounted" and report["fsck"] in (0, 1)
+    source = _sh(ctx, owner, vm, "findmnt -no SOURCE,FSTYPE /home/cli").split()
+    assert source == [str(report["device"]), "ext4"]
+    # e2fsck -p really ran before the mount (in preen mode it names the filesystem by its label).
+    assert _sh(ctx, owner, vm, "cat /run/remotecli/home-fsck.log", user="root").startswith("rc-home:")
+
+
+def _assert_work_is_there(ctx: AppContext, owner: Principal, vm: Vm, credential: bytes) -> None:
+    assert _sh(ctx, owner, vm, "cat ~/notes.txt") == "my work\n"
+    assert _sh(ctx, owner, vm, "git -C ~/project log --format=%s") == "first commit\n"
+    assert _sh(ctx, owner, vm, "git -C ~/project status --porcelain") == ""
+    assert _sh(ctx, owner, vm, "stat -c '%a %U' ~/.claude/.credentials.json") == "600 cli\n"
+    assert _sh(ctx, owner, vm, "cat ~/.claude/.credentials.json").encode() == credential
+    # The real Claude Code, offline, still says it is signed in: no new sign-in needed.
+    assert_cli_signed_in(ctx, vm.id, "claude_code")
+
+
+def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Principal) -> None:
+    first, created = vm_manager.ensure_cli_vm(qctx, owner)
+    assert created
+    _assert_home_is_the_volume(qctx, owner, first)
+    # A fresh volume was seeded with the image's home skeleton and belongs to the cli user.
+    assert _sh(qctx, owner, first, "stat -c %U ~ && test -f ~/.bashrc && cat ~/.remotecli-home").split() == [
+        "cli", workspaces.attached_to(qctx, first.id).id]  # type: ignore[union-attr]
+    _sh(qctx, owner, first, """set -e
+        echo 'my work' > ~/notes.txt
+        mkdir ~/project && cd ~/project && git init -q && echo 'print(1)' > main.py && git add main.py
+        git -c user.name=Test -c user.email=test@example.invalid commit -qm 'first commit'
+        mkdir -p ~/.claude && chmod 700 ~/.claude""")
+    files = _sign_in_files(qctx)  # what a sign-in delivers (services/credentials.py writes the same way)
+    agent = qctx.agent(first)
+    try:
+        for path, (content, mode) in files.items():
+            agent.write_file(f"/home/cli/{path}", content, mode=mode, owner="cli")
+    finally:
+        agent.close()
+    credential = files[".claude/.credentials.json"][0]
+    _sh(qctx, owner, first, "sync")
+    assert_cli_signed_in(qctx, first.id, "claude_code")
+
+    # The seed's case: QEMU killed, the VM's directory deleted behind the controller's back.
+    pid = _qemu_pid(first)
+    os.kill(pid, signal.SIGKILL)
+    assert process_gone(pid, 10)
+    shutil.rmtree(first.directory)
+    second, created = vm_manager.ensure_cli_vm(qctx, owner)
+    assert created and second.id != first.id
+    _assert_home_is_the_volume(qctx, owner, second)
+    _assert_work_is_there(qctx, owner, second, credential)
+    assert vm_manager.get_vm(qctx, owner, first.id).status == "failed"
+    # Usage as the guest's filesystem sees it (GET /api/v1/workspace).
+    _, usage = workspaces.my_workspace(qctx, owner.user_id)
+    assert usage.used_bytes is not None and usage.total_bytes is not None
+    assert 0 < usage.used_bytes < usage.total_bytes <= qctx.settings.workspace_size_gib * 1024**3
+
+    # A rebuild: a new VM on the current image, the same home; the old one is gone.
+    _sh(qctx, owner, second, "echo 'more work' >> ~/notes.txt && sync")
+    third = vm_manager.rebuild_cli_vm(qctx, owner, second.id)
+    assert third.id != second.id and third.status == "running"
+    assert vm_manager.get_vm(qctx, owner, second.id).status == "destroyed"
+    assert not Path(second.directory).exists()
+    _assert_home_is_the_volume(qctx, owner, third)
+    assert _sh(qctx, owner, third, "cat ~/notes.txt") == "my work\nmore work\n"
+    assert _sh(qctx, owner, third, "git -C ~/project log --format=%s") == "first commit\n"
+    assert _sh(qctx, owner, third, "stat -c '%a %U' ~/.claude/.credentials.json") == "600 cli\n"
+    assert_cli_signed_in(qctx, third.id, "claude_code")
+    # The old VM was shut down cleanly: its successor found the filesystem clean (no journal replay).
+    assert _home_report(qctx, third)["fsck"] == 0, _sh(qctx, owner, third, "cat /run/remotecli/home-fsck.log",
+                                                       user="root")
+    [volume] = workspaces.list_volumes(qctx)
+    assert volume.attached_vm_id == third.id
+
+
+WRITER = r"""
+import os
+fd = os.open("/home/cli/fsynced.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+console = os.open("/dev/ttyS0", os.O_WRONLY | os.O_NOCTTY)
+i = 0
+while True:
+    os.write(fd, b"record %08d %s\n" % (i, b"x" * 200))
+    os.fsync(fd)
+    os.write(console, b"FSYNCED %d\n" % i)
+    i += 1
+"""
+
+
+def test_kill_during_fsynced_writes_loses_nothing_and_leaves_a_clean_filesystem(
+    qctx: AppContext, owner: Principal
+) -> None:
+    vm, _ = vm_manager.ensure_cli_vm(qctx, owner)
+    volume = workspaces.attached_to(qctx, vm.id)
+    assert volume is not None
+    _sh(qctx, owner, vm, f"setsid -f python3 -c '{WRITER}' >/dev/null 2>&1 </dev/null", user="root")
+    console = Path(vm.directory) / "console.log"
+    deadline = time.monotonic() + 120
+    acked: list[int] = []
+    while time.monotonic() < deadline:
+        acked = [int(n) for n in re.findall(rb"FSYNCED (\d+)\r?\n", console.read_bytes())]
+        if len(acked) >= 40:
+            break
+        time.sleep(0.2)
+    assert len(acked) >= 40, "the writer did not get going"
+    pid = _qemu_pid(vm)
+    os.kill(pid, signal.SIGKILL)  # mid-write: the loop never pauses
+    assert process_gone(pid, 10)
+    acked = [int(n) for n in re.findall(rb"FSYNCED (\d+)\r?\n", console.read_bytes())]
+    last = max(acked)
+
+    replacement, created = vm_manager.ensure_cli_vm(qctx, owner)
+    assert created and replacement.id != vm.id
+    assert workspaces.attached_to(qctx, replacement.id).id == volume.id  # type: ignore[union-attr]
+    report = _home_report(qctx, replacement)
+    assert report["state"] == "mounted" and report["fsck"] in (0, 1)  # e2fsck -p: clean or journal replayed
+    records = _sh(qctx, owner, replacement, "cat ~/fsynced.log").splitlines()
+    numbers = [int(line.split()[1]) for line in records if line.startswith("record ") and len(line) == 216]
+    assert numbers[: last + 1] == list(range(last + 1)), f"fsynced records lost (last acknowledged {last})"
+
+    # Shut the replacement down and check the volume on the host: a full check finds nothing.
+    vm_manager.stop_vm(qctx, owner, replacement.id)
+    check = subprocess.run(["e2fsck", "-fn", volume.location], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_export_and_import_of_a_home(qctx: AppContext, owner: Principal) -> None:
+    import io
+    import tarfile
+
+    from remotecli.services import workspace_transfer
+
+    vm, _ = vm_manager.ensure_cli_vm(qctx, owner)
+    _sh(qctx, owner, vm, "mkdir -p ~/work && echo exported > ~/work/a.txt && chmod 640 ~/work/a.txt && sync")
+    archive = b"".join(workspace_transfer.export_home(qctx, owner.name))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = tar.getmember("./work/a.txt")
+        assert (member.uid, member.mode & 0o777) == (1000, 0o640)
+        extracted = tar.extractfile(member)
+        assert extracted is not None and extracted.read() == b"exported\n"
+        assert "./.bashrc" in tar.getnames()
+
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as tar:
+        data = b"imported\n" * 1000
+        info = tarfile.TarInfo("./restored/b.txt")
+        info.size, info.uid, info.gid, info.mode = len(data), 1000, 1000, 0o600
+        tar.addfile(info, io.BytesIO(data))
+    payload.seek(0)
+    size = workspace_transfer.import_home(qctx, owner.name, payload)
+    assert size == len(payload.getvalue())
+    assert _sh(qctx, owner, vm, "stat -c '%a %U' ~/restored/b.txt && wc -c < ~/restored/b.txt") == "600 cli\n9000\n"
+    assert _sh(qctx, owner, vm, "cat ~/work/a.txt") == "exported\n"  # files not in the archive stay
+    assert _sh(qctx, owner, vm, "ls /var/tmp | grep -c remotecli- || true") == "0\n"  # staging removed
