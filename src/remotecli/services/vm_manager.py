@@ -10,7 +10,7 @@ host and through its guest agent before returning it, and marks anything that fa
 ``failed`` (with the reason, in the timeline) before creating a new one. The database's partial
 unique index guarantees one live CLI VM per user, even under concurrent calls.
 
-Why one module of about 700 lines: every function here changes or selects VM rows under the same
+Why one module of over 800 lines: every function here changes or selects VM rows under the same
 rules (the creation limits, the liveness proof, the conditional status change and its event, the
 driver's spec built from a row); split by verb, each part would import the others' private
 helpers. Reads for pages live in ``services.dashboard``/``services.admin``, sign-ins elsewhere.

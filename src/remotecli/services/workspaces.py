@@ -19,6 +19,10 @@ calls; a row that changed meanwhile makes the conditional update fail and the ca
 
 The controller never formats a volume that existed: a volume whose file is missing or unreadable
 becomes ``failed`` (and so does the VM that wanted it) until an operator restores the file.
+
+Why one module of about 450 lines: the volume's whole life (make, attach, fence, detach, idle
+stop, orphans, usage) follows the one fencing rule above; kept together, every path that moves a
+volume can be checked against it in one read. Export and import are ``services.workspace_transfer``.
 """
 
 from __future__ import annotations
