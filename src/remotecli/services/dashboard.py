@@ -15,8 +15,8 @@ from sqlalchemy import select
 
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm, utcnow
-from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
-from remotecli.services import auth_flow, vm_manager
+from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.services import auth_flow, vm_manager, workspaces
 from remotecli.services.auth_session_view import AuthSessionOut, session_out
 from remotecli.services.users import Principal
 
@@ -99,6 +99,75 @@ def provider_sign_ins(ctx: AppContext, user_id: str, now: dt.datetime | None = N
         rows.append(ProviderSignIn(provider=name, display_name=profile.display_name, completed=completed,
                                    live_session_id=live.id if live is not None else ""))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# My workspace (the home volume, ADR 0011) and what the terminal page is waiting for
+
+
+def _live_cli_vm(ctx: AppContext, user_id: str) -> Vm | None:
+    """The user's CLI VM that ``ensure`` would take (not failed, destroying or destroyed)."""
+    with ctx.db.read() as session:
+        return session.scalars(select(Vm).where(
+            Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
+            Vm.status.not_in([s.value for s in VM_ENDING]),
+        )).one_or_none()
+
+
+def _idle_stopped(vm: Vm | None) -> bool:
+    return (vm is not None and vm.status == VmStatus.STOPPED.value
+            and (vm.status_reason or "").startswith(vm_manager.IDLE_STOP_REASON))
+
+
+@dataclass(frozen=True)
+class WorkspaceSummary:
+    """The user's home volume, how full it is, and the CLI VM it goes with (facts, no words)."""
+
+    volume_status: str
+    volume_reason: str | None
+    used_bytes: int | None  # from the guest while its VM runs; None otherwise
+    total_bytes: int | None
+    vm_status: str | None  # the live CLI VM's status; None when there is none
+    idle_stopped: bool  # that VM was stopped by the idle timer (its next use starts it)
+
+
+def workspace(ctx: AppContext, principal: Principal) -> WorkspaceSummary | None:
+    """The user's workspace (``services.workspaces.my_workspace``, as ``GET /api/v1/workspace``);
+    None before their first CLI VM."""
+    from remotecli.errors import WorkspaceNotFound
+
+    try:
+        view, usage = workspaces.my_workspace(ctx, principal.user_id)
+    except WorkspaceNotFound:
+        return None
+    vm = _live_cli_vm(ctx, principal.user_id)
+    return WorkspaceSummary(volume_status=view.status, volume_reason=view.status_reason,
+                            used_bytes=usage.used_bytes, total_bytes=usage.total_bytes,
+                            vm_status=vm.status if vm is not None else None, idle_stopped=_idle_stopped(vm))
+
+
+@dataclass(frozen=True)
+class TerminalState:
+    """What connecting the terminal will do first (the terminal page says it in words).
+
+    ``phase``: ``create`` (no live CLI VM: ``ensure`` makes one), ``start`` (the CLI VM is stopped,
+    paused or starting: ``ensure`` starts it), ``connect`` (it runs)."""
+
+    phase: str
+    has_home: bool  # a home volume exists: a new VM comes with the user's files
+    idle_stopped: bool
+
+
+def terminal_state(ctx: AppContext, principal: Principal) -> TerminalState:
+    vm = _live_cli_vm(ctx, principal.user_id)
+    has_home = workspaces.user_volume(ctx, principal.user_id) is not None
+    if vm is None or vm.status == VmStatus.CREATING.value:
+        phase = "create"
+    elif vm.status == VmStatus.RUNNING.value:
+        phase = "connect"
+    else:
+        phase = "start"
+    return TerminalState(phase=phase, has_home=has_home, idle_stopped=_idle_stopped(vm))
 
 
 # ----------------------------------------------------------------------------------------------

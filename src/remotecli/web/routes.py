@@ -51,6 +51,8 @@ NOTICES = {
     "stop": "The VM is stopped.",
     "resume": "The VM is running again.",
     "destroy": "The VM was removed.",
+    "rebuild": ("Your workspace was rebuilt: a new CLI VM on the current image, with your home kept "
+                "(your files and CLI sign-ins are where you left them)."),
     "signed_out": "You are signed out.",
 }
 
@@ -302,8 +304,10 @@ async def logout(request: Request) -> Response:
 def _dashboard(request: Request, current: tuple[Principal, str], *, notice: str = "", error: str = "",
                status_code: int = 200) -> HTMLResponse:
     data = dashboard_service.overview(_ctx(request), current[0])
+    home = dashboard_service.workspace(_ctx(request), current[0])
     return _page(request, "dashboard.html", {
         "vms": [views.vm_row(vm) for vm in data.vms], "hidden_vms": data.hidden_vms,
+        "workspace": views.workspace_panel(home) if home is not None else None,
         "credentials": views.provider_credentials(data.sign_ins), "notice": notice, "error": error,
     }, status_code=status_code, current=current)
 
@@ -327,11 +331,11 @@ async def vm_action(request: Request, vm_id: str, action: str) -> Response:
     own = dashboard_service.own(principal)  # the dashboard acts on your own VMs only
     try:
         vm = vm_manager.get_vm(ctx, own, vm_id)
-        if action not in views.vm_actions(vm.status):
+        if action not in views.vm_actions(vm.status, vm.vm_type):
             return _dashboard(request, current, error=f"You cannot {action} a VM that is "
                               f"{VM_STATUS_WORDS[VmStatus(vm.status)].lower()}.", status_code=409)
-        if action == "destroy" and form.get("confirm") != "yes":
-            return _page(request, "confirm.html", {"vm": views.vm_row(vm)}, current=current)
+        if action in ("destroy", "rebuild") and form.get("confirm") != "yes":
+            return _page(request, "confirm.html", {"vm": views.vm_row(vm), "action": action}, current=current)
         if action == "stop":
             vm_manager.stop_vm(ctx, own, vm_id)
         elif action == "resume":
@@ -341,6 +345,8 @@ async def vm_action(request: Request, vm_id: str, action: str) -> Response:
                 vm_manager.resume_vm(ctx, own, vm_id)
         elif action == "destroy":
             vm_manager.destroy_vm(ctx, own, vm_id, reason=f"removed by {principal.name} from the dashboard")
+        elif action == "rebuild":
+            vm_manager.rebuild_cli_vm(ctx, own, vm_id)  # as POST /api/v1/vms/{id}/rebuild: owner only
     except NotFound:
         return _dashboard(request, current, error="There is no such VM among yours.", status_code=404)
     except RemotecliError as exc:
@@ -398,7 +404,22 @@ def auth_state(request: Request, session_id: str) -> Response:
 @router.get("/dashboard/remote-cli/terminal", response_model=None)
 def terminal_page(request: Request) -> Response:
     current = _require(request)
-    return _page(request, "terminal.html", {}, current=current)
+    words = views.terminal_words(dashboard_service.terminal_state(_ctx(request), current[0]))
+    return _page(request, "terminal.html", {"words": words}, current=current)
+
+
+@router.get("/dashboard/remote-cli/terminal/state", response_model=None)
+def terminal_state(request: Request) -> Response:
+    """The terminal page asks before each (re)connect what ``ensure`` will do, to say it in words:
+    ``{"phase": "create" | "start" | "connect", "status": ..., "message": ..., "has_home": ...}``."""
+    current = _current(request)
+    if current is None:
+        return JSONResponse({"code": "authentication_required",
+                             "message": "Your dashboard session has ended; sign in again."}, status_code=401)
+    state = dashboard_service.terminal_state(_ctx(request), current[0])
+    words = views.terminal_words(state)
+    return JSONResponse({"phase": words.phase, "status": words.status, "message": words.message,
+                         "has_home": state.has_home}, headers={"Cache-Control": "no-store"})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 from remotecli.db.models import Event, Vm, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, AuthStatus, VmStatus, VmType
-from remotecli.services.dashboard import ProviderSignIn
+from remotecli.services.dashboard import ProviderSignIn, TerminalState, WorkspaceSummary
 
 # ----------------------------------------------------------------------------------------------
 # Times in words
@@ -85,14 +85,18 @@ class VmRow:
     actions: list[str]
 
 
-def vm_actions(status: str) -> list[str]:
-    """What a user may do with a VM in ``status`` from the dashboard (the transition table allows it)."""
+def vm_actions(status: str, vm_type: str = "") -> list[str]:
+    """What a user may do with a VM in ``status`` from the dashboard (the transition table allows it).
+    A CLI VM that is not busy may be rebuilt (a new VM on the current image, the same home)."""
     state = VmStatus(status)
     actions = []
     if state in (VmStatus.RUNNING, VmStatus.PAUSED):
         actions.append("stop")
     if state in (VmStatus.PAUSED, VmStatus.STOPPED):
         actions.append("resume")
+    if vm_type == VmType.CLI.value and state in (VmStatus.RUNNING, VmStatus.PAUSED, VmStatus.STOPPED,
+                                                  VmStatus.FAILED):
+        actions.append("rebuild")
     if state not in (VmStatus.DESTROYED, VmStatus.DESTROYING):
         actions.append("destroy")
     return actions
@@ -104,8 +108,93 @@ def vm_row(vm: Vm, now: dt.datetime | None = None) -> VmRow:
         id=vm.id, short_id=vm.id[:11], user_id=vm.user_id, vm_type=vm.vm_type,
         type_words=VM_TYPE_WORDS.get(vm.vm_type, vm.vm_type), status=vm.status, status_words=VM_STATUS_WORDS[state],
         tone=_TONE[state], reason=vm.status_reason or "", age=ago(vm.created_at, now), created=utc(vm.created_at),
-        actions=vm_actions(vm.status),
+        actions=vm_actions(vm.status, vm.vm_type),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# My workspace (the home volume) and the terminal's first words
+
+#: From this share of the home used on, the dashboard says it is nearly full and what to do.
+NEARLY_FULL = 0.9
+
+
+def size_words(n: int) -> str:
+    """``"3.1 GiB"``, ``"20 GiB"``, ``"512 MiB"``, ``"12 KiB"``."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            value = f"{n / scale:.1f}".removesuffix(".0")
+            return f"{value} {unit}"
+    return f"{n} bytes"
+
+
+@dataclass
+class WorkspacePanel:
+    usage_words: str  # "3.1 GiB of 20 GiB used", or the size when usage cannot be read now
+    percent: int | None
+    state_words: str
+    tone: str
+    full_message: str  # "" unless the home is nearly full
+
+
+def workspace_panel(summary: WorkspaceSummary) -> WorkspacePanel:
+    total, used = summary.total_bytes, summary.used_bytes
+    percent = None
+    if used is not None and total:
+        percent = min(100, round(100 * used / total))
+        usage = f"{size_words(used)} of {size_words(total)} used"
+    elif total:
+        usage = f"{size_words(total)} in all; how much is used shows while your workspace runs"
+    else:
+        usage = "Usage unknown right now"
+    full = ""
+    if used is not None and total and used >= NEARLY_FULL * total:
+        how_full = "full" if used >= total else f"nearly full ({percent} %)"
+        full = (f"Your workspace's home is {how_full}. Free some space from the terminal (for example "
+                "delete build outputs, caches under ~/.cache or old repositories; 'du -sh ~/* ~/.[!.]*' "
+                "shows what is big): a full home stops CLI sign-ins from being saved and programs from "
+                "writing files.")
+    if summary.volume_status == "failed":
+        state, tone = (f"Unavailable: {summary.volume_reason or 'its storage cannot be read'}. Nothing in it "
+                       "was changed; an operator must restore it."), "bad"
+    elif summary.volume_status == "creating":
+        state, tone = "Being prepared", "busy"
+    elif summary.vm_status == VmStatus.RUNNING.value:
+        state, tone = "Running", "ok"
+    elif summary.idle_stopped:
+        state, tone = ("Stopped while idle. Your files are kept; it starts again when you open the terminal "
+                       "or sign in to a CLI."), "idle"
+    elif summary.vm_status in (VmStatus.CREATING.value, VmStatus.STARTING.value):
+        state, tone = "Starting", "busy"
+    elif summary.vm_status in (VmStatus.STOPPED.value, VmStatus.PAUSED.value, VmStatus.STOPPING.value):
+        state, tone = (f"{VM_STATUS_WORDS[VmStatus(summary.vm_status)]}. Your files are kept; it starts again "
+                       "when you open the terminal or sign in to a CLI."), "idle"
+    else:
+        state, tone = ("Not running. Your files are kept; a VM is made for them when you open the terminal "
+                       "or sign in to a CLI."), "idle"
+    return WorkspacePanel(usage_words=usage, percent=percent, state_words=state, tone=tone, full_message=full)
+
+
+@dataclass
+class TerminalWords:
+    phase: str
+    status: str  # the short badge
+    message: str  # the overlay while it happens
+
+
+def terminal_words(state: TerminalState) -> TerminalWords:
+    """What the terminal page says while ``ensure`` runs: creating, starting, or connecting."""
+    if state.phase == "create":
+        if state.has_home:
+            return TerminalWords("create", "Starting…", "Starting your workspace on a new VM, with your files. "
+                                 "This can take a minute or two; this page connects by itself.")
+        return TerminalWords("create", "Creating…", "Creating your workspace. This can take a minute or two; "
+                             "this page connects by itself.")
+    if state.phase == "start":
+        why = " (it was stopped while idle)" if state.idle_stopped else ""
+        return TerminalWords("start", "Starting…", f"Starting your workspace{why}. Your files are kept; "
+                             "this page connects by itself.")
+    return TerminalWords("connect", "Connecting…", "Connecting to your workspace…")
 
 
 # ----------------------------------------------------------------------------------------------

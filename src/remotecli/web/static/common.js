@@ -61,6 +61,19 @@ document.addEventListener('submit', (event) => {
   if (question && dialog && typeof dialog.showModal === 'function' && form.dataset.confirmed !== 'yes') {
     event.preventDefault();
     dialog.querySelector('.confirm-text').textContent = question;
+    // The buttons say what happens (default: remove / keep); a form may name them.
+    const yes = dialog.querySelector('.confirm-yes');
+    const no = dialog.querySelector('.confirm-no');
+    if (yes) {
+      yes.dataset.default = yes.dataset.default || yes.textContent;
+      yes.textContent = form.dataset.confirmYes || yes.dataset.default;
+      yes.classList.toggle('btn-danger', !form.dataset.confirmYes);
+      yes.classList.toggle('btn-primary', Boolean(form.dataset.confirmYes));
+    }
+    if (no) {
+      no.dataset.default = no.dataset.default || no.textContent;
+      no.textContent = form.dataset.confirmNo || no.dataset.default;
+    }
     dialog.returnValue = '';
     dialog.addEventListener('close', () => {
       if (dialog.returnValue === 'yes') {

@@ -76,16 +76,24 @@ async function connect() {
   exited = false;
   $('term-reconnect').hidden = true;
   setConn('busy', 'Connecting…');
-  overlay('Connecting to your CLI workspace…');
-  const slow = setTimeout(() => overlay(
-    'Preparing your CLI workspace. Starting a VM can take a minute or two; this page connects by itself.'), 2500);
+  overlay('Connecting to your workspace…');
+  let slow = null;
   try {
+    // What ensure is about to do (create a VM, start a stopped one, or nothing), said in words
+    // while it runs; ensure itself answers only when the VM is ready.
+    const { data: state } = await api('GET', '/dashboard/remote-cli/terminal/state');
+    setConn('busy', state.status);
+    overlay(state.message);
+    if (state.phase === 'connect') {
+      slow = setTimeout(() => overlay(
+        'Preparing your workspace. Starting a VM can take a minute or two; this page connects by itself.'), 2500);
+    }
     const previous = vmId;
     const { status, data: vm } = await api('POST', '/api/v1/vms/ensure', { vm_type: 'cli' });
     if (status === 201) {
-      notice(previous
-        ? 'Your CLI workspace had stopped, so a new one was created. Files and CLI sign-ins from the old one are gone: sign in again from the dashboard.'
-        : 'A new CLI workspace was created for you.');
+      notice(previous || state.has_home
+        ? 'Your CLI workspace had stopped, so a new VM was made for it. Your home came with it: your files and CLI sign-ins are where you left them.'
+        : 'Your workspace was created. Files you keep in your home stay when its VM is stopped, rebuilt or replaced.');
     }
     vmId = vm.id;
     const { data: ticket } = await api('POST', `/api/v1/vms/${encodeURIComponent(vm.id)}/terminal`);
@@ -93,7 +101,7 @@ async function connect() {
   } catch (err) {
     scheduleReconnect(err.message);
   } finally {
-    clearTimeout(slow);
+    if (slow) clearTimeout(slow);
     connecting = false;
   }
 }
@@ -131,8 +139,8 @@ function open(url) {
       return;
     }
     const why = {
-      4409: 'Your CLI workspace is not running; it is being prepared again.',
-      4404: 'That CLI workspace is gone; preparing yours.',
+      4409: 'Your workspace is not running; it is being started again.',
+      4404: 'That CLI VM is gone; preparing your workspace.',
       4401: 'The connection link expired.',
     }[event.code] || 'The connection to your CLI workspace was lost.';
     scheduleReconnect(why);
