@@ -305,6 +305,12 @@ PAGE_ROWS = [
         TO_LOGIN, params={"vm_id": "browser", "action": "destroy"}),  # the confirmation page
     Row("POST", "/dashboard/vms/{vm_id}/{action}", Want(303, location="/dashboard?notice=destroy"), _DASHBOARD_404,
         _DASHBOARD_404, TO_LOGIN, params={"vm_id": "browser", "action": "destroy"}, body={"confirm": "yes"}),
+    # Rebuild workspace: use of the owner's CLI VM (as POST /api/v1/vms/{id}/rebuild), owner only,
+    # confirmed first like remove.
+    Row("POST", "/dashboard/vms/{vm_id}/{action}", Want(200, sees=("cli",)), _DASHBOARD_404, _DASHBOARD_404,
+        TO_LOGIN, params={"vm_id": "cli", "action": "rebuild"}),  # the confirmation page
+    Row("POST", "/dashboard/vms/{vm_id}/{action}", Want(303, location="/dashboard?notice=rebuild"), _DASHBOARD_404,
+        _DASHBOARD_404, TO_LOGIN, params={"vm_id": "cli", "action": "rebuild"}, body={"confirm": "yes"}),
     Row("GET", "/dashboard/remote-cli/auth", Want(200, sees=("session",)), Want(200, blind=True),
         Want(200, blind=True), TO_LOGIN),
     Row("GET", "/dashboard/remote-cli/auth", OK, Want(404, blind=True), Want(404, blind=True), TO_LOGIN,
@@ -313,6 +319,8 @@ PAGE_ROWS = [
     Row("GET", "/dashboard/remote-cli/auth/{session_id}/state", OK, SESSION_NOT_FOUND, SESSION_NOT_FOUND,
         UNAUTHENTICATED, params=SESSION),
     Row("GET", "/dashboard/remote-cli/terminal", OK, OK, OK, TO_LOGIN),
+    # The terminal page's "what will connecting do" poll (the caller's own workspace only): JSON, so 401.
+    Row("GET", "/dashboard/remote-cli/terminal/state", OK, OK, OK, UNAUTHENTICATED),
     Row("GET", "/admin", _ADMINS_ONLY, _ADMINS_ONLY, Want(200, sees=OBJECTS), TO_LOGIN),
     Row("GET", "/admin/sessions/{session_id}", _ADMINS_ONLY, _ADMINS_ONLY, Want(200, sees=("session",)), TO_LOGIN,
         params=SESSION),
