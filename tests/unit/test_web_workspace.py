@@ -15,11 +15,13 @@ from sqlalchemy import select
 from remotecli.agent.protocol import ExecResult
 from remotecli.app import create_app
 from remotecli.context import AppContext
-from remotecli.db.models import Vm, Volume
+from remotecli.db.models import AuthSession, Vm, Volume
+from remotecli.domain.states import AuthStatus
 from remotecli.drivers.fake import FakeAgent, FakeDriver
+from remotecli.services import auth_flow, vm_manager, workspaces
 from remotecli.services import users as users_service
-from remotecli.services import vm_manager, workspaces
 from remotecli.services.dashboard import TerminalState, WorkspaceSummary
+from remotecli.services.transitions import set_auth_status
 from remotecli.services.users import Principal
 from remotecli.web import views
 
@@ -176,6 +178,32 @@ def test_rebuild_workspace_keeps_the_home(ctx: AppContext, client: TestClient, f
     assert fake_driver.home_of(new.id) == volume.location
     notice = client.get(done.headers["location"]).text
     assert "Your workspace was rebuilt" in notice and "home kept" in notice
+
+
+def _signed_in(ctx: AppContext, alice: Principal, cli_vm_id: str) -> None:
+    auth = auth_flow.start_session(ctx, alice, "claude_code")
+    for status in (AuthStatus.PROVISIONING, AuthStatus.AWAITING_USER, AuthStatus.EXCHANGING,
+                   AuthStatus.TRANSFERRING, AuthStatus.COMPLETED):
+        with ctx.db.transaction() as db:
+            row = db.get(AuthSession, auth.id)
+            assert row is not None
+            set_auth_status(db, row, status, module="test", message=None, cli_vm_id=cli_vm_id,
+                            credential_meta={"account": "alice@example.test"})
+
+
+def test_sign_ins_stay_signed_in_after_a_rebuild(ctx: AppContext, client: TestClient) -> None:
+    """The credential files are in the home, and a rebuild keeps the home (twice over, too)."""
+    alice, csrf = _login(ctx, client, "alice")
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    _signed_in(ctx, alice, vm.id)
+    for _ in range(2):
+        done = client.post(f"/dashboard/vms/{vm.id}/rebuild", data={"csrf_token": csrf, "confirm": "yes"},
+                           follow_redirects=False)
+        assert done.status_code == 303
+        [vm] = [v for v in vm_manager.list_vms(ctx, alice) if v.vm_type == "cli" and v.status == "running"]
+        page = client.get("/dashboard").text
+        assert "alice@example.test" in page and "that CLI workspace was replaced" not in page
+        assert 'pill-ok">Signed in' in page
 
 
 def test_rebuild_workspace_is_the_owners_only(ctx: AppContext, client: TestClient) -> None:

@@ -47,7 +47,7 @@ class CompletedSignIn:
 
     credential_meta: dict[str, Any]
     signed_in_at: dt.datetime
-    on_live_cli_vm: bool  # delivered to the CLI VM the user has now (else that VM was replaced)
+    on_live_cli_vm: bool  # delivered to the CLI VM the user has now, or to one it was rebuilt from (same home)
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,15 @@ def provider_sign_ins(ctx: AppContext, user_id: str, now: dt.datetime | None = N
             Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
             Vm.status.not_in([s.value for s in VM_TERMINAL]),
         )).one_or_none()
+        rebuilt = {new: str((details or {}).get("replaces") or "") for new, details in session.execute(
+            select(Event.vm_id, Event.details).where(Event.user_id == user_id, Event.kind == "vm.rebuilt")
+        ) if new}
+    # A rebuilt CLI VM carries the home (and so the CLI sign-ins) of the VMs it replaced.
+    carries: set[str] = set()
+    at = live_cli.id if live_cli is not None else ""
+    while at and at not in carries:
+        carries.add(at)
+        at = rebuilt.get(at, "")
     rows = []
     for name, profile in sorted(ctx.providers.items()):
         mine = [s for s in sessions if s.provider == name]
@@ -94,7 +103,7 @@ def provider_sign_ins(ctx: AppContext, user_id: str, now: dt.datetime | None = N
         completed = None if done is None else CompletedSignIn(
             credential_meta=dict(done.credential_meta or {}),
             signed_in_at=done.delivered_at or done.updated_at,
-            on_live_cli_vm=live_cli is not None and done.cli_vm_id == live_cli.id,
+            on_live_cli_vm=done.cli_vm_id in carries,
         )
         rows.append(ProviderSignIn(provider=name, display_name=profile.display_name, completed=completed,
                                    live_session_id=live.id if live is not None else ""))
