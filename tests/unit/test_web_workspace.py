@@ -259,6 +259,13 @@ def test_terminal_says_creating_starting_or_connecting(ctx: AppContext, client: 
     assert again["message"].startswith("Starting your workspace on a new VM, with your files")
 
 
+def test_rebuild_is_offered_for_cli_vms_that_run_pause_or_stop() -> None:
+    assert views.vm_actions("running", "cli") == ["stop", "rebuild", "destroy"]
+    assert views.vm_actions("stopped", "cli") == ["resume", "rebuild", "destroy"]
+    assert views.vm_actions("failed", "cli") == ["destroy"] and views.vm_actions("starting", "cli") == ["destroy"]
+    assert views.vm_actions("running", "browser") == ["stop", "destroy"]
+
+
 def test_terminal_words() -> None:
     assert views.terminal_words(TerminalState("start", True, False)).message.startswith("Starting your workspace.")
     assert views.terminal_words(TerminalState("connect", True, False)).status == "Connecting…"

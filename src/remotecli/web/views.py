@@ -87,15 +87,15 @@ class VmRow:
 
 def vm_actions(status: str, vm_type: str = "") -> list[str]:
     """What a user may do with a VM in ``status`` from the dashboard (the transition table allows it).
-    A CLI VM that is not busy may be rebuilt (a new VM on the current image, the same home)."""
+    A CLI VM that runs, is paused or stopped may be rebuilt (a new VM on the current image, the same
+    home); a failed one is replaced by the next ``ensure`` anyway."""
     state = VmStatus(status)
     actions = []
     if state in (VmStatus.RUNNING, VmStatus.PAUSED):
         actions.append("stop")
     if state in (VmStatus.PAUSED, VmStatus.STOPPED):
         actions.append("resume")
-    if vm_type == VmType.CLI.value and state in (VmStatus.RUNNING, VmStatus.PAUSED, VmStatus.STOPPED,
-                                                  VmStatus.FAILED):
+    if vm_type == VmType.CLI.value and state in (VmStatus.RUNNING, VmStatus.PAUSED, VmStatus.STOPPED):
         actions.append("rebuild")
     if state not in (VmStatus.DESTROYED, VmStatus.DESTROYING):
         actions.append("destroy")
