@@ -11,10 +11,21 @@ Faults (fake driver, in-process controllers):
                        released) and a new one (new AppContext, runner and loops) starts
 * ``drop_db``          the database connections are dropped (SQLite: the engine's pool is
                        disposed; PostgreSQL: ``pg_terminate_backend`` of every other backend)
+* ``kill_after_delivery``  armed: the CLI VM that the next sign-in delivered credentials into is
+                       killed right after the delivery (the files are in its home volume)
+* ``kill_during_write``    armed: the next write into a home through the fake agent (the writer
+                       threads write numbered files into their users' homes all run long) is
+                       interrupted by a kill of its VM, after the write began and before it landed
+
+Both armed faults are armed once at the start, so every run (the short one too) has them.
 
 At the end (faults stopped): every session must be ``completed`` or ended with a stable error code,
 no held credential may be left in a row, and after one garbage-collection pass and one reconciler
-pass no process, directory or non-terminal row without a VM behind it may remain.
+pass no process, directory or non-terminal row without a VM behind it may remain. Home volumes
+(ADR 0011): every user who ever had a CLI VM still has exactly one live volume row, usable, whose
+data the fake driver still holds (every write acknowledged before a kill, every credential file a
+killed VM had received); no volume is attached to two VMs (the database, and no two running fake
+VMs with the same home); no volume stays attached to an ended or vanished VM after the pass.
 """
 
 from __future__ import annotations
@@ -38,9 +49,9 @@ from remotecli.background.reconciler import Reconciler
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.crypto import SecretBox
-from remotecli.db.models import AuthSession, Event, Vm
+from remotecli.db.models import AuthSession, Event, Vm, Volume
 from remotecli.db.session import Database, normalize_url
-from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus
+from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, VOLUME_LIVE, AuthStatus, VmStatus, VmType
 from remotecli.drivers.base import Liveness
 from remotecli.drivers.fake import FakeDriver
 from remotecli.errors import RemotecliError
@@ -52,9 +63,14 @@ TOKENS: dict[str, object] = {
     "access_token": "at-FAULTS-0123456789abcdef", "refresh_token": "rt-FAULTS-0123456789abcdef",
     "expires_in": 3600, "scope": "openid email offline_access", "token_type": "Bearer",
 }
-FAULT_KINDS = ("kill_vm", "delete_dir", "hang_agent", "lose_control", "restart", "drop_db")
+FAULT_KINDS = ("kill_vm", "delete_dir", "hang_agent", "lose_control", "restart", "drop_db",
+               "kill_after_delivery", "kill_during_write")
 #: How often each fault is drawn, relatively (a controller restart every few seconds is plenty).
-FAULT_WEIGHTS = (3, 2, 2, 2, 1, 1)
+FAULT_WEIGHTS = (3, 2, 2, 2, 1, 1, 1, 1)
+#: Armed faults: drawing one arms it; it counts as injected when it fires.
+ARMED_FAULTS = ("kill_after_delivery", "kill_during_write")
+#: Where the writer threads write in a home (under the cli user's home).
+WORK_DIR = "work"
 STABLE_CODES = set(auth_flow.FAILURE_MESSAGES)
 
 
@@ -180,7 +196,15 @@ class FaultRun:
         self._current: Controller | None = None
         self._faults_on = threading.Event()
         self._done = threading.Event()
+        self._flows_done = threading.Event()
         self._last_restart = 0.0
+        # Home volumes: what must still be in them at the end: (location, path, content, times
+        # written when recorded, what it is). A path written again later may hold newer content.
+        self._must_persist: list[tuple[str, str, bytes, int, str]] = []
+        self._armed: set[str] = set(ARMED_FAULTS)
+        self._delivered_seen: set[str] = set()
+        self._had_cli_vm: set[str] = set()  # users given a CLI VM (their rows may be collected by GC)
+        self.driver.during_write = self._during_write
 
     # -------------------------------------------------------------------------------- helpers
     @property
@@ -213,6 +237,10 @@ class FaultRun:
                 self.report.faults[f"{kind}_not_injected:{type(exc).__name__}"] += 1
 
     def _fault(self, kind: str, rng: random.Random) -> bool:
+        if kind in ARMED_FAULTS:
+            with self._lock:
+                self._armed.add(kind)
+            return False  # counted when it fires
         running = sorted(self.driver.running_ids())
         if kind in ("kill_vm", "delete_dir", "hang_agent", "lose_control"):
             if not running:
@@ -258,6 +286,48 @@ class FaultRun:
             return True
         return False
 
+    def _disarm(self, kind: str) -> bool:
+        with self._lock:
+            if kind not in self._armed or not self._faults_on.is_set():
+                return False
+            self._armed.discard(kind)
+            return True
+
+    def _during_write(self, vm_id: str, path: str) -> None:
+        """The fake agent's hook inside write_file: ``kill_during_write`` fires on a writer's file."""
+        if f"/{WORK_DIR}/" in path and self._disarm("kill_during_write"):
+            self.driver.kill(vm_id)
+            self.report.faults["kill_during_write"] += 1
+
+    def _watch_deliveries(self) -> None:
+        """``kill_after_delivery``: kill the CLI VM of the next delivery once it has its files."""
+        while not self._done.is_set():
+            time.sleep(0.05)
+            with self._lock:
+                current = self._current
+            if current is None or current.db.killed:
+                continue
+            try:
+                with current.db.read() as session:
+                    rows = list(session.execute(select(AuthSession.id, AuthSession.cli_vm_id, AuthSession.provider)
+                                                .where(AuthSession.delivered_at.is_not(None))).all())
+            except (ControllerKilled, Exception):
+                continue
+            for session_id, vm_id, provider in rows:
+                if session_id in self._delivered_seen:
+                    continue
+                self._delivered_seen.add(session_id)
+                location = self.driver.home_of(vm_id) if vm_id else None
+                if vm_id not in self.driver.running_ids() or location is None or not self._disarm(
+                        "kill_after_delivery"):
+                    continue
+                self.driver.kill(vm_id)
+                self.report.faults["kill_after_delivery"] += 1
+                # What the killed VM had received must still be in its home volume at the end.
+                for path, (data, written) in self.driver.volume_files(location).items():
+                    if f"/{WORK_DIR}/" not in path:
+                        self._must_persist.append((location, path, data, written, f"{provider} sign-in file"))
+
     # -------------------------------------------------------------------------------- work
     def _flow_worker(self, principal: Principal, count: int, session_ids: list[str]) -> None:
         providers = ["claude_code", "codex", "gemini"]
@@ -293,6 +363,7 @@ class FaultRun:
             try:
                 ctx = self._with_ctx()
                 vm, _created = vm_manager.ensure_cli_vm(ctx, principal)
+                self._had_cli_vm.add(principal.user_id)
                 if op == "exec":
                     agent = ctx.agent(vm, timeout=1)
                     try:
@@ -314,6 +385,36 @@ class FaultRun:
             self.report.vm_ops += 1
             time.sleep(rng.uniform(0.02, 0.1))
 
+    def _writer(self, principal: Principal) -> None:
+        """Numbered files written into the user's home through the (fake) agent while the sign-ins
+        run; each write the agent acknowledged must be in the home volume at the end."""
+        home = self.settings.cli_guest_home.rstrip("/")
+        rng = random.Random(self.rng.random())
+        index = 0
+        while not self._flows_done.is_set():
+            time.sleep(rng.uniform(0.1, 0.25))
+            index += 1
+            path = f"{home}/{WORK_DIR}/{principal.name}-{index:05d}.txt"
+            data = f"{principal.name} record {index} {rng.random()}\n".encode()
+            try:
+                ctx = self._with_ctx()
+                vm, _created = vm_manager.ensure_cli_vm(ctx, principal)
+                self._had_cli_vm.add(principal.user_id)
+                location = self.driver.home_of(vm.id)
+                agent = ctx.agent(vm, timeout=1)
+                try:
+                    agent.write_file(path, data, mode=0o644, owner="cli")
+                finally:
+                    agent.close()
+            except (ControllerKilled, Exception):
+                self.report.vm_op_outcomes["write_interrupted"] += 1
+                continue
+            if location is None:
+                self.report.problems.append(f"CLI VM {vm.id} of {principal.name} has no home volume")
+                continue
+            self.report.vm_op_outcomes["write_ok"] += 1
+            self._must_persist.append((location, path, data, 1, "acknowledged write"))
+
     # -------------------------------------------------------------------------------- run
     def run(self) -> Report:
         _quiet_killed_threads()
@@ -327,19 +428,27 @@ class FaultRun:
                     for i in range(self.n_users)]
         session_ids: list[str] = []
         injector = threading.Thread(target=self._inject, name="faults", daemon=True)
+        watcher = threading.Thread(target=self._watch_deliveries, name="faults-deliveries", daemon=True)
+        writers = [threading.Thread(target=self._writer, args=(p,), daemon=True)
+                   for p in principals[: max(1, self.n_users // 2)]]
         threads = [threading.Thread(target=self._flow_worker, args=(p, n, session_ids), daemon=True)
                    for p, n in zip(principals, per_user, strict=True) if n]
         threads += [threading.Thread(target=self._vm_ops_worker, args=(p, max(3, self.flows // self.n_users)),
                                      daemon=True) for p in principals[: max(1, self.n_users // 2)]]
         self._faults_on.set()
         injector.start()
-        for thread in threads:
+        watcher.start()
+        for thread in threads + writers:
             thread.start()
         for thread in threads:
             thread.join(300)
+        self._flows_done.set()
+        for thread in writers:
+            thread.join(120)
         self._faults_on.clear()
         self._done.set()
         injector.join(30)
+        watcher.join(30)
         self._settle(session_ids)
         self._final_checks(session_ids)
         self.report.seconds = time.monotonic() - started
@@ -419,7 +528,57 @@ class FaultRun:
                     self.report.leaks.append(f"row {vm.id} is stopped but its directory is gone")
             else:
                 self.report.leaks.append(f"row {vm.id} left in {status.value}")
+        self._volume_checks(ctx, vms)
         ctx.close()
+
+    def _volume_checks(self, ctx: AppContext, vms: list[Vm]) -> None:
+        """After the final passes: no home volume lost, none attached twice or to an ended VM."""
+        with ctx.db.read() as session:
+            volumes = list(session.scalars(select(Volume)))
+        rows = {vm.id: vm for vm in vms}
+        with ctx.db.read() as session:
+            delivered_to = set(session.scalars(select(AuthSession.user_id).where(AuthSession.cli_vm_id.is_not(None))))
+        cli_users = {vm.user_id for vm in vms if vm.vm_type == VmType.CLI.value} | self._had_cli_vm | delivered_to
+        live_values = {s.value for s in VOLUME_LIVE}
+        by_user: dict[str, list[Volume]] = {}
+        for volume in volumes:
+            if volume.status in live_values:
+                by_user.setdefault(volume.user_id, []).append(volume)
+        for user_id in sorted(cli_users):
+            mine = by_user.get(user_id, [])
+            if len(mine) != 1:
+                self.report.problems.append(f"user {user_id} had a CLI VM and has {len(mine)} live volumes")
+        for volume in volumes:
+            if volume.status not in live_values:
+                continue
+            if volume.status in ("failed", "creating"):
+                self.report.problems.append(f"volume {volume.id} is {volume.status} ({volume.status_reason})")
+            problem = self.driver.volume_problem(volume.location)
+            if problem is not None:
+                self.report.problems.append(f"volume {volume.id}: {problem}")
+            if volume.location not in self.driver.volumes:
+                self.report.problems.append(f"volume {volume.id}: the fake driver no longer holds its data")
+            if volume.attached_vm_id is not None:
+                holder = rows.get(volume.attached_vm_id)
+                if holder is None or VmStatus(holder.status) in VM_ENDING:
+                    self.report.leaks.append(
+                        f"volume {volume.id} still attached to VM {volume.attached_vm_id} "
+                        f"({holder.status if holder else 'no row'}) after a reconciler pass")
+                elif holder.user_id != volume.user_id:
+                    self.report.problems.append(f"volume {volume.id} attached to another user's VM {holder.id}")
+        if self.driver.double_attach:
+            self.report.problems.append(f"a volume was attached to two VMs at once: {self.driver.double_attach}")
+        homes = Counter(h for h in (self.driver.home_of(vm_id) for vm_id in self.driver.running_ids()) if h)
+        for location, count in homes.items():
+            if count > 1:
+                self.report.problems.append(f"volume {location} is in {count} running VMs")
+        lost = 0
+        for location, path, data, written, what in self._must_persist:
+            now = self.driver.volume_files(location).get(path)
+            if now is None or (now[1] == written and now[0] != data):
+                lost += 1
+                self.report.problems.append(f"{what} {path} lost from volume {Path(location).name}")
+        self.report.final_passes["volume_data_checked"] = len(self._must_persist) - lost
 
 
 def run(data_dir: Path, db_url: str, *, flows: int, seed: int) -> Report:

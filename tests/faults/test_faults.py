@@ -20,6 +20,9 @@ def _run(tmp_path: Path, db_url: str, flows: int, seed: int) -> None:
     print(report.text())
     assert report.flows == flows
     assert sum(report.faults.values()) > 0
+    # The home-volume faults fire in every run (armed at the start), and data was checked.
+    assert report.faults["kill_after_delivery"] > 0 and report.faults["kill_during_write"] > 0, report.text()
+    assert report.final_passes["volume_data_checked"], report.text()
     assert not report.leaks, report.text()
     assert not report.problems, report.text()
 

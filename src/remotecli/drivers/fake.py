@@ -13,6 +13,7 @@ import hmac
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +47,63 @@ from remotecli.errors import AgentError, AgentRejected, AgentTimeout, AgentUnrea
 FAKE_VOLUME_MAGIC = b"remotecli-fake-ext4\n"
 HOME_STATUS_PATH = "/run/remotecli/home.json"
 
+#: A file in a fake guest: (content, mode, owner).
+FakeFile = tuple[bytes, int, str | None]
+#: Called with (vm_id, path) by the fake agent's ``write_file`` (see ``FakeDriver.during_write``).
+WriteHook = Callable[[str, str], None]
+
+
+class FakeVolume:
+    """What a fake home volume holds: its files (by guest path) and how often each was written."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, FakeFile] = {}
+        self.generations: dict[str, int] = {}
+
+    def put(self, path: str, value: FakeFile) -> None:
+        self.files[path] = value
+        self.generations[path] = self.generations.get(path, 0) + 1
+
+
+class _GuestFiles(MutableMapping[str, FakeFile]):
+    """A fake guest's files: those under its home mount live in the home volume (so they outlive
+    the VM, as on a real host), the others on the VM's own root disk."""
+
+    def __init__(self) -> None:
+        self._root: dict[str, FakeFile] = {}
+        self._home: tuple[str, FakeVolume] | None = None
+
+    def mount(self, mount_path: str, volume: FakeVolume) -> None:
+        self._home = (mount_path.rstrip("/"), volume)
+
+    def _in_home(self, path: str) -> FakeVolume | None:
+        if self._home is not None and (path == self._home[0] or path.startswith(self._home[0] + "/")):
+            return self._home[1]
+        return None
+
+    def __getitem__(self, path: str) -> FakeFile:
+        volume = self._in_home(path)
+        return volume.files[path] if volume is not None else self._root[path]
+
+    def __setitem__(self, path: str, value: FakeFile) -> None:
+        volume = self._in_home(path)
+        if volume is not None:
+            volume.put(path, value)
+        else:
+            self._root[path] = value
+
+    def __delitem__(self, path: str) -> None:
+        volume = self._in_home(path)
+        del (volume.files if volume is not None else self._root)[path]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._root
+        if self._home is not None:
+            yield from self._home[1].files
+
+    def __len__(self) -> int:
+        return len(self._root) + (len(self._home[1].files) if self._home is not None else 0)
+
 
 @dataclass
 class _FakeVm:
@@ -54,7 +112,7 @@ class _FakeVm:
     process_alive: bool = True
     agent_hung: bool = False
     control_lost: bool = False  # inspect answers UNKNOWN (a real driver: QMP socket gone or hung)
-    files: dict[str, tuple[bytes, int, str | None]] = field(default_factory=dict)
+    files: _GuestFiles = field(default_factory=_GuestFiles)
     boots: int = 1
     pid: int = 0  # a made-up process id, so list_host_vms can say "a process exists"
 
@@ -80,6 +138,14 @@ class FakeDriver(VmDriver):
         self._home_mount_error: str | None = None
         # Home volumes (by location) whose filesystem is full: writes into them fail with no_space.
         self.full_homes: set[str] = set()
+        # What each home volume holds (by location): files written under a guest's home land here
+        # and outlive the VM, like the data in a real volume file.
+        self.volumes: dict[str, FakeVolume] = {}
+        # Fault hooks for the fake agent's write_file, called with (vm_id, path): ``during_write``
+        # after the write began and before it reached the disk (a kill there loses only that
+        # write), ``after_write`` once it is on the disk.
+        self.during_write: WriteHook | None = None
+        self.after_write: WriteHook | None = None
 
     # --- test controls -------------------------------------------------------------------
     def kill(self, vm_id: str) -> None:
@@ -126,10 +192,19 @@ class FakeDriver(VmDriver):
                 raise DriverError(log_detail=f"fake: volume {spec.home.location} is in use by {other_id}")
         import json
 
+        vm.files.mount(spec.home.mount_path, self.volumes.setdefault(spec.home.location, FakeVolume()))
         state = {"volume_id": spec.home.volume_id, "state": "mounted", "fsck": 0}
         if self._home_mount_error:
             state = {"volume_id": spec.home.volume_id, "state": "failed", "error": self._home_mount_error}
         vm.files[HOME_STATUS_PATH] = (json.dumps(state).encode(), 0o644, "root")
+
+    def volume_files(self, location: str) -> dict[str, tuple[bytes, int]]:
+        """What the home volume at ``location`` holds: path → (content, times written)."""
+        with self._lock:
+            volume = self.volumes.get(location)
+            if volume is None:
+                return {}
+            return {path: (data, volume.generations[path]) for path, (data, _mode, _owner) in volume.files.items()}
 
     def running_ids(self) -> set[str]:
         with self._lock:
@@ -248,6 +323,13 @@ class FakeDriver(VmDriver):
                 handle.write(FAKE_VOLUME_MAGIC)
         except FileExistsError:
             raise DriverError(log_detail=f"fake: refusing to format over {location}") from None
+        with self._lock:
+            self.volumes[location] = FakeVolume()
+
+    def delete_volume(self, location: str) -> None:
+        with self._lock:
+            self.volumes.pop(location, None)
+        Path(location).unlink(missing_ok=True)
 
     def volume_problem(self, location: str) -> str | None:
         try:
@@ -309,7 +391,14 @@ class FakeAgent:
             from remotecli.agent.client import AgentCallError
 
             raise AgentCallError(status=507, agent_code="no_space", agent_message=f"No space left to write {path}.")
-        vm.files[path] = (data, mode, owner)
+        if self._driver.during_write is not None:
+            self._driver.during_write(self._vm_id, path)  # a fault may kill the VM mid-write
+        with self._driver._lock:
+            if not vm.process_alive:
+                raise AgentUnreachable()  # killed before the write reached the disk: not written
+            vm.files[path] = (data, mode, owner)
+        if self._driver.after_write is not None:
+            self._driver.after_write(self._vm_id, path)
         user = (owner or "root").split(":")[0]
         return FileInfo(path=path, mode=mode, owner=user, group=user, size=len(data))
 
