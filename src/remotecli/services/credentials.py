@@ -28,7 +28,7 @@ from sqlalchemy import select
 from remotecli.agent.client import AgentCallError, AgentFileNotFound
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm, utcnow
-from remotecli.domain.states import VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.domain.states import VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus
 from remotecli.errors import AgentError, RemotecliError
 from remotecli.profiles import ProviderProfile
 from remotecli.services import vm_manager
@@ -124,7 +124,7 @@ def _usable_cli_vm(ctx: AppContext, auth: AuthSession, written_off: set[str]) ->
         # Someone else found it unusable first (the reconciler, or ensure_cli_vm for another caller).
         _written_off(ctx, auth, auth.cli_vm_id, _why_ended(recorded), written_off)
         recorded = None
-    candidate = recorded or _live_cli_vm(ctx, auth.user_id)
+    candidate = recorded or vm_manager.live_cli_vm(ctx, auth.user_id)
     if candidate is None:
         return None
     reason = vm_manager.prove_alive(ctx, candidate)
@@ -140,12 +140,6 @@ def _vm(ctx: AppContext, vm_id: str) -> Vm | None:
         return session.get(Vm, vm_id)
 
 
-def _live_cli_vm(ctx: AppContext, user_id: str) -> Vm | None:
-    with ctx.db.read() as session:
-        return session.scalars(select(Vm).where(
-            Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
-            Vm.status.not_in([s.value for s in VM_ENDING]),
-        )).one_or_none()
 
 
 def _why_ended(vm: Vm | None) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm, utcnow
-from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
 from remotecli.services import auth_flow, vm_manager, workspaces
 from remotecli.services.auth_session_view import AuthSessionOut, session_out
 from remotecli.services.users import Principal
@@ -114,13 +114,6 @@ def provider_sign_ins(ctx: AppContext, user_id: str, now: dt.datetime | None = N
 # My workspace (the home volume, ADR 0011) and what the terminal page is waiting for
 
 
-def _live_cli_vm(ctx: AppContext, user_id: str) -> Vm | None:
-    """The user's CLI VM that ``ensure`` would take (not failed, destroying or destroyed)."""
-    with ctx.db.read() as session:
-        return session.scalars(select(Vm).where(
-            Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
-            Vm.status.not_in([s.value for s in VM_ENDING]),
-        )).one_or_none()
 
 
 def _idle_stopped(vm: Vm | None) -> bool:
@@ -149,7 +142,7 @@ def workspace(ctx: AppContext, principal: Principal) -> WorkspaceSummary | None:
         view, usage = workspaces.my_workspace(ctx, principal.user_id)
     except WorkspaceNotFound:
         return None
-    vm = _live_cli_vm(ctx, principal.user_id)
+    vm = vm_manager.live_cli_vm(ctx, principal.user_id)
     return WorkspaceSummary(volume_status=view.status, volume_reason=view.status_reason,
                             used_bytes=usage.used_bytes, total_bytes=usage.total_bytes,
                             vm_status=vm.status if vm is not None else None, idle_stopped=_idle_stopped(vm))
@@ -168,7 +161,7 @@ class TerminalState:
 
 
 def terminal_state(ctx: AppContext, principal: Principal) -> TerminalState:
-    vm = _live_cli_vm(ctx, principal.user_id)
+    vm = vm_manager.live_cli_vm(ctx, principal.user_id)
     has_home = workspaces.user_volume(ctx, principal.user_id) is not None
     if vm is None or vm.status == VmStatus.CREATING.value:
         phase = "create"

@@ -450,6 +450,16 @@ def prove_alive(ctx: AppContext, vm: Vm) -> str | None:
     return None
 
 
+def live_cli_vm(ctx: AppContext, user_id: str) -> Vm | None:
+    """The user's CLI VM row that is not ending (failed, destroying, destroyed): the one ``ensure``
+    would take, not yet proven alive. The database allows at most one."""
+    with ctx.db.read() as session:
+        return session.scalars(select(Vm).where(
+            Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
+            Vm.status.not_in([s.value for s in VM_ENDING]),
+        )).one_or_none()
+
+
 def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | None = None) -> tuple[Vm, bool]:
     """The user's live CLI VM, proven alive; or a new one. Returns ``(vm, created)``.
 
@@ -462,14 +472,7 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
     deadline = time.monotonic() + ctx.settings.vm_boot_timeout_s * 2 + 30
     with log_context(user_id=principal.user_id, session_id=session_id):
         while time.monotonic() < deadline:
-            with ctx.db.read() as session:
-                vm = session.scalars(
-                    select(Vm).where(
-                        Vm.user_id == principal.user_id,
-                        Vm.vm_type == VmType.CLI.value,
-                        Vm.status.not_in([s.value for s in VM_ENDING]),
-                    )
-                ).one_or_none()
+            vm = live_cli_vm(ctx, principal.user_id)
             if vm is None:
                 try:
                     return create_vm(ctx, principal, VmType.CLI.value, session_id=session_id), True
