@@ -551,8 +551,10 @@ class FaultRun:
         for volume in volumes:
             if volume.status not in live_values:
                 continue
-            if volume.status in ("failed", "creating"):
-                self.report.problems.append(f"volume {volume.id} is {volume.status} ({volume.status_reason})")
+            if volume.status == "failed":
+                self.report.problems.append(f"volume {volume.id} is failed ({volume.status_reason})")
+            elif volume.status == "creating":  # a killed controller's, taken over after _CREATING_TAKEOVER_S
+                self.report.watched.append(f"volume {volume.id} still creating (its creator was killed)")
             problem = self.driver.volume_problem(volume.location)
             if problem is not None:
                 self.report.problems.append(f"volume {volume.id}: {problem}")
