@@ -294,10 +294,21 @@ def test_credentials_shown_from_completed_sessions_metadata(ctx: AppContext, cli
     _login(client, "alice")
     page = client.get("/dashboard").text
     assert "alice@example.test" in page and "2030-01-02 03:04 UTC" in page and "Re-authenticate" in page
-    # The workspace that holds them is replaced: say so instead of "signed in".
+    # The CLI VM is destroyed: the files are in the user's home volume, which the next CLI VM gets
+    # (ADR 0011), so the sign-in still holds.
     vm_manager.destroy_vm(ctx, None, cli.id)
     page = client.get("/dashboard").text
+    assert "that CLI workspace was replaced" not in page and 'pill-ok">Signed in' in page
+    # The home itself is purged (an operator's command): the files are gone; say so.
+    from remotecli.services import workspaces
+
+    volume = workspaces.user_volume(ctx, alice.user_id)
+    assert volume is not None
+    workspaces.purge(ctx, volume, reason="test: home purged")
+    page = client.get("/dashboard").text
     assert "that CLI workspace was replaced" in page
+    vm_manager.ensure_cli_vm(ctx, alice)  # a new, empty home: still not signed in
+    assert "that CLI workspace was replaced" in client.get("/dashboard").text
 
 
 def _finish(ctx: AppContext, session_id: str, cli_vm_id: str, meta: dict[str, Any]) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import select
 
 from remotecli.context import AppContext
-from remotecli.db.models import AuthSession, Event, Vm, utcnow
-from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
+from remotecli.db.models import AuthSession, Event, Vm, Volume, utcnow
+from remotecli.domain.states import AUTH_TERMINAL, AuthStatus, VmStatus, VmType, VolumeStatus
 from remotecli.services import auth_flow, vm_manager, workspaces
 from remotecli.services.auth_session_view import AuthSessionOut, session_out
 from remotecli.services.users import Principal
@@ -47,7 +47,7 @@ class CompletedSignIn:
 
     credential_meta: dict[str, Any]
     signed_in_at: dt.datetime
-    on_live_cli_vm: bool  # delivered to the CLI VM the user has now, or to one it was rebuilt from (same home)
+    on_live_cli_vm: bool  # delivered into the home the user's CLI VMs have now (the same volume)
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,14 @@ def provider_sign_ins(ctx: AppContext, user_id: str, now: dt.datetime | None = N
         sessions = list(session.scalars(
             select(AuthSession).where(AuthSession.user_id == user_id).order_by(AuthSession.created_at.desc())
         ))
-        live_cli = session.scalars(select(Vm).where(
-            Vm.user_id == user_id, Vm.vm_type == VmType.CLI.value,
-            Vm.status.not_in([s.value for s in VM_TERMINAL]),
-        )).one_or_none()
-        rebuilt = {new: str((details or {}).get("replaces") or "") for new, details in session.execute(
-            select(Event.vm_id, Event.details).where(Event.user_id == user_id, Event.kind == "vm.rebuilt")
-        ) if new}
-    # A rebuilt CLI VM carries the home (and so the CLI sign-ins) of the VMs it replaced.
-    carries: set[str] = set()
-    at = live_cli.id if live_cli is not None else ""
-    while at and at not in carries:
-        carries.add(at)
-        at = rebuilt.get(at, "")
+        # The CLIs' files are written into the user's home volume, which every CLI VM of the user
+        # gets (ADR 0011): a sign-in delivered after today's home was made is still in it, whatever
+        # VM replaced, rebuilt or stopped meanwhile. One delivered before it (to a VM without a
+        # home, or to a home since purged) is gone.
+        home_since = session.scalar(select(Volume.created_at).where(
+            Volume.user_id == user_id,
+            Volume.status.in_([VolumeStatus.AVAILABLE.value, VolumeStatus.ATTACHED.value]),
+        ))
     rows = []
     for name, profile in sorted(ctx.providers.items()):
         mine = [s for s in sessions if s.provider == name]
@@ -103,7 +98,7 @@ def provider_sign_ins(ctx: AppContext, user_id: str, now: dt.datetime | None = N
         completed = None if done is None else CompletedSignIn(
             credential_meta=dict(done.credential_meta or {}),
             signed_in_at=done.delivered_at or done.updated_at,
-            on_live_cli_vm=done.cli_vm_id in carries,
+            on_live_cli_vm=home_since is not None and (done.delivered_at or done.updated_at) >= home_since,
         )
         rows.append(ProviderSignIn(provider=name, display_name=profile.display_name, completed=completed,
                                    live_session_id=live.id if live is not None else ""))
