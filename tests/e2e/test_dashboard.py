@@ -242,7 +242,8 @@ def test_login_sign_in_to_claude_code_over_novnc_then_read_the_file_in_the_termi
     page.keyboard.press("Enter")
     listing = page.locator(".xterm-rows", has_text=".credentials.json")
     page.locator(".xterm-rows", has_text="-rw-------").wait_for(timeout=60_000)
-    line = next(row for row in listing.inner_text().splitlines() if "-rw-------" in row)
+    # xterm.js may pad a row with spaces up to the cursor or the terminal's width.
+    line = next(row.rstrip() for row in listing.inner_text().splitlines() if "-rw-------" in row)
     assert line.startswith("-rw------- 1 cli cli") and line.endswith("/home/cli/.claude/.credentials.json")
     browser.shot(page, "terminal")
     browser.record_page_state(page)
