@@ -1,5 +1,6 @@
 """Persistent workspaces with real QEMU guests (ADR 0011): the home survives the seed's case (QEMU
-killed, VM directory deleted), a rebuild, and a kill -9 in the middle of fsynced writes.
+killed, VM directory deleted), a rebuild, a kill -9 in the middle of fsynced writes, a controller
+SIGKILL and restart (the new controller adopts the running VM), and an idle stop and start.
 
 Run under the shared lock: ``flock /tmp/remotecli-vm-tests.lock .venv/bin/python -m pytest
 tests/integration/test_workspaces.py``. SQLite only: the database side of the same flows runs on
@@ -225,3 +226,103 @@ def test_export_and_import_of_a_home(qctx: AppContext, owner: Principal) -> None
     assert _sh(qctx, owner, vm, "stat -c '%a %U' ~/restored/b.txt && wc -c < ~/restored/b.txt") == "600 cli\n9000\n"
     assert _sh(qctx, owner, vm, "cat ~/work/a.txt") == "exported\n"  # files not in the archive stay
     assert _sh(qctx, owner, vm, "ls /var/tmp | grep -c remotecli- || true") == "0\n"  # staging removed
+
+
+def _qemu_pids_with(path: str) -> list[int]:
+    """QEMU processes on this host whose command line names ``path`` (a volume file)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in argv.split(b"\0", 1)[0] and path.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_home_survives_a_controller_sigkill_and_restart(db_url: str) -> None:
+    from remotecli.background.reconciler import Reconciler
+    from remotecli.services import users as users_service
+    from tests.integration.conftest import close_and_clean, qemu_settings, require_images
+
+    settings = qemu_settings(db_url)
+    require_images(settings, "cli")
+    first = AppContext.create(settings)
+    live = first
+    try:
+        user = users_service.create_user(first.db, "itest")
+        owner = Principal(user.id, user.name, False)
+        vm, created = vm_manager.ensure_cli_vm(first, owner)
+        assert created
+        _sh(first, owner, vm, "echo 'before the kill' > ~/notes.txt && sync ~/notes.txt")  # written, fsynced
+        pid = _qemu_pid(vm)
+        # The controller is SIGKILLed: nothing of it runs any more and nothing is cleaned up (its
+        # VMs keep running); only its database connections go, as the kernel would close them.
+        first.db.dispose()
+
+        second = AppContext.create(settings)  # a new controller on the same database and data dir
+        live = second
+        volume = workspaces.attached_to(second, vm.id)
+        assert volume is not None
+        report = Reconciler(second, orphan_grace_s=0).run_once()
+        # Its first pass adopts the running VM: nothing failed, stopped, destroyed or detached.
+        assert [f for f in report.findings if f.id in (vm.id, volume.id)] == [], report.findings
+        assert report.errors == 0
+        assert vm_manager.get_vm(second, owner, vm.id).status == "running"
+        assert os.path.exists(f"/proc/{pid}")
+        again, created = vm_manager.ensure_cli_vm(second, owner)
+        assert not created and again.id == vm.id
+        assert _sh(second, owner, again, "cat ~/notes.txt") == "before the kill\n"
+        _assert_home_is_the_volume(second, owner, again)
+        assert [(v.id, v.attached_vm_id) for v in workspaces.list_volumes(second)] == [(volume.id, vm.id)]
+        assert _qemu_pids_with(volume.location) == [pid]  # one QEMU has the volume: not attached twice
+    finally:
+        close_and_clean(live)
+
+
+def test_home_survives_an_idle_stop_and_start(db_url: str) -> None:
+    from remotecli.background.reconciler import Reconciler
+    from remotecli.db.models import Event
+    from remotecli.services import users as users_service
+    from tests.integration.conftest import close_and_clean, qemu_settings, require_images
+
+    settings = qemu_settings(db_url, cli_vm_idle_stop_s=2.0)
+    require_images(settings, "cli")
+    ctx = AppContext.create(settings)
+    try:
+        user = users_service.create_user(ctx.db, "itest")
+        owner = Principal(user.id, user.name, False)
+        vm, _ = vm_manager.ensure_cli_vm(ctx, owner)
+        _sh(ctx, owner, vm, "echo 'idle work' > ~/notes.txt && sync")
+        pid = _qemu_pid(vm)
+        time.sleep(settings.cli_vm_idle_stop_s + 1)  # unused for longer than cli_vm_idle_stop_s
+        report = Reconciler(ctx).run_once()  # its idle-stop step (the loop's pass, called directly)
+        assert [(f.kind, f.result) for f in report.findings if f.id == vm.id] == [("idle_stop", "done")], (
+            report.findings)
+        stopped = vm_manager.get_vm(ctx, owner, vm.id)
+        assert stopped.status == "stopped" and (stopped.status_reason or "").startswith(vm_manager.IDLE_STOP_REASON)
+        assert process_gone(pid, 10)  # its memory is freed
+        volume = workspaces.attached_to(ctx, vm.id)  # the stopped VM keeps its home
+        assert volume is not None and volume.status == "attached"
+        with ctx.db.read() as session:
+            from sqlalchemy import select
+
+            assert session.scalar(select(Event.id).where(Event.kind == "vm.idle_stopped",
+                                                         Event.vm_id == vm.id)) is not None
+
+        # The next exec starts it again, with the same home, unmounted cleanly by the graceful stop.
+        assert _sh(ctx, owner, stopped, "cat ~/notes.txt") == "idle work\n"
+        restarted = vm_manager.get_vm(ctx, owner, vm.id)
+        assert restarted.status == "running"
+        _assert_home_is_the_volume(ctx, owner, restarted)
+        assert _home_report(ctx, restarted)["fsck"] == 0
+        # ensure (the terminal page and sign-ins) takes the same VM: no new one, the same volume.
+        again, created = vm_manager.ensure_cli_vm(ctx, owner)
+        assert not created and again.id == vm.id and again.status == "running"
+        assert workspaces.attached_to(ctx, vm.id).id == volume.id  # type: ignore[union-attr]
+        assert _qemu_pids_with(volume.location) == [_qemu_pid(again)]
+    finally:
+        close_and_clean(ctx)
