@@ -24,6 +24,7 @@ from remotecli.domain.states import VmStatus
 from remotecli.services import users as users_service
 from remotecli.services import vm_manager
 from remotecli.services.users import Principal
+from tests.support.net import qemu_pids_naming
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_DATA_DIR = Path(os.environ.get("REMOTECLI_TEST_DATA_DIR") or REPO / ".data" / "test-images")
@@ -70,18 +71,7 @@ def close_and_clean(ctx: AppContext) -> None:
 
 
 def _qemu_pids_under(directory: Path) -> list[int]:
-    marker = f"{directory}/".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in argv.split(b"\0", 1)[0] and marker in argv:
-            found.append(int(entry.name))
-    return found
+    return qemu_pids_naming(f"{directory}/")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from remotecli.db.models import Vm
 from remotecli.services import vm_manager, workspaces
 from remotecli.services.users import Principal
 from tests.support.cli_judge import assert_cli_signed_in
-from tests.support.net import process_gone
+from tests.support.net import process_gone, qemu_pids_naming
 
 pytestmark = [
     pytest.mark.integration,
@@ -230,17 +230,7 @@ def test_export_and_import_of_a_home(qctx: AppContext, owner: Principal) -> None
 
 def _qemu_pids_with(path: str) -> list[int]:
     """QEMU processes on this host whose command line names ``path`` (a volume file)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in argv.split(b"\0", 1)[0] and path.encode() in argv:
-            found.append(int(entry.name))
-    return found
+    return qemu_pids_naming(path)
 
 
 def test_home_survives_a_controller_sigkill_and_restart(db_url: str) -> None:

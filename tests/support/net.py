@@ -5,6 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def qemu_pids_naming(text: str) -> list[int]:
+    """QEMU processes on this host whose command line contains ``text`` (a VM directory, a volume file)."""
+    marker = text.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in argv.split(b"\0", 1)[0] and marker in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def listening(port: int) -> bool:
     """True while a socket LISTENs on ``port`` (IPv4 or IPv6) on this host.
 

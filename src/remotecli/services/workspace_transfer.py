@@ -13,15 +13,13 @@ import uuid
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from sqlalchemy import select
-
 from remotecli.context import AppContext
-from remotecli.db.models import User, Vm
-from remotecli.errors import RemotecliError, UserNotFound, VmError
+from remotecli.db.models import Vm
+from remotecli.errors import RemotecliError, VmError
 from remotecli.logging import get_logger
 from remotecli.services import vm_manager
 from remotecli.services.transitions import record_event
-from remotecli.services.users import Principal
+from remotecli.services.users import Principal, get_user_by_name
 
 MODULE = "workspaces"
 log = get_logger(MODULE)
@@ -30,10 +28,7 @@ _TIMEOUT_S = 600.0
 
 
 def _principal(ctx: AppContext, name: str) -> Principal:
-    with ctx.db.read() as session:
-        user = session.scalars(select(User).where(User.name == name)).one_or_none()
-    if user is None:
-        raise UserNotFound()
+    user = get_user_by_name(ctx.db, name)  # UserNotFound, saying how to create one
     return Principal(user.id, user.name, user.is_admin)
 
 
