@@ -12,8 +12,9 @@ A lease's life::
     free ─claim─► held by owner ─renew─► held (later expiry) ─release─► free
                        └───────── not renewed in time ─────────► lapsed (= free to the next claim)
 
-Each leased table is described once (``VM_LEASES``, ``SESSION_LEASES``, ``ORPHAN_LEASES``); the
-reconciler, the garbage collector and the sign-in worker all go through these three functions.
+Each leased table is described once (``VM_LEASES``, ``SESSION_LEASES``, ``ORPHAN_LEASES``,
+``VOLUME_LEASES``); the reconciler, the garbage collector, the sign-in worker and the making of a
+home volume (``services.workspaces``) all go through these three functions.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import InstrumentedAttribute
 
-from remotecli.db.models import AuthSession, Base, HostOrphan, Vm, utcnow
+from remotecli.db.models import AuthSession, Base, HostOrphan, Vm, Volume, utcnow
 from remotecli.db.session import Database
 
 
@@ -105,3 +106,4 @@ class LeasedTable:
 VM_LEASES = LeasedTable(Vm, Vm.id, Vm.lease_owner, Vm.lease_expires_at)
 SESSION_LEASES = LeasedTable(AuthSession, AuthSession.id, AuthSession.lease_owner, AuthSession.lease_expires_at)
 ORPHAN_LEASES = LeasedTable(HostOrphan, HostOrphan.vm_id, HostOrphan.lease_owner, HostOrphan.lease_expires_at)
+VOLUME_LEASES = LeasedTable(Volume, Volume.id, Volume.lease_owner, Volume.lease_expires_at)

@@ -199,6 +199,10 @@ class Volume(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     status_changed_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
     attached_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Migration 0008: who is making the volume while it is ``creating`` (``background.leases``);
+    # a lease its holder stopped renewing lapses and the next ensure or reconciler pass takes over.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class HostOrphan(Base):
