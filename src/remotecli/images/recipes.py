@@ -8,6 +8,8 @@ Bump :data:`BUILDER_VERSION` when the *build procedure* changes in a way that ch
 
 from __future__ import annotations
 
+import json
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +160,34 @@ CLI = ImageRecipe(
     disk_size_mib=8192,
 )
 
+# Chromium's managed policies in the Browser VM (issue 13, ADR 0012): the VM is for logging in
+# only, so nothing is downloaded, no file picker opens (no uploads), pages cannot use the File
+# System Access API or read the clipboard, and nothing is saved or synced. The user's paste into
+# the VM works (it is a key press); copying out is stopped at the VNC bridge (``api/ws_bridge``).
+BROWSER_POLICIES: dict[str, Any] = {
+    "DownloadRestrictions": 3,  # block all downloads
+    "AllowFileSelectionDialogs": False,
+    "PromptForDownloadLocation": False,
+    "DefaultFileSystemReadGuardSetting": 2,
+    "DefaultFileSystemWriteGuardSetting": 2,
+    "DefaultClipboardSetting": 2,
+    "PrintingEnabled": False,
+    "PasswordManagerEnabled": False,
+    "BrowserSignin": 0,
+    "SyncDisabled": True,
+    "ExtensionInstallBlocklist": ["*"],
+}
+BROWSER_POLICY_FILE = "/etc/chromium/policies/managed/remotecli.json"
+
+
+def _chromium_policy_hook() -> str:
+    """An mmdebstrap customize hook that writes :data:`BROWSER_POLICIES` (root-owned, 0644)."""
+    body = shlex.quote(json.dumps(BROWSER_POLICIES, sort_keys=True))
+    path = f'"$1{BROWSER_POLICY_FILE}"'
+    return (f'mkdir -p "$1{BROWSER_POLICY_FILE.rsplit("/", 1)[0]}" && printf "%s\\n" {body} > {path}'
+            f" && chmod 0644 {path}")
+
+
 BROWSER = ImageRecipe(
     vm_type="browser",
     packages=(
@@ -172,6 +202,7 @@ BROWSER = ImageRecipe(
         "dbus",
     ),
     users=(User(name="browser", uid=1000, home="/home/browser"),),
+    customize=(_chromium_policy_hook(),),
     disk_size_mib=6144,
 )
 
