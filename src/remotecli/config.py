@@ -207,6 +207,27 @@ class Settings(BaseSettings):
         default=4, ge=1, description="Commands one user may have running at once through the API (vms/{id}/exec)"
     )
 
+    # Capacity admission (services/capacity.py): live VMs' memory and vCPUs against the host's.
+    host_memory_mib: int | None = Field(
+        default=None, ge=0,
+        description="Memory VMs may use in all; default: the host's total minus host_memory_reserve_mib",
+    )
+    host_memory_reserve_mib: int = Field(
+        default=1024, ge=0, description="Memory kept for the host itself when host_memory_mib is not set"
+    )
+    host_vcpus: int | None = Field(
+        default=None, ge=0, description="vCPUs VMs may have in all (before overcommit); default: the host's CPUs"
+    )
+    host_memory_overcommit: float = Field(
+        default=1.0, gt=0, description="VM memory admitted per MiB of host_memory_mib (1.0: no overcommit)"
+    )
+    host_vcpu_overcommit: float = Field(
+        default=8.0, gt=0, description="vCPUs admitted per host vCPU (guests mostly idle; 1.0: none)"
+    )
+    host_capacity_retry_after_s: int = Field(
+        default=30, ge=1, description="Retry-After of a 503 host_at_capacity"
+    )
+
     log_level: str = "INFO"
     log_to_stderr: bool = True
 

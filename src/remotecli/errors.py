@@ -46,6 +46,7 @@ code or parent disagrees: add new error classes to this tree.
     ├── Unavailable                     503 unavailable
     │   ├── DriverUnavailable           503 driver_unavailable
     │   ├── WorkspaceUnavailable        503 workspace_unavailable
+    │   ├── HostAtCapacity              503 host_at_capacity
     │   └── ImageMissing                503 image_missing
     │       └── BuildToolMissing        503 build_tool_missing         [images/builder.py]
     ├── VmError                         502 vm_error
@@ -88,6 +89,8 @@ class RemotecliError(Exception):
 
     code: ClassVar[str] = "internal_error"
     http_status: ClassVar[int] = 500
+    #: Seconds a client should wait before trying again (the ``Retry-After`` header), or None.
+    retry_after_s: int | None = None
     default_message: ClassVar[str] = "Something went wrong inside remotecli; the operator can see details in the log."
 
     def __init__(self, message: str | None = None, *, log_detail: str | None = None, **context: Any) -> None:
@@ -246,6 +249,19 @@ class WorkspaceUnavailable(Unavailable):
         "Your workspace's storage cannot be used right now; nothing in it was changed. "
         "An operator can see why in the VM's timeline."
     )
+
+
+class HostAtCapacity(Unavailable):
+    """The host's memory or vCPUs (``services.capacity``) cannot hold one more VM right now."""
+
+    code = "host_at_capacity"
+    default_message = ("The host has no room for another VM right now; try again shortly "
+                       "(an operator can see its capacity in 'remotecli doctor').")
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int = 30, log_detail: str | None = None,
+                 **context: Any) -> None:
+        super().__init__(message, log_detail=log_detail, **context)
+        self.retry_after_s = retry_after_s
 
 
 class ImageMissing(Unavailable):

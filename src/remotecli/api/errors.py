@@ -60,7 +60,8 @@ def install_error_handlers(app: FastAPI) -> None:
         level = log.error if exc.http_status >= 500 else log.info
         level("%s %s -> %s %s%s", request.method, request.url.path, exc.http_status, exc.code,
               f" ({exc.log_detail})" if exc.log_detail else "")
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

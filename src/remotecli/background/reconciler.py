@@ -194,7 +194,7 @@ class Reconciler:
                 self._release_home(vm)
             return
         if status is VmStatus.STOPPED:
-            if not spec.directory.is_dir():
+            if not self.ctx.driver.has_state(spec):
                 why = "its directory is gone"
                 finding = Finding("dead_vm", vm.id, vm.user_id, why, "fail")
                 report.findings.append(finding)
@@ -319,7 +319,8 @@ class Reconciler:
                 continue
             seen_for = _age_s(now, seen.get(h.vm_id, now))
             what = ", ".join(part for part in (
-                "directory" if h.directory is not None and h.directory.exists() else "",
+                "directory" if h.directory is not None and self.ctx.driver.has_state(
+                    host_spec(self.ctx, vm_id=h.vm_id, directory=h.directory)) else "",
                 f"process {h.pid}" if h.pid is not None else "",
                 f"port(s) {', '.join(map(str, h.ports))}" if h.ports else "",
             ) if part) or "host resources"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from remotecli.background.common import host_spec
 from remotecli.cli.common import age, app_context, fmt_time, handle_errors, print_json, print_table
 from remotecli.db.models import Vm
 from remotecli.domain.states import VM_STATUS_WORDS, VmStatus
@@ -63,12 +64,10 @@ def vm_show(vm_id: str, console: bool, as_json: bool) -> None:
     with app_context() as ctx:
         row = vm_manager.get_vm(ctx, None, vm_id)
         text = ""
-        if console:
-            path = Path(row.directory) / "console.log"
-            try:
-                text = path.read_text(errors="replace")
-            except FileNotFoundError:
-                text = f"(no console log: {path} does not exist)"
+        if console:  # through the driver: the VM may live on another host
+            log_text = ctx.driver.console_log(host_spec(ctx, row))
+            text = log_text if log_text is not None else (
+                f"(no console log: {Path(row.directory) / 'console.log'} does not exist)")
     if as_json:
         data = _vm_dict(row)
         if console:

@@ -144,6 +144,16 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class HostResources:
+    """What the host(s) a driver places VMs on hold in all (``services.capacity`` admits VMs
+    against it after the operator's reserve and overcommit)."""
+
+    memory_mib: int
+    vcpus: int
+    source: str  # in words, e.g. "/proc/meminfo and the CPU count of this host"
+
+
+@dataclass(frozen=True)
 class Availability:
     ok: bool
     detail: str
@@ -256,6 +266,12 @@ class VmDriver(abc.ABC):
         self.stop(spec, timeout)
         return self.inspect(spec)
 
+    # ---------------------------------------------------------------- reads of a VM's state
+    # Everything the controller reads about one VM's state goes through these, never through
+    # ``spec.directory`` directly: the defaults read the controller's own disk (the qemu,
+    # firecracker and fake drivers keep each VM in ``spec.directory`` there); a driver whose VMs
+    # live on other hosts (Incus) answers from there.
+
     def console_tail(self, spec: VmSpec, lines: int = 40) -> str:
         """The last lines of the guest console, or '' when there is none."""
         path = spec.directory / "console.log"
@@ -265,3 +281,21 @@ class VmDriver(abc.ABC):
             return ""
         text = data.decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
+
+    def console_log(self, spec: VmSpec) -> str | None:
+        """The whole guest console log of the current boot, or None when the VM has none."""
+        try:
+            return (spec.directory / "console.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+
+    def has_state(self, spec: VmSpec) -> bool:
+        """Does the VM's state on its host (directory, disk) still exist? False once it is gone:
+        such a VM can never be started again."""
+        return spec.directory.is_dir()
+
+    def host_resources(self) -> HostResources:
+        """The memory and CPUs of the host this driver runs VMs on (this machine by default)."""
+        from remotecli.drivers import host
+
+        return host.local_resources()

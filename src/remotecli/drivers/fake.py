@@ -34,6 +34,7 @@ from remotecli.drivers.base import (
     Availability,
     BootInfo,
     Capabilities,
+    HostResources,
     HostVm,
     Inspection,
     Liveness,
@@ -146,6 +147,9 @@ class FakeDriver(VmDriver):
         # write), ``after_write`` once it is on the disk.
         self.during_write: WriteHook | None = None
         self.after_write: WriteHook | None = None
+        # The imaginary host fake VMs "run" on: large, so capacity admission only refuses fake VMs
+        # when a test sets ``host_memory_mib``/``host_vcpus`` (or this) small.
+        self.resources = HostResources(memory_mib=1024 * 1024, vcpus=1024, source="the fake driver's imaginary host")
 
     # --- test controls -------------------------------------------------------------------
     def kill(self, vm_id: str) -> None:
@@ -213,6 +217,9 @@ class FakeDriver(VmDriver):
     # --- contract ------------------------------------------------------------------------
     def availability(self) -> Availability:
         return Availability(ok=True, detail="fake driver (tests only)", facts={"accel": "none"})
+
+    def host_resources(self) -> HostResources:
+        return self.resources
 
     def create(self, spec: VmSpec) -> BootInfo:
         self.calls.append(("create", spec.vm_id))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from remotecli.agent.protocol import ConfigDisk, hostname_for
-from remotecli.drivers.base import VmSpec
+from remotecli.drivers.base import HostResources, VmSpec
 
 # -- processes --------------------------------------------------------------------------------
 
@@ -60,6 +60,24 @@ def other_pids() -> Iterator[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != me:
             yield int(entry.name)
+
+
+def local_resources(meminfo: Path = Path("/proc/meminfo")) -> HostResources:
+    """This machine's memory (``MemTotal``) and CPUs (the ones this process may run on)."""
+    memory_kib = 0
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_kib = int(line.split()[1])
+                break
+    except (OSError, ValueError, IndexError):
+        memory_kib = 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return HostResources(memory_mib=memory_kib // 1024, vcpus=max(1, cpus),
+                         source="this host's /proc/meminfo and CPU count")
 
 
 # -- files ------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from remotecli.errors import (
     WorkspaceUnavailable,
 )
 from remotecli.logging import get_logger, log_context
-from remotecli.services import access, workspaces
+from remotecli.services import access, capacity, workspaces
 from remotecli.services.transitions import StatusChanged, load_vm, record_event, set_vm_status
 from remotecli.services.users import Principal
 
@@ -224,6 +224,9 @@ def create_vm(
     if not 128 <= memory_mib <= ctx.settings.max_vm_memory_mib:
         raise InvalidInput(f"memory_mib must be between 128 and {ctx.settings.max_vm_memory_mib}.")
     image = _resolve_image(ctx, kind)
+    # The host has room for it (warm-pool VMs give way first), before anything of it exists; the
+    # insert below checks again under the capacity lock (services/capacity.py).
+    capacity.admit_now(ctx, vcpus=vcpus, memory_mib=memory_mib, vm_type=kind.value)
     if kind is VmType.CLI:
         # The user's home volume exists and no ended VM holds it any more (fenced), before a row
         # exists: a workspace that cannot be used refuses the VM instead of failing it. A request
@@ -256,6 +259,7 @@ def create_vm(
             # The limits are checked and the row inserted in one transaction that holds the user's
             # lock, so concurrent requests of one user are counted one after the other.
             _check_creation_limits(ctx, session, principal)
+            capacity.admit(ctx, session, vcpus=vcpus, memory_mib=memory_mib, vm_type=kind.value)
             session.add(vm)
             session.flush()
             record_event(
@@ -325,6 +329,9 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
           home: HomeDisk | None = None) -> None:
     """creating/stopped → starting → (driver) → wait for agent (and its home mounted) → running; or → failed."""
     with ctx.db.transaction() as session:
+        if not first_boot:  # a stopped VM holds no capacity: it must fit again to start
+            capacity.admit(ctx, session, vcpus=vm.vcpus, memory_mib=vm.memory_mib, vm_type=vm.vm_type,
+                           exclude_vm_id=vm.id)
         set_vm_status(session, vm, VmStatus.STARTING, module=MODULE,
                       message="Booting the VM" if first_boot else "Starting the VM again", session_id=session_id)
     spec = spec_of(ctx, vm, image, home)
@@ -429,7 +436,7 @@ def fail_vm(
 def prove_alive(ctx: AppContext, vm: Vm) -> str | None:
     """None when ``vm`` is proven alive (host process, directory, guest agent); else the reason."""
     spec = spec_of(ctx, vm)
-    if not spec.directory.is_dir():
+    if not ctx.driver.has_state(spec):
         return "its directory is gone"
     inspection = ctx.driver.inspect(spec)
     if inspection.liveness is Liveness.DEAD:
@@ -504,7 +511,7 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
                 _skip_stale(ctx, vm, reason, session_id)
                 continue
             if status is VmStatus.STOPPED:
-                if not spec_of(ctx, vm).directory.is_dir():
+                if not ctx.driver.has_state(spec_of(ctx, vm)):
                     _skip_stale(ctx, vm, "its directory is gone", session_id)
                     continue
                 try:
