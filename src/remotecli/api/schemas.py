@@ -83,7 +83,7 @@ class VmExecOut(BaseModel):
 
 class VmOut(BaseModel):
     id: str
-    user_id: str
+    user_id: str | None  # null: a Browser VM of the warm pool that no sign-in has claimed yet
     vm_type: str
     status: str
     status_words: str

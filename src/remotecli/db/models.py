@@ -135,7 +135,8 @@ class Vm(Base):
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # Migration 0009: NULL for a Browser VM of the warm pool that no sign-in has claimed yet.
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
     vm_type: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     status_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -162,6 +163,11 @@ class Vm(Base):
     # Migration 0007: the last use (ensure, exec, an open terminal, a sign-in's delivery); a running
     # CLI VM unused for ``cli_vm_idle_stop_s`` is stopped by the reconciler, its home kept.
     last_active_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Migration 0009: booted by the warm pool (services/pool.py). It stays true after a sign-in
+    # claimed it (``user_id`` set): the VM serves that one session and is destroyed after it.
+    pool: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # When its Chromium was up on a blank page: only a ready pool VM is claimed.
+    pool_ready_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class Volume(Base):

@@ -121,7 +121,9 @@ class VmDetail:
     events: list[Event]
 
 
-def _owner_name(ctx: AppContext, user_id: str) -> str:
+def _owner_name(ctx: AppContext, user_id: str | None) -> str:
+    if user_id is None:
+        return "pool"  # a warm-pool Browser VM no sign-in has claimed yet
     with ctx.db.read() as db:
         owner = db.get(User, user_id)
     return owner.name if owner else ""

@@ -105,7 +105,7 @@ def vm_actions(status: str, vm_type: str = "") -> list[str]:
 def vm_row(vm: Vm, now: dt.datetime | None = None) -> VmRow:
     state = VmStatus(vm.status)
     return VmRow(
-        id=vm.id, short_id=vm.id[:11], user_id=vm.user_id, vm_type=vm.vm_type,
+        id=vm.id, short_id=vm.id[:11], user_id=vm.user_id or "", vm_type=vm.vm_type,
         type_words=VM_TYPE_WORDS.get(vm.vm_type, vm.vm_type), status=vm.status, status_words=VM_STATUS_WORDS[state],
         tone=_TONE[state], reason=vm.status_reason or "", age=ago(vm.created_at, now), created=utc(vm.created_at),
         actions=vm_actions(vm.status, vm.vm_type),
