@@ -3,20 +3,22 @@ one home volume per user, attached to exactly one CLI VM, moved only after fenci
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from remotecli.background.reconciler import Reconciler
 from remotecli.context import AppContext
-from remotecli.db.models import Event, Vm, Volume
+from remotecli.db.models import Event, Vm, Volume, utcnow
 from remotecli.domain.states import VOLUME_TRANSITIONS, VmStatus, VolumeStatus, volume_transition_allowed
 from remotecli.drivers import volumes as host_volumes
 from remotecli.drivers.base import HomeDisk, Inspection, Liveness, VmSpec
-from remotecli.drivers.fake import FakeDriver
+from remotecli.drivers.fake import FAKE_VOLUME_MAGIC, FakeDriver
 from remotecli.errors import DriverError, WorkspaceBusy, WorkspaceUnavailable
 from remotecli.services import users as users_service
 from remotecli.services import vm_manager, workspaces
@@ -582,3 +584,192 @@ def test_guest_says_no_space_when_the_home_is_full(tmp_path: Path, monkeypatch: 
         guest_files.write_file(str(tmp_path / "f.json"), b"{}", 0o600)
     assert (raised.value.status, raised.value.code) == (507, "no_space")
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+# ----------------------------------------------------------------------------------------------
+# A volume row whose maker died while making it (its lease lapses; ADR 0011)
+
+
+class MakerDied(BaseException):
+    """A controller killed in the middle of making a volume: nothing of it runs any more."""
+
+
+def _stuck_row(ctx: AppContext, user_id: str, *, lease_s: float = -1.0, file: bytes | None = None) -> Volume:
+    """A 'creating' row as a maker that died left it: its lease lapsed (or lapses in ``lease_s``)."""
+    now = utcnow()
+    volume = Volume(id="vol-stuck", user_id=user_id, status="creating", size_bytes=1024, driver="fake",
+                    location=workspaces.location_for(ctx, "vol-stuck"), generation=0, created_at=now,
+                    updated_at=now, status_changed_at=now, lease_owner="vol-deadmaker",
+                    lease_expires_at=now + dt.timedelta(seconds=lease_s))
+    with ctx.db.transaction() as session:
+        session.add(volume)
+    if file is not None:
+        Path(volume.location).parent.mkdir(parents=True, exist_ok=True)
+        Path(volume.location).write_bytes(file)
+    return volume
+
+
+def _fast_leases(monkeypatch: pytest.MonkeyPatch, lease_s: float) -> None:
+    monkeypatch.setattr(workspaces, "CREATING_LEASE_S", lease_s)
+    monkeypatch.setattr(workspaces, "_RENEW_EVERY_S", lease_s / 3)
+
+
+def test_a_row_whose_maker_died_is_taken_over_at_once(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
+    stuck = _stuck_row(ctx, alice.user_id)
+    started = time.monotonic()
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    assert time.monotonic() - started < 3  # not the old 120 s wait
+    [volume] = _volumes(ctx)
+    assert volume.id == stuck.id and volume.status == "attached" and volume.attached_vm_id == vm.id
+    assert volume.lease_owner is None and volume.lease_expires_at is None
+    assert fake_driver.calls.count(("create_volume", stuck.location)) == 1
+    with ctx.db.read() as session:
+        [taken] = list(session.scalars(select(Event).where(Event.kind == "volume.taken_over")))
+    assert (taken.details or {})["previous_owner"] == "vol-deadmaker"
+
+
+def test_a_file_the_dead_maker_completed_is_kept(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    stuck = _stuck_row(ctx, alice.user_id, file=FAKE_VOLUME_MAGIC + b" the dead maker's volume")
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    [volume] = _volumes(ctx)
+    assert volume.id == stuck.id and volume.attached_vm_id == vm.id
+    assert not [c for c in fake_driver.calls if c[0] == "create_volume"]  # never formatted over
+    assert Path(stuck.location).read_bytes().endswith(b" the dead maker's volume")
+
+
+def test_a_live_maker_is_waited_for_and_its_lease_lapses_promptly_once_it_stops(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fast_leases(monkeypatch, 0.6)
+    stuck = _stuck_row(ctx, alice.user_id, lease_s=1.0)  # held for one more second, then never renewed
+    started = time.monotonic()
+    vm_manager.ensure_cli_vm(ctx, alice)
+    waited = time.monotonic() - started
+    assert 0.9 < waited < 4
+    [volume] = _volumes(ctx)
+    assert volume.id == stuck.id and volume.status == "attached"
+
+
+def test_a_maker_that_renews_its_lease_is_never_taken_over(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fast_leases(monkeypatch, 0.6)
+    original = fake_driver.create_volume
+
+    def slow_create(location: str, size_bytes: int, owner_uid: int) -> None:
+        time.sleep(2.0)  # three lease lengths: only the renewals keep the row
+        original(location, size_bytes, owner_uid)
+
+    monkeypatch.setattr(fake_driver, "create_volume", slow_create)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            vm_manager.ensure_cli_vm(ctx, alice)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    [volume] = _volumes(ctx)
+    assert volume.status == "attached"
+    assert Path(volume.location).read_bytes() == FAKE_VOLUME_MAGIC
+    with ctx.db.read() as session:
+        assert not list(session.scalars(select(Event).where(Event.kind == "volume.taken_over")))
+
+
+@pytest.mark.parametrize("died", ["before_the_file", "after_the_file"])
+def test_a_maker_killed_mid_creation_loses_nothing_and_the_next_ensure_is_prompt(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch, died: str
+) -> None:
+    _fast_leases(monkeypatch, 1.0)
+    original = fake_driver.create_volume
+
+    def killed(location: str, size_bytes: int, owner_uid: int) -> None:
+        if died == "after_the_file":
+            original(location, size_bytes, owner_uid)
+        monkeypatch.setattr(fake_driver, "create_volume", original)
+        raise MakerDied()
+
+    monkeypatch.setattr(fake_driver, "create_volume", killed)
+    with pytest.raises(MakerDied):
+        vm_manager.ensure_cli_vm(ctx, alice)
+    [stuck] = _volumes(ctx)
+    assert stuck.status == "creating" and stuck.lease_owner is not None
+    started = time.monotonic()
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)  # the restarted controller's ensure
+    assert time.monotonic() - started < 3
+    [volume] = _volumes(ctx)
+    assert volume.id == stuck.id and volume.attached_vm_id == vm.id and volume.status == "attached"
+    creates = [c for c in fake_driver.calls if c[0] == "create_volume"]
+    assert len(creates) == 1  # one volume, made once (by the dead maker or by the taker)
+    assert fake_driver.double_attach == [] and len(_live_cli(ctx, alice)) == 1
+
+
+def test_the_reconciler_settles_a_stuck_row(ctx: AppContext, fake_driver: FakeDriver) -> None:
+    users = [users_service.create_user(ctx.db, name) for name in ("nofile", "complete", "garbage", "alive")]
+    rows = {}
+    for user, (name, lease_s, file) in zip(users, [("nofile", -1.0, None),
+                                                   ("complete", -1.0, FAKE_VOLUME_MAGIC + b"data"),
+                                                   ("garbage", -1.0, b"not a volume at all"),
+                                                   ("alive", 60.0, None)], strict=True):
+        now = utcnow()
+        row = Volume(id=f"vol-{name}", user_id=user.id, status="creating", size_bytes=1024, driver="fake",
+                     location=workspaces.location_for(ctx, f"vol-{name}"), generation=0, created_at=now,
+                     updated_at=now, status_changed_at=now, lease_owner="vol-deadmaker",
+                     lease_expires_at=now + dt.timedelta(seconds=lease_s))
+        with ctx.db.transaction() as session:
+            session.add(row)
+        if file is not None:
+            Path(row.location).parent.mkdir(parents=True, exist_ok=True)
+            Path(row.location).write_bytes(file)
+        rows[name] = row
+    dry = Reconciler(ctx).run_once(dry_run=True)
+    assert sorted(f.id for f in dry.findings if f.kind == "volume_stuck_creating") == [
+        "vol-complete", "vol-garbage", "vol-nofile"]  # a live maker's row is not touched
+    report = Reconciler(ctx).run_once()
+    results = {f.id: f.result for f in report.findings if f.kind == "volume_stuck_creating"}
+    assert results == {"vol-nofile": "removed", "vol-complete": "available", "vol-garbage": "failed"}
+    by_id = {v.id: v for v in _volumes(ctx)}
+    assert by_id["vol-nofile"].status == "deleted"
+    assert by_id["vol-complete"].status == "available" and by_id["vol-complete"].lease_owner is None
+    assert by_id["vol-garbage"].status == "failed" and "no ext4" in (by_id["vol-garbage"].status_reason or "")
+    assert by_id["vol-alive"].status == "creating"
+    assert Path(rows["garbage"].location).read_bytes() == b"not a volume at all"  # never formatted over
+    assert Path(rows["complete"].location).read_bytes() == FAKE_VOLUME_MAGIC + b"data"
+    assert not [c for c in fake_driver.calls if c[0] == "create_volume"]
+    # The user whose row was removed gets a new volume with the next CLI VM.
+    principal = Principal(users[0].id, users[0].name, False)
+    vm, _ = vm_manager.ensure_cli_vm(ctx, principal)
+    live = workspaces.user_volume(ctx, users[0].id)
+    assert live is not None and live.id != "vol-nofile" and live.attached_vm_id == vm.id
+
+
+def test_a_maker_whose_lapsed_row_was_removed_removes_the_file_it_made(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = fake_driver.create_volume
+    first_location: list[str] = []
+
+    def stalled(location: str, size_bytes: int, owner_uid: int) -> None:
+        if not first_location:  # the maker stalls past its lease; the reconciler finds no file
+            first_location.append(location)
+            with ctx.db.transaction() as session:
+                session.execute(update(Volume).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
+            assert [f.result for f in Reconciler(ctx).run_once().findings
+                    if f.kind == "volume_stuck_creating"] == ["removed"]
+        original(location, size_bytes, owner_uid)
+
+    monkeypatch.setattr(fake_driver, "create_volume", stalled)
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    live = workspaces.user_volume(ctx, alice.user_id)
+    assert live is not None and live.attached_vm_id == vm.id and live.location != first_location[0]
+    assert not Path(first_location[0]).exists()  # nothing can use it: removed, not left behind
+    assert len([v for v in _volumes(ctx) if v.status == "deleted"]) == 1

@@ -392,7 +392,14 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------ home volumes
     def _volumes(self, report: PassReport, dry_run: bool) -> None:
-        """Volumes attached to an ended (or vanished) VM are detached after fencing it."""
+        """Volumes attached to an ended (or vanished) VM are detached after fencing it; a volume
+        left ``creating`` by a maker that died (its lease lapsed) is settled (``settle_creating``)."""
+        for stuck in workspaces.stuck_creating(self.ctx):
+            found = Finding("volume_stuck_creating", stuck.id, stuck.user_id,
+                            "left creating by a maker whose lease lapsed", "settle")
+            report.findings.append(found)
+            if not dry_run:
+                found.result = workspaces.settle_creating(self.ctx, stuck, self.owner, module=MODULE)
         with self.ctx.db.read() as session:
             held = list(session.execute(
                 select(Volume.id, Volume.user_id, Volume.attached_vm_id, Vm.status)

@@ -27,18 +27,23 @@ volume can be checked against it in one read. Export and import are ``services.w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from remotecli.agent.protocol import FileContent
+from remotecli.background.leases import VOLUME_LEASES
 from remotecli.context import AppContext
 from remotecli.db.models import Vm, Volume, utcnow
 from remotecli.domain.states import VM_ENDING, VOLUME_LIVE, VmStatus, VolumeStatus
@@ -53,8 +58,12 @@ log = get_logger(MODULE)
 #: Where the guest's init writes what it did with the home volume (read through the agent).
 HOME_STATUS_PATH = "/run/remotecli/home.json"
 _POLL_S = 0.1
-# A volume row left in 'creating' this long by a caller that died is taken over.
-_CREATING_TAKEOVER_S = 120.0
+#: A volume being made is held by a lease (``background.leases.VOLUME_LEASES``) that its maker
+#: renews every third of it while the driver makes the volume. A maker that died renews nothing:
+#: the lease lapses within this time and the next ensure (any controller) or reconciler pass
+#: takes the row over.
+CREATING_LEASE_S = 6.0
+_RENEW_EVERY_S = CREATING_LEASE_S / 3
 _FENCE_TIMEOUT_S = 3.0
 
 
@@ -126,24 +135,40 @@ def _unavailable(volume: Volume | None, reason: str | None) -> WorkspaceUnavaila
 
 def ensure_volume(ctx: AppContext, user_id: str, *, vm_id: str | None = None,
                   session_id: str | None = None) -> Volume:
-    """The user's home volume; made (formatted once) when the user has none."""
+    """The user's home volume; made (formatted once) when the user has none.
+
+    Whoever inserts the ``creating`` row holds its lease (``VOLUME_LEASES``) and renews it while
+    the driver makes the volume. Others wait; once the lease lapses (its holder died: a killed
+    controller renews nothing) the next caller takes the row over at once and finishes it, keeping
+    a volume file the dead holder completed.
+    """
+    owner = f"vol-{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         volume = user_volume(ctx, user_id)
         if volume is None:
-            volume = _new_row(ctx, user_id, vm_id=vm_id, session_id=session_id)
+            volume = _new_row(ctx, user_id, owner, vm_id=vm_id, session_id=session_id)
             if volume is None:
                 continue  # another caller inserted it first: wait for theirs
-            return _format(ctx, volume, vm_id=vm_id)
-        if volume.status != VolumeStatus.CREATING.value:
+            made = _make(ctx, volume, owner, vm_id=vm_id)
+        elif volume.status != VolumeStatus.CREATING.value:
             return volume
-        if (utcnow() - volume.status_changed_at).total_seconds() > _CREATING_TAKEOVER_S and _take_over(ctx, volume):
-            return _format(ctx, volume, vm_id=vm_id)
-        time.sleep(_POLL_S)
+        elif _lease_lapsed(volume) and (taken := _take_over(ctx, volume, owner, vm_id=vm_id)) is not None:
+            made = _make(ctx, taken, owner, vm_id=vm_id)
+        else:
+            time.sleep(_POLL_S)
+            continue
+        if made is not None:
+            return made
     raise WorkspaceBusy("Your workspace is still being prepared; try again in a minute.")
 
 
-def _new_row(ctx: AppContext, user_id: str, *, vm_id: str | None, session_id: str | None) -> Volume | None:
+def _lease_lapsed(volume: Volume) -> bool:
+    return volume.lease_owner is None or volume.lease_expires_at is None or volume.lease_expires_at < utcnow()
+
+
+def _new_row(ctx: AppContext, user_id: str, owner: str, *, vm_id: str | None,
+             session_id: str | None) -> Volume | None:
     volume_id = f"vol-{uuid.uuid4()}"
     now = utcnow()
     size = ctx.settings.workspace_size_gib * 1024**3
@@ -151,6 +176,7 @@ def _new_row(ctx: AppContext, user_id: str, *, vm_id: str | None, session_id: st
         id=volume_id, user_id=user_id, status=VolumeStatus.CREATING.value, size_bytes=size,
         driver=ctx.driver.name, location=location_for(ctx, volume_id), generation=0,
         created_at=now, updated_at=now, status_changed_at=now,
+        lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=CREATING_LEASE_S),
     )
     try:
         with ctx.db.transaction() as session:
@@ -165,38 +191,144 @@ def _new_row(ctx: AppContext, user_id: str, *, vm_id: str | None, session_id: st
     return volume
 
 
-def _take_over(ctx: AppContext, volume: Volume) -> bool:
-    """A 'creating' row whose creator died: claim it (conditional on its generation)."""
+def _take_over(ctx: AppContext, volume: Volume, owner: str, *, vm_id: str | None,
+               module: str = MODULE) -> Volume | None:
+    """Claim the lapsed lease of a ``creating`` row whose maker died; the row as now held, or None
+    when someone else claimed it or it is no longer being made."""
+    if not VOLUME_LEASES.claim(ctx.db, owner, CREATING_LEASE_S, ids=[volume.id],
+                               where=[Volume.status == VolumeStatus.CREATING.value]):
+        return None
     with ctx.db.transaction() as session:
-        result = session.execute(
-            update(Volume)
-            .where(Volume.id == volume.id, Volume.status == VolumeStatus.CREATING.value,
-                   Volume.generation == volume.generation)
-            .values(generation=Volume.generation + 1, status_changed_at=utcnow(), updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-    volume.generation += 1
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+        fresh = session.get(Volume, volume.id)
+        if fresh is None or fresh.status != VolumeStatus.CREATING.value or fresh.lease_owner != owner:
+            return None
+        record_event(session, module=module, kind="volume.taken_over", user_id=fresh.user_id,
+                     message="Home volume's making taken over: whoever was making it stopped renewing its lease",
+                     details={"volume_id": fresh.id, "previous_owner": volume.lease_owner,
+                              "lease_expired_at": volume.lease_expires_at.isoformat()
+                              if volume.lease_expires_at else None, "vm_id": vm_id})
+    log.info("took over the making of a home volume", extra={"volume_id": volume.id, "user_id": volume.user_id})
+    return fresh
 
 
-def _format(ctx: AppContext, volume: Volume, *, vm_id: str | None) -> Volume:
-    """creating → (driver makes the volume) → available; or → failed with the reason."""
-    started = time.monotonic()
+@contextlib.contextmanager
+def _renewing(ctx: AppContext, volume_id: str, owner: str) -> Iterator[None]:
+    """Keep ``owner``'s lease of the volume row fresh while the block runs (a driver call)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(_RENEW_EVERY_S):
+            try:
+                if VOLUME_LEASES.renew(ctx.db, owner, [volume_id], CREATING_LEASE_S) == 0:
+                    return  # taken over: the apply step below finds out
+            except Exception:  # a dropped connection: try again at the next beat
+                log.warning("could not renew a home volume's lease", exc_info=True, extra={"volume_id": volume_id})
+
+    thread = threading.Thread(target=beat, name=f"lease-{volume_id[:16]}", daemon=True)
+    thread.start()
     try:
+        yield
+    finally:
+        stop.set()
+
+
+def _held(session: Session, volume_id: str, owner: str) -> Volume | None:
+    """In a transaction: the volume row, locked, if ``owner`` still holds it while it is made."""
+    _lock(session, volume_id)
+    fresh = session.get(Volume, volume_id)
+    if fresh is None or fresh.status != VolumeStatus.CREATING.value or fresh.lease_owner != owner:
+        return None
+    return fresh
+
+
+def _make(ctx: AppContext, volume: Volume, owner: str, *, vm_id: str | None) -> Volume | None:
+    """creating → (driver makes the volume) → available; or → failed with the reason. Under the
+    row's lease; None when the lease was lost meanwhile (the caller looks again)."""
+    started = time.monotonic()
+    made_file = False
+    error: RemotecliError | None = None
+    with _renewing(ctx, volume.id, owner):
         if ctx.driver.volume_problem(volume.location) is not None:
-            # A file a dead creator completed is kept as it is (link-into-place makes it whole or absent).
-            ctx.driver.create_volume(volume.location, volume.size_bytes, _cli_uid())
-    except RemotecliError as exc:
-        reason = f"it could not be made ({exc.message})"
-        with ctx.db.transaction() as session:
-            set_volume_status(session, volume, VolumeStatus.FAILED, module=MODULE, reason=reason,
-                              message="Home volume could not be made", vm_id=vm_id,
-                              details={"error": exc.log_detail or exc.message})
-        raise _unavailable(volume, reason) from exc
+            # A file a dead maker completed is kept as it is (link-into-place makes it whole or
+            # absent); create_volume refuses to run where any file exists.
+            try:
+                ctx.driver.create_volume(volume.location, volume.size_bytes, _cli_uid())
+                made_file = True
+            except RemotecliError as exc:
+                if ctx.driver.volume_problem(volume.location) is not None:
+                    error = exc  # not a complete volume someone else linked into place meanwhile
     with ctx.db.transaction() as session:
-        set_volume_status(session, volume, VolumeStatus.AVAILABLE, module=MODULE, message="Home volume made",
-                          vm_id=vm_id, details={"format_s": round(time.monotonic() - started, 3)})
-    return volume
+        fresh = _held(session, volume.id, owner)
+        if fresh is not None and error is not None:
+            reason = f"it could not be made ({error.message})"
+            set_volume_status(session, fresh, VolumeStatus.FAILED, module=MODULE, reason=reason,
+                              message="Home volume could not be made", vm_id=vm_id,
+                              lease_owner=None, lease_expires_at=None,
+                              details={"error": error.log_detail or error.message})
+        elif fresh is not None:
+            set_volume_status(session, fresh, VolumeStatus.AVAILABLE, module=MODULE, message="Home volume made",
+                              vm_id=vm_id, lease_owner=None, lease_expires_at=None,
+                              details={"format_s": round(time.monotonic() - started, 3), "formatted": made_file})
+    if fresh is None:
+        _lost_lease(ctx, volume, made_file)
+        return None
+    if error is not None:
+        raise _unavailable(fresh, fresh.status_reason) from error
+    return fresh
+
+
+def _lost_lease(ctx: AppContext, volume: Volume, made_file: bool) -> None:
+    """This caller's lease lapsed while it made the volume and someone else settled the row. A
+    file made just now for a row that ended (the reconciler found no file) is removed: nothing
+    else can ever use it (locations are never reused)."""
+    with ctx.db.read() as session:
+        now = session.get(Volume, volume.id)
+    log.warning("lost the lease of a home volume being made", extra={"volume_id": volume.id})
+    if made_file and (now is None or now.status in (VolumeStatus.DELETING.value, VolumeStatus.DELETED.value)):
+        ctx.driver.delete_volume(volume.location)
+
+
+def stuck_creating(ctx: AppContext) -> list[Volume]:
+    """Volume rows left ``creating`` whose maker's lease lapsed (the maker died)."""
+    now = utcnow()
+    with ctx.db.read() as session:
+        return list(session.scalars(
+            select(Volume).where(Volume.status == VolumeStatus.CREATING.value, VOLUME_LEASES.free(now))
+            .order_by(Volume.created_at)
+        ))
+
+
+def settle_creating(ctx: AppContext, volume: Volume, owner: str, *, module: str = MODULE) -> str:
+    """The reconciler's answer to a row left ``creating`` by a maker that died, under the row's
+    lease: a complete volume file → ``available`` (kept as it is); no file → the row ends
+    (``deleting → deleted``: nothing was made, the next ensure makes a volume); a file that is not
+    a usable volume → ``failed`` (never formatted over). Returns what it did, or "busy" when
+    someone else holds the row (an ensure taking it over)."""
+    taken = _take_over(ctx, volume, owner, vm_id=None, module=module)
+    if taken is None:
+        return "busy"
+    problem = ctx.driver.volume_problem(taken.location)
+    absent = not os.path.lexists(taken.location)  # every driver's location is a host file (ADR 0011)
+    with ctx.db.transaction() as session:
+        fresh = _held(session, taken.id, owner)
+        if fresh is None:
+            return "lost"
+        done = {"lease_owner": None, "lease_expires_at": None}
+        if problem is None:
+            set_volume_status(session, fresh, VolumeStatus.AVAILABLE, module=module, **done,
+                              message="Home volume found complete after its maker died")
+            return "available"
+        if absent:
+            set_volume_status(session, fresh, VolumeStatus.DELETING, module=module, **done,
+                              reason="its maker died before making it",
+                              message="Home volume was never made: its maker died first")
+            set_volume_status(session, fresh, VolumeStatus.DELETED, module=module,
+                              expected=VolumeStatus.DELETING, reason="its maker died before making it",
+                              message="Home volume row removed; the next CLI VM makes the volume")
+            return "removed"
+        set_volume_status(session, fresh, VolumeStatus.FAILED, module=module, reason=problem, **done,
+                          message="Home volume left by a maker that died cannot be used")
+        return "failed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,6 +366,7 @@ def attach_home(ctx: AppContext, vm: Vm, *, session_id: str | None = None) -> Ho
     ``failed``; the controller never makes a new one over it) and ``WorkspaceBusy`` when the
     earlier VM could not be proven dead.
     """
+    assert vm.user_id is not None  # a CLI VM always has its user (only pool Browser VMs have none)
     volume = ensure_volume(ctx, vm.user_id, vm_id=vm.id, session_id=session_id)
     for _ in range(20):
         with ctx.db.read() as session:
@@ -268,11 +401,8 @@ def attach_home(ctx: AppContext, vm: Vm, *, session_id: str | None = None) -> Ho
     raise WorkspaceBusy(log_detail=f"volume {volume.id}: could not attach to {vm.id} after 20 attempts")
 
 
-def _lock(session: object, volume_id: str) -> None:
+def _lock(session: Session, volume_id: str) -> None:
     """Row lock on PostgreSQL (SQLite's BEGIN IMMEDIATE already serialises writers)."""
-    from sqlalchemy.orm import Session
-
-    assert isinstance(session, Session)
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(Volume.id).where(Volume.id == volume_id).with_for_update())
 
