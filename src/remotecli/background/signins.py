@@ -39,13 +39,15 @@ from remotecli.background.leases import SESSION_LEASES
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Vm, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_TERMINAL, AuthStatus, VmStatus, VmType
-from remotecli.errors import AgentError, RemotecliError
+from remotecli.errors import AgentError, HostAtCapacity, RemotecliError
 from remotecli.logging import get_logger, log_context
 from remotecli.notifier import Topic
 from remotecli.profiles import ProviderProfile
 from remotecli.services import credentials, vm_manager
 from remotecli.services.signin_state import (
     MODULE,
+    STEP_MESSAGES,
+    WAITING_FOR_CAPACITY,
     SessionFailure,
     cleanup_browser,
     fail,
@@ -61,6 +63,13 @@ log = get_logger(MODULE)
 
 #: How often a worker asks the OAuth agent where the user is.
 POLL_S = 0.5
+#: How often a sign-in waiting for room on the host tries its VM again.
+CAPACITY_POLL_S = 1.0
+
+
+class CapacityWaitEnded(Exception):
+    """A wait for capacity ended without a VM: the session expired or changed, its lease was lost,
+    the other VM of the step failed, or the controller is stopping. The worker's loop decides."""
 
 
 def claim_sessions(ctx: AppContext, owner: str, limit: int = 8) -> list[str]:
@@ -131,25 +140,66 @@ def _run(ctx: AppContext, session_id: str, owner: str, stopping: Callable[[], bo
             if status is AuthStatus.PENDING:
                 move(ctx, auth, AuthStatus.PROVISIONING)
             elif status is AuthStatus.PROVISIONING:
-                _provision(ctx, auth, profile)
+                _provision(ctx, auth, profile, owner, stopping)
             elif status in (AuthStatus.AWAITING_USER, AuthStatus.EXCHANGING):
                 _await_login(ctx, auth, profile, owner, stopping)
             elif status is AuthStatus.TRANSFERRING:
                 credentials.deliver(ctx, auth, profile)
-        except StatusChanged:
+        except (StatusChanged, CapacityWaitEnded):
             continue  # cancelled or expired meanwhile: the next pass sees it
         except SessionFailure as failure:
             fail(ctx, auth, failure.code, failure.detail, provider_name)
 
 
-def _provision(ctx: AppContext, auth: AuthSession, profile: ProviderProfile) -> None:
-    """Ensure the CLI VM and boot the Browser VM side by side, then start the OAuth agent."""
+def _when_capacity(ctx: AppContext, auth: AuthSession, owner: str, stopping: Callable[[], bool],
+                   create: Callable[[], Vm]) -> Vm:
+    """``create()``; while the host has no room for the VM (``HostAtCapacity``), the session says
+    so in words and tries again every ``CAPACITY_POLL_S``, renewing its lease, until the VM fits
+    or the wait ends (``CapacityWaitEnded``: expiry, a change of the session, ``stopping()``)."""
+    waiting = False
+    last_lease = time.monotonic()
+    while True:
+        try:
+            vm = create()
+        except HostAtCapacity as exc:
+            try:
+                if not waiting:
+                    waiting = True
+                    set_fields(ctx, auth, message=WAITING_FOR_CAPACITY)
+                    record(ctx, auth, "auth.waiting_for_capacity", "Waiting for capacity on the host",
+                           detail=(exc.log_detail or "")[:300])
+                if stopping() or _expired_or_ended(ctx, auth):
+                    raise CapacityWaitEnded()
+            except StatusChanged as changed:
+                raise CapacityWaitEnded() from changed
+            if time.monotonic() - last_lease > ctx.settings.auth_lease_s / 3:
+                if not _renew_lease(ctx, auth, owner):
+                    raise CapacityWaitEnded() from None
+                last_lease = time.monotonic()
+            time.sleep(CAPACITY_POLL_S)
+            continue
+        if waiting:
+            with contextlib.suppress(StatusChanged):
+                set_fields(ctx, auth, message=STEP_MESSAGES[AuthStatus.PROVISIONING])
+                record(ctx, auth, "auth.capacity_found", "The host has room again; starting", vm_id=vm.id)
+        return vm
+
+
+def _provision(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, owner: str = "",
+               stopping: Callable[[], bool] = _never) -> None:
+    """Ensure the CLI VM and boot the Browser VM side by side, then start the OAuth agent. Either
+    waits while the host has no room for it (``_when_capacity``)."""
     principal = principal_of(ctx, auth.user_id)
+    abandoned = threading.Event()  # one of the two failed: the other stops waiting for capacity
+
+    def stop_waiting() -> bool:
+        return abandoned.is_set() or stopping()
 
     def ensure_cli() -> str | None:
         for attempt in range(2):  # a failed boot is retried once, like the Browser VM's
             try:
-                vm, _created = vm_manager.ensure_cli_vm(ctx, principal, session_id=auth.id)
+                vm = _when_capacity(ctx, auth, owner, stop_waiting,
+                                    lambda: vm_manager.ensure_cli_vm(ctx, principal, session_id=auth.id)[0])
                 return vm.id
             except RemotecliError as exc:
                 if attempt == 1:
@@ -165,7 +215,8 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: ProviderProfile) -> 
         last: RemotecliError | None = None
         for _attempt in range(2):  # a failed boot is retried once before the user hears of it
             try:
-                return vm_manager.create_vm(ctx, principal, VmType.BROWSER.value, session_id=auth.id)
+                return _when_capacity(ctx, auth, owner, stop_waiting, lambda: vm_manager.create_vm(
+                    ctx, principal, VmType.BROWSER.value, session_id=auth.id))
             except RemotecliError as exc:
                 last = exc
         raise SessionFailure("vm_boot_failed", last.log_detail or last.message if last else "")
@@ -173,8 +224,19 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: ProviderProfile) -> 
     with ThreadPoolExecutor(max_workers=2) as pool:  # the two boots of this one session, side by side
         cli_future = pool.submit(ensure_cli)
         browser_future = pool.submit(browser)
-        browser_vm = browser_future.result()
-        cli_vm_id = cli_future.result()
+        try:
+            browser_vm = browser_future.result()
+        except BaseException:
+            abandoned.set()
+            raise
+        try:
+            cli_vm_id = cli_future.result()
+        except CapacityWaitEnded:
+            # Not recorded on the session yet: nobody else would ever destroy it.
+            with contextlib.suppress(RemotecliError):
+                vm_manager.destroy_vm(ctx, None, browser_vm.id, reason="its sign-in stopped waiting for capacity",
+                                      module=MODULE, session_id=auth.id)
+            raise
     set_fields(ctx, auth, browser_vm_id=browser_vm.id, **({"cli_vm_id": cli_vm_id} if cli_vm_id else {}))
 
     flow_id = auth.oauth_flow_id or f"flow-{uuid.uuid4().hex[:16]}"
@@ -242,7 +304,7 @@ def _await_login(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, o
         # Repairable: the user has not logged in yet; give them a fresh browser.
         record(ctx, auth, "auth.browser_restarted", "The secure browser stopped; starting a new one")
         set_fields(ctx, auth, browser_vm_id=None, oauth_flow_id=None)
-        _reprovision_in_place(ctx, auth, profile)
+        _reprovision_in_place(ctx, auth, profile, owner, stopping)
         return
     agent = ctx.agent(browser_vm)
     try:
@@ -275,10 +337,12 @@ def _await_login(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, o
         agent.close()
 
 
-def _reprovision_in_place(ctx: AppContext, auth: AuthSession, profile: ProviderProfile) -> None:
+def _reprovision_in_place(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, owner: str = "",
+                         stopping: Callable[[], bool] = _never) -> None:
     principal = principal_of(ctx, auth.user_id)
     try:
-        vm = vm_manager.create_vm(ctx, principal, VmType.BROWSER.value, session_id=auth.id)
+        vm = _when_capacity(ctx, auth, owner, stopping, lambda: vm_manager.create_vm(
+            ctx, principal, VmType.BROWSER.value, session_id=auth.id))
     except RemotecliError as exc:
         raise SessionFailure("vm_boot_failed", exc.log_detail or exc.message) from exc
     flow_id = f"flow-{uuid.uuid4().hex[:16]}"

@@ -42,6 +42,9 @@ STEP_MESSAGES: dict[AuthStatus, str] = {
     AuthStatus.CANCELLED: "Sign-in cancelled.",
 }
 
+#: The session's message while its CLI or Browser VM waits for room on the host (``provisioning``).
+WAITING_FOR_CAPACITY = "Waiting for capacity on the host…"
+
 FAILURE_MESSAGES: dict[str, str] = {
     "oauth_denied": "You declined access at {provider}. Try again when you are ready.",
     "oauth_error": "{provider} did not complete the sign-in. Try again.",
