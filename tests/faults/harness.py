@@ -16,8 +16,12 @@ Faults (fake driver, in-process controllers):
 * ``kill_during_write``    armed: the next write into a home through the fake agent (the writer
                        threads write numbered files into their users' homes all run long) is
                        interrupted by a kill of its VM, after the write began and before it landed
+* ``kill_during_volume_create``  armed: the controller making the next home volume is killed in the
+                       driver's call, before or after the volume file exists (its row stays
+                       ``creating`` under a lease nobody renews); a new controller starts and the
+                       user's next ensure must give a CLI VM promptly, with one volume
 
-Both armed faults are armed once at the start, so every run (the short one too) has them.
+The armed faults are armed once at the start, so every run (the short one too) has them.
 
 At the end (faults stopped): every session must be ``completed`` or ended with a stable error code,
 no held credential may be left in a row, and after one garbage-collection pass and one reconciler
@@ -25,7 +29,8 @@ pass no process, directory or non-terminal row without a VM behind it may remain
 (ADR 0011): every user who ever had a CLI VM still has exactly one live volume row, usable, whose
 data the fake driver still holds (every write acknowledged before a kill, every credential file a
 killed VM had received); no volume is attached to two VMs (the database, and no two running fake
-VMs with the same home); no volume stays attached to an ended or vanished VM after the pass.
+VMs with the same home); no volume stays attached to an ended or vanished VM after the pass, or
+left ``creating``; no volume file is made twice, and one the killed maker completed is the one kept.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +60,7 @@ from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, VOLUM
 from remotecli.drivers.base import Liveness
 from remotecli.drivers.fake import FakeDriver
 from remotecli.errors import RemotecliError
-from remotecli.services import auth_flow, vm_manager
+from remotecli.services import auth_flow, vm_manager, workspaces
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 
@@ -64,14 +69,29 @@ TOKENS: dict[str, object] = {
     "expires_in": 3600, "scope": "openid email offline_access", "token_type": "Bearer",
 }
 FAULT_KINDS = ("kill_vm", "delete_dir", "hang_agent", "lose_control", "restart", "drop_db",
-               "kill_after_delivery", "kill_during_write")
+               "kill_after_delivery", "kill_during_write", "kill_during_volume_create")
 #: How often each fault is drawn, relatively (a controller restart every few seconds is plenty).
-FAULT_WEIGHTS = (3, 2, 2, 2, 1, 1, 1, 1)
+FAULT_WEIGHTS = (3, 2, 2, 2, 1, 1, 1, 1, 1)
 #: Armed faults: drawing one arms it; it counts as injected when it fires.
-ARMED_FAULTS = ("kill_after_delivery", "kill_during_write")
+ARMED_FAULTS = ("kill_after_delivery", "kill_during_write", "kill_during_volume_create")
 #: Where the writer threads write in a home (under the cli user's home).
 WORK_DIR = "work"
 STABLE_CODES = set(auth_flow.FAILURE_MESSAGES)
+
+
+class FaultDriver(FakeDriver):
+    """The fake driver with a hook around making a home volume (``kill_during_volume_create``)."""
+
+    during_volume_create: Callable[[str, Callable[[], None]], None] | None = None
+
+    def create_volume(self, location: str, size_bytes: int, owner_uid: int) -> None:
+        def make() -> None:
+            super(FaultDriver, self).create_volume(location, size_bytes, owner_uid)
+
+        if self.during_volume_create is None:
+            make()
+        else:
+            self.during_volume_create(location, make)
 
 
 class ControllerKilled(BaseException):  # a BaseException: nothing may catch it and go on
@@ -165,6 +185,8 @@ class Report:
     final_passes: dict[str, object] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # kill_during_volume_create: from the kill to the user's next CLI VM with its home (seconds).
+    volume_takeover_s: float | None = None
 
     def text(self) -> str:
         lines = [
@@ -175,6 +197,7 @@ class Report:
             f"leaks: {len(self.leaks)}" + "".join(f"\n  - {leak}" for leak in self.leaks),
             f"watched (not leaks): {len(self.watched)}" + "".join(f"\n  - {w}" for w in self.watched),
             f"final passes: {self.final_passes}",
+            f"volume maker killed -> user's CLI VM: {self.volume_takeover_s} s",
             f"problems: {len(self.problems)}" + "".join(f"\n  - {p}" for p in self.problems),
         ]
         return "\n".join(lines)
@@ -189,7 +212,7 @@ class FaultRun:
         self.rng = random.Random(seed)
         self.fault_interval_s = fault_interval_s
         self.n_users = users or max(2, min(8, flows // 3))
-        self.driver = FakeDriver(boot_delay_s=boot_delay_s)
+        self.driver = FaultDriver(boot_delay_s=boot_delay_s)
         self.driver.login_outcome = ("complete", TOKENS)
         self.report = Report()
         self._lock = threading.Lock()
@@ -205,6 +228,10 @@ class FaultRun:
         self._delivered_seen: set[str] = set()
         self._had_cli_vm: set[str] = set()  # users given a CLI VM (their rows may be collected by GC)
         self.driver.during_write = self._during_write
+        self.driver.during_volume_create = self._during_volume_create
+        self._principals: list[Principal] = []
+        # kill_during_volume_create: (location, whether the file was made before the kill).
+        self._killed_makes: list[tuple[str, bool]] = []
 
     # -------------------------------------------------------------------------------- helpers
     @property
@@ -298,6 +325,55 @@ class FaultRun:
         if f"/{WORK_DIR}/" in path and self._disarm("kill_during_write"):
             self.driver.kill(vm_id)
             self.report.faults["kill_during_write"] += 1
+
+    def _during_volume_create(self, location: str, make: Callable[[], None]) -> None:
+        """``kill_during_volume_create``: the controller making a home volume dies in the driver
+        call (before or after the file is made); a new controller starts, and the user's next
+        ensure is timed."""
+        if not self._disarm("kill_during_volume_create"):
+            make()
+            return
+        with self._lock:
+            victim = self._current
+            file_first = self.rng.random() < 0.5
+        if victim is None:
+            make()
+            return
+        if file_first:
+            make()
+        victim.db.killed = True  # SIGKILL: from now on nothing of it reaches the database
+        killed_at = time.monotonic()
+        self._killed_makes.append((location, file_first))
+        self.report.faults["kill_during_volume_create"] += 1
+        threading.Thread(target=self._after_volume_kill, args=(victim, location, killed_at),
+                         name="faults-volume-kill", daemon=True).start()
+        raise ControllerKilled()
+
+    def _after_volume_kill(self, victim: Controller, location: str, killed_at: float) -> None:
+        with self._lock:
+            restart = self._current is victim
+            if restart:
+                self._current = None
+        if restart:
+            victim.kill()
+            with self._lock:
+                self._current = Controller(self.settings, self.driver)
+                self._last_restart = time.monotonic()
+        volume_id = Path(location).name.removesuffix(".ext4")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ctx = self._with_ctx()
+                with ctx.db.read() as session:
+                    user_id = session.scalar(select(Volume.user_id).where(Volume.id == volume_id))
+                principal = next(p for p in self._principals if p.user_id == user_id)
+                vm, _created = vm_manager.ensure_cli_vm(ctx, principal)
+                if self.driver.home_of(vm.id) is not None:
+                    self.report.volume_takeover_s = round(time.monotonic() - killed_at, 2)
+                    return
+            except (ControllerKilled, Exception):
+                time.sleep(0.05)
+        self.report.problems.append(f"no CLI VM with its home within 60 s after the maker of {volume_id} was killed")
 
     def _watch_deliveries(self) -> None:
         """``kill_after_delivery``: kill the CLI VM of the next delivery once it has its files."""
@@ -424,6 +500,7 @@ class FaultRun:
         for i in range(self.n_users):
             user = users_service.create_user(self.ctx.db, f"fault{i}")
             principals.append(Principal(user.id, user.name, False))
+        self._principals = principals
         per_user = [self.flows // self.n_users + (1 if i < self.flows % self.n_users else 0)
                     for i in range(self.n_users)]
         session_ids: list[str] = []
@@ -468,9 +545,10 @@ class FaultRun:
             if live is None and wedged is None:
                 break
             time.sleep(0.1)
-        # Leases a killed controller held (VMs, orphans) lapse: wait them out, as a restarted
-        # controller would.
-        remaining = self.settings.reconciler_lease_s + 0.5 - (time.monotonic() - self._last_restart)
+        # Leases a killed controller held (VMs, orphans, volumes being made) lapse: wait them out,
+        # as a restarted controller would.
+        longest = max(self.settings.reconciler_lease_s, workspaces.CREATING_LEASE_S)
+        remaining = longest + 0.5 - (time.monotonic() - self._last_restart)
         if remaining > 0:
             time.sleep(remaining)
 
@@ -551,10 +629,8 @@ class FaultRun:
         for volume in volumes:
             if volume.status not in live_values:
                 continue
-            if volume.status == "failed":
-                self.report.problems.append(f"volume {volume.id} is failed ({volume.status_reason})")
-            elif volume.status == "creating":  # a killed controller's, taken over after _CREATING_TAKEOVER_S
-                self.report.watched.append(f"volume {volume.id} still creating (its creator was killed)")
+            if volume.status in ("failed", "creating"):  # a dead maker's row is settled by the pass
+                self.report.problems.append(f"volume {volume.id} is {volume.status} ({volume.status_reason})")
             problem = self.driver.volume_problem(volume.location)
             if problem is not None:
                 self.report.problems.append(f"volume {volume.id}: {problem}")
@@ -568,6 +644,15 @@ class FaultRun:
                         f"({holder.status if holder else 'no row'}) after a reconciler pass")
                 elif holder.user_id != volume.user_id:
                     self.report.problems.append(f"volume {volume.id} attached to another user's VM {holder.id}")
+        made = Counter(call[1] for call in self.driver.calls if call[0] == "create_volume")
+        for location, count in made.items():
+            if count > 1:
+                self.report.problems.append(f"volume file {location} was made {count} times")
+        live_at = {v.location for v in volumes if v.status in live_values}
+        for location, file_first in self._killed_makes:
+            if file_first and location not in live_at:
+                self.report.problems.append(f"the volume file {location} its killed maker completed was not kept")
+        self.report.final_passes["volume_makers_killed"] = len(self._killed_makes)
         if self.driver.double_attach:
             self.report.problems.append(f"a volume was attached to two VMs at once: {self.driver.double_attach}")
         homes = Counter(h for h in (self.driver.home_of(vm_id) for vm_id in self.driver.running_ids()) if h)
