@@ -105,12 +105,27 @@ class VmSpec:
 
 
 @dataclass(frozen=True)
+class SnapshotRef:
+    """A saved, booted VM of one type that new VMs of that type are restored from (ADR 0012)."""
+
+    vm_type: str
+    key: str  # hash of the image, hypervisor version and machine config the snapshot fits
+    directory: Path
+
+
+@dataclass(frozen=True)
 class BootInfo:
     """What the controller records after a successful create/start."""
 
     endpoint: str  # how to reach the guest agent, e.g. "tcp://127.0.0.1:40123"
     pid: int | None = None
     accel: str | None = None  # "kvm", "tcg", or None when not applicable
+    # Restored from a snapshot (ADR 0012) instead of booted; the agent already answers with the
+    # VM's own secret when ``create`` returns.
+    restored: bool = False
+    # A restore was tried and failed, or the snapshot did not fit: the VM was booted cold instead.
+    # Words for an event and the log, no secret.
+    warning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +241,13 @@ class VmDriver(abc.ABC):
     @abc.abstractmethod
     def list_host_vms(self, vms_dir: Path) -> list[HostVm]:
         """Every VM of this driver present on the host (directories under ``vms_dir``, processes)."""
+
+    def prepare_snapshot(self, vm_type: str) -> SnapshotRef | None:
+        """Make sure a snapshot for ``vm_type`` fits the current image and hypervisor, building it
+        (blocking; a VM boots) when it is missing or stale. None: this driver restores nothing
+        (``capabilities.snapshot`` is False). While one fits, ``create`` of that VM type restores
+        from it and falls back to a cold boot (``BootInfo.warning``) when that fails."""
+        return None
 
     def agent_client(self, endpoint: str, secret: str, *, timeout: float) -> GuestAgent:
         """A client of the guest agent at ``endpoint`` (``BootInfo.endpoint``), authenticated

@@ -65,6 +65,11 @@ def load_config(path, wait_s=30.0):
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise ConfigError(f"config {path} is not a UTF-8 JSON document") from None
+    return parse_config(doc)
+
+
+def parse_config(doc):
+    """Validate a config document (already parsed JSON) into an ``AgentConfig``."""
     if not isinstance(doc, dict):
         raise ConfigError("config document is not a JSON object")
     missing = [key for key in REQUIRED_KEYS if key not in doc]

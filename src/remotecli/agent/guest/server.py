@@ -17,7 +17,7 @@ import threading
 import time
 
 from . import AGENT_VERSION
-from .config import ConfigError, boot_id, load_config, system_uptime
+from .config import ConfigError, boot_id, system_uptime
 from .execute import ExecSpawnError, run_command
 from .files import FileOpError, read_file, write_file
 from .httpio import (
@@ -29,6 +29,8 @@ from .httpio import (
 )
 from .log import log
 from .oauth import OAuthFlows
+from .rekey import TemplateState
+from .rekey import load as load_config_or_template
 from .streams import PtySpawnError, run_pty_session, run_tcp_splice, spawn_pty
 from .users import UserError, base_env, default_cwd, process_identity
 from .wire import API_PREFIX, MAX_EXEC_TIMEOUT_S, UPGRADE_PTY, UPGRADE_TCP
@@ -111,6 +113,8 @@ class Agent:
         self._ids = itertools.count(1)
         self.connections = set()
         self.oauth = OAuthFlows()
+        # Snapshot templates and restored VMs (rekey.py): no secret until the config disk has one.
+        self.template: TemplateState | None = None
 
     # -- connection handling -------------------------------------------------------------------
 
@@ -119,8 +123,8 @@ class Agent:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             token = ""
-        # Always compare (constant time), even for a missing token.
-        return hmac.compare_digest(token.strip().encode("utf-8", "replace"), self._secret)
+        # Always compare (constant time), even for a missing token. No secret (a template): no one.
+        return hmac.compare_digest(token.strip().encode("utf-8", "replace"), self._secret) and bool(self._secret)
 
     async def handle_connection(self, reader, writer):
         task = asyncio.current_task()
@@ -134,6 +138,8 @@ class Agent:
                     request = await read_request_head(reader)
                     if request is None:
                         return
+                    if self.template is not None and not self.template.adopted:
+                        await asyncio.to_thread(self.template.adopt, self)
                     if not self._authorized(request):
                         raise HttpError(401, "unauthorized", "Missing or wrong agent secret.", close=True)
                     await read_body(reader, request)
@@ -456,6 +462,8 @@ async def serve(agent, host, port):
         pid=os.getpid(),
     )
     vsock_server = await _start_vsock_server(agent)
+    if agent.template is not None and not agent.template.adopted:
+        agent.template.start(agent)
     async with server:
         signum = await stop
         if vsock_server is not None:
@@ -475,13 +483,14 @@ async def serve(agent, host, port):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_config(args.config)
+        config, template = load_config_or_template(args.config)
     except ConfigError as exc:
         log("config_error", level="error", detail=str(exc))
         return 2
     _apply_hostname(config.hostname)
     port = config.agent_port if args.port is None else args.port
     agent = Agent(config, dry_run_shutdown=args.dry_run_shutdown)
+    agent.template = template
     try:
         asyncio.run(serve(agent, args.listen_host, port))
     except OSError as exc:

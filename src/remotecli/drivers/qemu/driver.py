@@ -22,6 +22,7 @@ controller restart and is reaped by init, never left a zombie in the controller)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remotecli.agent.protocol import CONFIG_DISK_FILE
+from remotecli.agent.protocol import CONFIG_DISK_FILE, encode_config_disk
 from remotecli.config import Settings
 from remotecli.drivers import host
 from remotecli.drivers.base import (
@@ -48,13 +49,14 @@ from remotecli.drivers.base import (
     Inspection,
     Liveness,
     PowerState,
+    SnapshotRef,
     VmDriver,
     VmGone,
     VmSpec,
 )
-from remotecli.drivers.qemu import confinement, kvm_probe
-from remotecli.drivers.qemu.qmp import QmpError, QmpUnavailable, qmp_execute
-from remotecli.errors import DriverError, DriverUnavailable, ImageMissing, VmBootFailed
+from remotecli.drivers.qemu import confinement, kvm_probe, snapshot
+from remotecli.drivers.qemu.qmp import QmpClient, QmpError, QmpUnavailable, qmp_execute
+from remotecli.errors import AgentError, DriverError, DriverUnavailable, ImageMissing, VmBootFailed
 from remotecli.logging import get_logger
 
 log = get_logger("qemu")
@@ -92,6 +94,15 @@ INITRAMFS_MARKER = b"remotecli-initramfs: started"
 # average per core, since a busy host slows a healthy boot too and a slow boot is not a stall.
 EARLY_BOOT_TIMEOUT = 6.0
 TCG_BOOT_ATTEMPTS = 5
+# Snapshot restore (ADR 0012), seconds on an idle host (scaled by the load per core like the boot
+# watchdog): loading the saved state, the restored agent answering with the new secret, the
+# template VM booting and warming Chromium under TCG, and saving it.
+RESTORE_LOAD_TIMEOUT = 60.0
+RESTORE_AGENT_TIMEOUT = 30.0
+TEMPLATE_READY_TIMEOUT = 300.0
+SAVE_TIMEOUT = 120.0
+# A restored VM's name for the snapshot's disk (its own disk.qcow2 is an overlay over it).
+TEMPLATE_DISK = "template.qcow2"
 
 _POWER = {
     "running": PowerState.RUNNING,
@@ -195,12 +206,13 @@ def _qemu_processes() -> Iterator[tuple[int, list[str]]]:
 
 class QemuDriver(VmDriver):
     name = "qemu"
-    capabilities = Capabilities(pause=True, snapshot=False, restart=True)
+    capabilities = Capabilities(pause=True, snapshot=True, restart=True)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._availability: Availability | None = None
         self._accel: str | None = None
+        self._qemu_version: str | None = None
 
     # ---------------------------------------------------------------- host facts
 
@@ -348,6 +360,7 @@ class QemuDriver(VmDriver):
         accel: str,
         port: int,
         user: confinement.QemuUser | None = None,
+        incoming: bool = False,
     ) -> list[str]:
         cmdline = f"console=ttyS0 root=/dev/vda rw panic=-1 quiet remotecli.vm_type={spec.vm_type}"
         if accel == "tcg":
@@ -410,6 +423,8 @@ class QemuDriver(VmDriver):
             "-sandbox",
             "on,obsolete=deny,resourcecontrol=deny",
             *confinement.runas_args(qemu, user),
+            # A restore (snapshot.py): wait for migrate-incoming on QMP instead of booting.
+            *(["-incoming", "defer"] if incoming else []),
             "-daemonize",
         ]
 
@@ -451,7 +466,11 @@ class QemuDriver(VmDriver):
         os.replace(tmp, paths.disk)
         return str(backing)
 
-    def _launch(self, spec: VmSpec, paths: _Paths, kernel: Path, initrd: Path, image_info: dict[str, Any]) -> BootInfo:
+    def _launch(self, spec: VmSpec, paths: _Paths, kernel: Path, initrd: Path, image_info: dict[str, Any],
+                *, config: bytes | None = None, incoming: bool = False) -> BootInfo:
+        """Start QEMU for ``spec``: a boot, or with ``incoming`` a QEMU waiting for
+        ``migrate-incoming`` (a restore; returns as soon as QMP answers). ``config``: the config
+        disk's bytes when they are not ``spec``'s own document (templates, restores)."""
         if len(str(paths.qmp)) > MAX_SOCKET_PATH:
             raise DriverError(
                 "The VM directory path is too long for QEMU's control socket; use a shorter data directory.",
@@ -463,15 +482,15 @@ class QemuDriver(VmDriver):
         accel = self.accel(kernel)
         record = host.read_json_object(paths.record)
         previous = record.get("port")
-        host.write_private_file(paths.config, host.config_disk(spec).encode())
+        host.write_private_file(paths.config, config if config is not None else host.config_disk(spec).encode())
         # Before every launch: the rules are replaced atomically, so a flushed ruleset comes back.
         confined = confinement.confine(self.settings)
         # One uid per VM (kept across its boots): no QEMU can signal or ptrace another VM's.
         user = (confinement.allocate_uid(self.settings.vms_dir, paths.directory, spec.vm_type, confined.uids)
                 if confined.uids is not None else None)
-        attempts = TCG_BOOT_ATTEMPTS if accel == "tcg" else 1
+        attempts = TCG_BOOT_ATTEMPTS if accel == "tcg" and not incoming else 1
         for attempt in range(1, attempts + 1):
-            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, user)
+            pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, user, incoming)
             new_record = {
                 "vm_id": spec.vm_id,
                 "vm_type": spec.vm_type,
@@ -492,7 +511,7 @@ class QemuDriver(VmDriver):
                 "boot_attempts": attempt,
             }
             host.write_private_file(paths.record, (json.dumps(new_record, indent=2) + "\n").encode())
-            if accel != "tcg":
+            if accel != "tcg" or incoming:
                 return BootInfo(endpoint=f"tcp://127.0.0.1:{port}", pid=pid, accel=accel)
             outcome = self._wait_early_boot(paths, pid)
             if outcome == "started":
@@ -539,13 +558,14 @@ class QemuDriver(VmDriver):
         accel: str,
         previous: object,
         user: confinement.QemuUser | None = None,
+        incoming: bool = False,
     ) -> tuple[int, int, list[str]]:
         """Start QEMU (retrying on a port collision) and wait for QMP. Returns (pid, port, argv)."""
         last_error = ""
         for attempt in range(PORT_ATTEMPTS):
             reuse = attempt == 0 and isinstance(previous, int) and _port_free(previous)
             port = int(previous) if reuse and isinstance(previous, int) else _free_port()
-            argv = self._argv(spec, paths, kernel, initrd, accel, port, user)
+            argv = self._argv(spec, paths, kernel, initrd, accel, port, user, incoming)
             for stale in (paths.qmp, paths.pidfile):
                 stale.unlink(missing_ok=True)
             if paths.console.exists():
@@ -624,6 +644,23 @@ class QemuDriver(VmDriver):
             pid = self._live_pid(paths)
             if pid is not None:
                 return self._boot_info(paths, pid)
+            warning: str | None = None
+            if not paths.disk.exists():
+                ref, problem = self._fitting_snapshot(spec, image)
+                if ref is not None:
+                    try:
+                        return self._restore(spec, paths, image, ref)
+                    except (DriverError, AgentError, QmpError, QmpUnavailable, OSError) as exc:
+                        detail = (exc.log_detail or exc.message) if isinstance(exc, DriverError | AgentError) \
+                            else str(exc)
+                        warning = f"Restoring from the {spec.vm_type} snapshot failed; booted cold instead"
+                        log.warning("snapshot restore failed; booting cold", extra={
+                            "vm_id": spec.vm_id, "snapshot": ref.key, "detail": str(detail)[-2000:]})
+                        self._undo_restore(paths)
+                elif problem is not None and problem != "missing":
+                    warning = f"The {spec.vm_type} snapshot does not fit ({problem}); booted cold instead"
+                    log.warning("snapshot does not fit; booting cold", extra={"vm_id": spec.vm_id,
+                                                                              "detail": problem})
             backing = str(image.rootfs)
             if not paths.disk.exists():
                 backing = self._prepare_disk(paths, image)
@@ -634,7 +671,178 @@ class QemuDriver(VmDriver):
                 "backing": backing,
                 "hash": image.recipe_hash,
             }
-            return self._launch(spec, paths, image.kernel, image.initrd, info)
+            boot = self._launch(spec, paths, image.kernel, image.initrd, info)
+            return dataclasses.replace(boot, warning=warning) if warning else boot
+
+    # ---------------------------------------------------------------- snapshot restore (ADR 0012)
+
+    def _snapshot_facts(self, image: ImageRef, vcpus: int, memory_mib: int) -> snapshot.Facts:
+        accel = self.accel(image.kernel)
+        if self._qemu_version is None:
+            self._qemu_version = kvm_probe.qemu_version(self._qemu_binary())
+        return snapshot.facts_for(image, qemu=self._qemu_version, machine=MACHINE, accel=accel,
+                                  cpu="host" if accel == "kvm" else "max", vcpus=vcpus, memory_mib=memory_mib)
+
+    def _fitting_snapshot(self, spec: VmSpec, image: ImageRef) -> tuple[SnapshotRef | None, str | None]:
+        """The snapshot ``spec`` can be restored from, else (None, why not); VMs with a home volume
+        are never restored (ADR 0012)."""
+        if spec.home is not None or not snapshot.directory(self.settings, spec.vm_type).is_dir():
+            return None, "missing"
+        return snapshot.check(self.settings, self._snapshot_facts(image, spec.vcpus, spec.memory_mib))
+
+    def _restore(self, spec: VmSpec, paths: _Paths, image: ImageRef, ref: SnapshotRef) -> BootInfo:
+        """Restore ``spec`` from ``ref``: its own disk overlay over the template disk, its own config
+        disk (secret, id, RNG seed), its own port; QEMU loads the saved state, the guest resumes,
+        and the agent proves it took the new secret before this returns."""
+        started = time.monotonic()
+        snapshot.link_into(ref, paths.directory, TEMPLATE_DISK)
+        tmp = paths.directory / ".disk.qcow2.tmp"
+        proc = subprocess.run(
+            [self._qemu_img(), "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", TEMPLATE_DISK, str(tmp)],
+            capture_output=True, text=True, cwd=paths.directory, check=False, timeout=60,
+        )
+        if proc.returncode != 0:
+            raise DriverError(log_detail=f"qemu-img create failed: {proc.stderr.strip()}")
+        os.replace(tmp, paths.disk)
+        doc = host.config_disk(spec).model_dump(mode="json", exclude_none=True)
+        # Fresh randomness for the guest's RNG (rekey.py mixes it in and reseeds) and the time.
+        doc["restore_seed"] = os.urandom(64).hex()
+        doc["restore_time"] = time.time()
+        info = {"kernel": str(image.kernel), "initrd": str(image.initrd), "rootfs": str(image.rootfs),
+                "backing": TEMPLATE_DISK, "hash": image.recipe_hash, "restored_from": ref.key}
+        boot = self._launch(spec, paths, image.kernel, image.initrd, info, config=encode_config_disk(doc),
+                            incoming=True)
+        pid = boot.pid
+        load_factor = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+        with open(ref.directory / snapshot.STATE_FILE, "rb") as state, QmpClient(paths.qmp, timeout=10.0) as qmp:
+            qmp.execute("getfd", {"fdname": "snapshot"}, fds=[state.fileno()])
+            qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
+            self._wait_migration(qmp, paths, pid, RESTORE_LOAD_TIMEOUT * load_factor, "restore")
+        loaded = time.monotonic() - started
+        client = self.agent_client(boot.endpoint, spec.agent_secret, timeout=5.0)
+        try:
+            health = client.wait_ready(RESTORE_AGENT_TIMEOUT * load_factor, poll_interval=0.05)
+        finally:
+            client.close()
+        if health.vm_id != spec.vm_id:
+            raise DriverError(log_detail=f"restored agent says vm_id {health.vm_id!r}")
+        record = host.read_json_object(paths.record)
+        record.update({"restored_from": ref.key, "restore_load_s": round(loaded, 3),
+                       "restore_s": round(time.monotonic() - started, 3)})
+        host.write_private_file(paths.record, (json.dumps(record, indent=2) + "\n").encode())
+        log.info("restored from snapshot", extra={"vm_id": spec.vm_id, "snapshot": ref.key,
+                                                  "duration_s": round(time.monotonic() - started, 3)})
+        return dataclasses.replace(boot, restored=True)
+
+    def _wait_migration(self, qmp: QmpClient, paths: _Paths, pid: int | None, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if pid is not None and not _is_vm_process(pid, paths.directory):
+                raise DriverError(log_detail=f"QEMU exited during the {what}: {_tail(paths.qemu_log)}")
+            info = qmp.execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise DriverError(log_detail=f"{what}: migration {status}: {info.get('error-desc', '')}")
+            if time.monotonic() > deadline:
+                raise DriverError(log_detail=f"{what}: migration still {status} after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _undo_restore(self, paths: _Paths) -> None:
+        """Back to an empty VM directory (cold boot next): no QEMU, no restored disk."""
+        for pid in self._find_pids(paths.directory):
+            with contextlib.suppress(DriverError):
+                self._kill(pid, paths.directory)
+        for name in (paths.disk, paths.directory / TEMPLATE_DISK, paths.qmp, paths.pidfile):
+            name.unlink(missing_ok=True)
+
+    def prepare_snapshot(self, vm_type: str) -> SnapshotRef | None:
+        from remotecli import images
+
+        image = images.require(self.settings, vm_type)
+        vcpus, memory_mib = self.settings.vm_defaults(vm_type)
+        facts = self._snapshot_facts(image, vcpus, memory_mib)
+        ref, _ = snapshot.check(self.settings, facts)
+        if ref is not None:
+            return ref
+        with snapshot.build_lock(self.settings, vm_type, wait=True):
+            ref, problem = snapshot.check(self.settings, facts)
+            if ref is not None:
+                return ref
+            for leftover in snapshot.leftover_builds(self.settings):
+                if leftover.name.startswith((f".build-{vm_type}-", f".old-{vm_type}-")):
+                    for pid in self._find_pids(leftover):
+                        self._kill(pid, leftover)
+                    shutil.rmtree(leftover, ignore_errors=True)
+            log.info("building a VM snapshot", extra={"vm_type": vm_type, "reason": problem, "key": facts.key})
+            return self._build_snapshot(image, facts, vcpus, memory_mib)
+
+    def _build_snapshot(self, image: ImageRef, facts: snapshot.Facts, vcpus: int, memory_mib: int) -> SnapshotRef:
+        """Boot a template VM (config disk without a secret), wait until its agent says it is
+        ready, save it with migration to a file, keep its disk. Raises ``DriverError``."""
+        started = time.monotonic()
+        build = snapshot.root(self.settings) / f".build-{facts.vm_type}-{os.urandom(4).hex()}"
+        build.mkdir(mode=0o700, parents=True)
+        paths = _Paths(build)
+        spec = VmSpec(vm_id=f"snapshot-{facts.vm_type}", vm_type=facts.vm_type, vcpus=vcpus, memory_mib=memory_mib,
+                      directory=build, agent_secret="", image=image)
+        pid: int | None = None
+        try:
+            self._prepare_disk(paths, image)
+            doc = host.config_disk(spec).model_dump(mode="json", exclude_none=True)
+            doc.update({"agent_secret": "", "template": True})
+            info = {"kernel": str(image.kernel), "initrd": str(image.initrd), "rootfs": str(image.rootfs),
+                    "backing": snapshot.BASE_FILE, "hash": image.recipe_hash, "template": facts.key}
+            with self._locked(paths):
+                boot = self._launch(spec, paths, image.kernel, image.initrd, info, config=encode_config_disk(doc))
+            pid = boot.pid
+            load_factor = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+            deadline = time.monotonic() + TEMPLATE_READY_TIMEOUT * load_factor
+            while True:
+                try:
+                    if snapshot.TEMPLATE_READY in paths.console.read_bytes():
+                        break
+                except OSError:
+                    pass
+                if pid is not None and not _is_vm_process(pid, paths.directory):
+                    raise DriverError(log_detail=f"the template VM exited: {_tail(paths.console)}")
+                if time.monotonic() > deadline:
+                    raise DriverError(log_detail=f"the template VM was not ready in time: {_tail(paths.console)}")
+                time.sleep(0.2)
+            warmed = b'"warmed":true' in paths.console.read_bytes()
+            state_path = build / snapshot.STATE_FILE
+            with QmpClient(paths.qmp, timeout=30.0) as qmp:
+                qmp.execute("stop")
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 * 1024**3})
+                fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    qmp.execute("getfd", {"fdname": "snapshot"}, fds=[fd])
+                finally:
+                    os.close(fd)
+                qmp.execute("migrate", {"uri": "fd:snapshot"})
+                self._wait_migration(qmp, paths, pid, SAVE_TIMEOUT * load_factor, "save")
+                with contextlib.suppress(QmpUnavailable, QmpError):
+                    qmp.execute("quit")
+            if pid is not None and not self._wait_gone(pid, paths.directory, 10.0):
+                self._kill(pid, paths.directory)
+            with open(state_path, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(paths.disk, 0o444)
+            for name in (paths.config, paths.qmp, paths.pidfile, paths.record, paths.lock, build / "qemu.uid",
+                         build / "console.log.1"):
+                name.unlink(missing_ok=True)
+            snapshot.write_manifest(build, facts, build_s=time.monotonic() - started, warmed=warmed)
+            final = snapshot.install(self.settings, build, facts.vm_type)
+        except BaseException:
+            for stray in self._find_pids(build):
+                with contextlib.suppress(DriverError):
+                    self._kill(stray, build)
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        log.info("VM snapshot built", extra={"vm_type": facts.vm_type, "key": facts.key,
+                                             "duration_s": round(time.monotonic() - started, 1), "warmed": warmed})
+        return SnapshotRef(vm_type=facts.vm_type, key=facts.key, directory=final)
 
     def start(self, spec: VmSpec) -> BootInfo:
         paths = _Paths(spec.directory)

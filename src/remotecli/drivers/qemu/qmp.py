@@ -95,15 +95,24 @@ class QmpClient:
             raise QmpUnavailable(f"QMP sent a non-object: {line[:200]!r}")
         return message
 
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
-        """Run one command and return its ``return`` value; events in between are skipped."""
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None,
+                fds: list[int] | None = None) -> Any:
+        """Run one command and return its ``return`` value; events in between are skipped.
+
+        ``fds`` are passed along with the command (SCM_RIGHTS), as ``getfd`` expects."""
         if self._sock is None:
             raise QmpUnavailable("not connected")
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
         try:
-            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            data = json.dumps(request).encode() + b"\n"
+            if fds:
+                sent = socket.send_fds(self._sock, [data], fds)
+                if sent < len(data):
+                    self._sock.sendall(data[sent:])
+            else:
+                self._sock.sendall(data)
         except OSError as exc:
             raise QmpUnavailable(f"QMP send failed: {exc}") from exc
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
