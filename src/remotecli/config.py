@@ -92,8 +92,40 @@ class Settings(BaseSettings):
     shared_images_dir: Path | None = Field(
         default=None, description="Read guest images from here instead of <data_dir>/images (tests, shared hosts)"
     )
-    driver: Literal["auto", "qemu", "firecracker", "fake"] = "auto"
+    driver: Literal["auto", "qemu", "firecracker", "fake", "incus"] = "auto"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+    # The Incus driver (drivers/incus; docs/incus-operators-guide.md).
+    incus_url: str = Field(
+        default="unix:///var/lib/incus/unix.socket",
+        description="The Incus API: https://HOST:8443 (mutual TLS) or unix:///PATH of a local member")
+    incus_project: str = Field(default="remotecli", description="The Incus project that holds remotecli's instances")
+    incus_client_cert: Path | None = Field(
+        default=None, description="The controller's Incus client certificate; default <data_dir>/incus/client.crt, "
+        "made on first use")
+    incus_client_key: Path | None = Field(default=None, description="Its key; default <data_dir>/incus/client.key")
+    incus_server_cert: Path | None = Field(
+        default=None, description="The cluster's server certificate (PEM), pinned: the only one trusted over https")
+    incus_instance_type: Literal["container", "virtual-machine"] = Field(
+        default="container",
+        description="container: QEMU (TCG) inside a container per VM; virtual-machine: KVM members")
+    incus_runner_image: str = Field(default="remotecli-runner",
+                                    description="Image alias of the container that runs a VM's QEMU (python3, QEMU)")
+    incus_storage_pool: str = Field(default="default", description="Pool of the home volumes (custom volumes)")
+    incus_member_images_dir: str | None = Field(
+        default=None, description="Path on every member holding the guest images (mounted read-only); unset: the "
+        "image files are pushed into each VM's container")
+    incus_runner_disks: str = Field(
+        default="", description="Extra read-only disks of the runner container, 'inside=member_path,...'")
+    incus_qemu_binary: str = Field(default="/usr/bin/qemu-system-x86_64", description="QEMU inside the container")
+    incus_agent_ports: str = Field(default="21000-21999",
+                                   description="Member ports that publish each VM's agent TLS port (proxy device)")
+    incus_agent_address: str | None = Field(
+        default=None, description="Address of the agent ports when Incus is not clustered (default 127.0.0.1)")
+    incus_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of each Incus API call")
+    member_unreachable_grace_s: float = Field(
+        default=120.0, ge=0, description="A VM on an unreachable Incus member is 'unknown' this long, then failed "
+        "and replaced; the old instance is fenced when its member returns")
 
     # Guest confinement (drivers/qemu/confinement.py; docs/security.md, ADR 0007 and 0009).
     qemu_uid_range: str = Field(
@@ -323,6 +355,19 @@ class Settings(BaseSettings):
         return self.data_dir / "secret.key"
 
     @cached_property
+    @property
+    def incus_client_cert_path(self) -> Path:
+        return self.incus_client_cert or self.data_dir / "incus" / "client.crt"
+
+    @property
+    def incus_client_key_path(self) -> Path:
+        return self.incus_client_key or self.data_dir / "incus" / "client.key"
+
+    @property
+    def incus_agent_port_range(self) -> tuple[int, int]:
+        low, _, high = self.incus_agent_ports.partition("-")
+        return int(low), int(high or low)
+
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url

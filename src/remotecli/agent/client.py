@@ -19,6 +19,7 @@ import binascii
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -295,7 +296,10 @@ class AgentClient:
     ``unix+vsock:///path?port=N`` (Firecracker's hybrid vsock socket, ``CONNECT N`` handshake).
     """
 
-    def __init__(self, endpoint: str, secret: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, endpoint: str, secret: str, *, timeout: float = 30.0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: speak TLS to a ``tcp://`` endpoint with this (pinning) context: the Incus
+        driver's agents on other hosts are reached only that way."""
         if not secret:
             raise ValueError("the agent secret is empty")
         self._endpoint = _parse_endpoint(endpoint)
@@ -303,6 +307,7 @@ class AgentClient:
         self.timeout = timeout
         if self._endpoint.vsock_port is not None and self._endpoint.uds is not None:
             transport = httpx.HTTPTransport(retries=0)
+        self._tls = tls
             # httpx has no public hook for a network backend; its pool is replaced wholesale.
             transport._pool = httpcore.ConnectionPool(
                 network_backend=_VsockBackend(self._endpoint.uds, self._endpoint.vsock_port), retries=0
@@ -312,8 +317,9 @@ class AgentClient:
             transport = httpx.HTTPTransport(uds=self._endpoint.uds, retries=0)
             base_url = "http://agent"
         else:
-            transport = httpx.HTTPTransport(retries=0)
-            base_url = f"http://{self._endpoint.host}:{self._endpoint.port}"
+            transport = httpx.HTTPTransport(retries=0, verify=tls) if tls else httpx.HTTPTransport(retries=0)
+            scheme = "https" if tls else "http"
+            base_url = f"{scheme}://{self._endpoint.host}:{self._endpoint.port}"
         self._http = httpx.Client(
             base_url=base_url,
             transport=transport,
@@ -592,7 +598,9 @@ class AgentClient:
                     if self._endpoint.vsock_port is not None:
                         await _vsock_handshake(reader, writer, self._endpoint.vsock_port)
                 else:
-                    reader, writer = await asyncio.open_connection(self._endpoint.host, self._endpoint.port)
+                    reader, writer = await asyncio.open_connection(
+                        self._endpoint.host, self._endpoint.port, ssl=self._tls,
+                        server_hostname=self._endpoint.host if self._tls else None)
                 writer.write(request)
                 await writer.drain()
                 head = await reader.readuntil(b"\r\n\r\n")

@@ -163,6 +163,8 @@ class Vm(Base):
     # Migration 0007: the last use (ensure, exec, an open terminal, a sign-in's delivery); a running
     # CLI VM unused for ``cli_vm_idle_stop_s`` is stopped by the reconciler, its home kept.
     last_active_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Migration 0010: the Incus cluster member the VM's instance is on (None for local drivers).
+    member: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Migration 0009: booted by the warm pool (services/pool.py). It stays true after a sign-in
     # claimed it (``user_id`` set): the VM serves that one session and is destroyed after it.
     pool: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))

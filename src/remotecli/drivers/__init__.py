@@ -29,6 +29,10 @@ def get_driver(settings: Settings) -> VmDriver:
         except ImportError:  # pragma: no cover - the package is part of the product
             raise DriverUnavailable("The Firecracker driver is not installed.") from None
         return FirecrackerDriver(settings)
+    if name == "incus":
+        from remotecli.drivers.incus.driver import IncusDriver
+
+        return IncusDriver(settings)
     from remotecli.drivers.qemu.driver import QemuDriver
 
     return QemuDriver(settings)
