@@ -5,17 +5,21 @@ the reads of a VM's state that go through the driver."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from remotecli.app import create_app
 from remotecli.background import signins
+from remotecli.cli.main import main
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm, Volume
 from remotecli.domain.states import VmStatus
@@ -315,10 +319,7 @@ def test_selection_and_reconciler_ask_the_driver_whether_a_vm_still_exists(
 
 def test_vm_show_console_reads_through_the_driver(ctx: AppContext, alice: Principal, fake_driver: FakeDriver,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from click.testing import CliRunner
-
     from remotecli.cli import commands_vm
-    from remotecli.cli.main import main
 
     vm = vm_manager.create_vm(ctx, alice, "browser")
 
@@ -333,3 +334,43 @@ def test_vm_show_console_reads_through_the_driver(ctx: AppContext, alice: Princi
     result = CliRunner().invoke(main, ["vm", "show", vm.id, "--console"])
     assert result.exit_code == 0, result.output
     assert result.output == f"remote console of {vm.id}\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity used and free: /metrics, the admin page, doctor
+
+
+def test_capacity_on_metrics_and_the_admin_page(ctx: AppContext, client: TestClient, alice: Principal) -> None:
+    ctx.settings.host_memory_mib = 5000
+    ctx.settings.host_vcpus = 2
+    vm_manager.create_vm(ctx, alice, "browser", vcpus=3, memory_mib=1500)
+    metrics = client.get("/metrics").text
+    for line in ('remotecli_capacity_memory_mib{state="capacity"} 5000',
+                 'remotecli_capacity_memory_mib{state="used"} 1500',
+                 'remotecli_capacity_memory_mib{state="free"} 3500',
+                 'remotecli_capacity_vcpus{state="capacity"} 16',
+                 'remotecli_capacity_vcpus{state="used"} 3',
+                 'remotecli_capacity_vcpus{state="free"} 13'):
+        assert line in metrics.splitlines(), line
+    root = users_service.create_user(ctx.db, "root", is_admin=True)
+    users_service.set_password(ctx.db, root.name, "correct horse battery")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)
+    assert csrf
+    client.post("/login", data={"username": "root", "password": "correct horse battery",
+                                "csrf_token": csrf.group(1), "next": "/admin"}, follow_redirects=False)
+    page = client.get("/admin").text
+    assert "Host capacity" in page and "5000 MiB" in page and "1500 MiB" in page and "3500 MiB" in page
+
+
+def test_doctor_says_capacity_used_and_free(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMOTECLI_DATA_DIR", str(tmp_path / "doctor"))
+    monkeypatch.setenv("REMOTECLI_DATABASE_URL", db_url)
+    monkeypatch.setenv("REMOTECLI_DRIVER", "fake")
+    monkeypatch.setenv("REMOTECLI_HOST_MEMORY_MIB", "4096")
+    result = CliRunner().invoke(main, ["doctor", "--json"], catch_exceptions=False)
+    check = next(c for c in json.loads(result.output) if c["check"] == "capacity")
+    assert check["ok"] and "0/4096 MiB used (4096 free)" in check["detail"] and "host_memory_mib" in check["detail"]
+    monkeypatch.setenv("REMOTECLI_HOST_MEMORY_MIB", "100")  # not even one VM fits
+    result = CliRunner().invoke(main, ["doctor", "--json"], catch_exceptions=False)
+    check = next(c for c in json.loads(result.output) if c["check"] == "capacity")
+    assert not check["ok"] and "not even one" in check["detail"] and result.exit_code == 1

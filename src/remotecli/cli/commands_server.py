@@ -247,6 +247,7 @@ def doctor(as_json: bool) -> None:
 
             checks.append(forwarded.doctor_check(ctx.settings))
             checks.append(_drift_check(ctx))
+            checks.append(_capacity_check(ctx))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:
@@ -256,6 +257,18 @@ def doctor(as_json: bool) -> None:
     else:
         print_table(["check", "ok", "detail"], [[n, "yes" if ok else "NO", d] for n, ok, d in checks])
     sys.exit(0 if all(ok for _, ok, _ in checks) else 1)
+
+
+def _capacity_check(ctx: AppContext) -> tuple[str, bool, str]:
+    """Capacity used and free; not ok when the host cannot hold even the smallest default VM."""
+    from remotecli.domain.states import VmType
+    from remotecli.services import capacity
+
+    room = capacity.usage(ctx)
+    smallest = min(ctx.settings.vm_defaults(t.value)[1] for t in VmType)
+    ok = room.capacity.memory_mib >= smallest and room.capacity.vcpus >= 1
+    return ("capacity", ok, f"{room.describe()}; from {room.capacity.source}"
+            + ("" if ok else f" (not even one {smallest} MiB VM fits: check host_memory_mib and its reserve)"))
 
 
 @click.group()

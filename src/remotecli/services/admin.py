@@ -20,7 +20,7 @@ from remotecli.db.models import AuthSession, Event, User, UserIdentity, Vm
 from remotecli.domain.states import AuthStatus, VmStatus, VmType
 from remotecli.errors import PermissionDenied
 from remotecli.logging import get_logger
-from remotecli.services import auth_flow, vm_manager
+from remotecli.services import auth_flow, capacity, vm_manager
 from remotecli.services.users import Principal
 
 log = get_logger("admin")
@@ -70,6 +70,7 @@ class AdminOverview:
     names: dict[str, str]  # user id -> name, for every user
     vms: list[Vm]
     sessions: list[AuthSession]
+    capacity: capacity.CapacityUsage  # the host's memory and vCPUs: held by live VMs and free
 
 
 def overview(ctx: AppContext, principal: Principal, filters: AdminFilters) -> AdminOverview:
@@ -100,7 +101,8 @@ def overview(ctx: AppContext, principal: Principal, filters: AdminFilters) -> Ad
     summaries = [UserSummary(id=u.id, name=u.name, is_admin=u.is_admin, disabled=u.disabled,
                              has_password=bool(u.password_hash), has_sso=u.id in sso_users,
                              created_at=u.created_at) for u in users]
-    return AdminOverview(users=summaries, names={u.id: u.name for u in users}, vms=vms, sessions=sessions)
+    return AdminOverview(users=summaries, names={u.id: u.name for u in users}, vms=vms, sessions=sessions,
+                         capacity=capacity.usage(ctx))
 
 
 # ----------------------------------------------------------------------------------------------

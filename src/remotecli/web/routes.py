@@ -450,7 +450,7 @@ def admin(request: Request, user: str = "", vm_type: str = "", status: str = "",
     data = admin_service.overview(ctx, current[0], filters)
     return _page(request, "admin.html", {
         "vms": [views.vm_row(vm) for vm in data.vms], "sessions": data.sessions, "users": data.users,
-        "names": data.names, "filters": filters,
+        "names": data.names, "filters": filters, "capacity": data.capacity,
         "vm_statuses": [s.value for s in VmStatus], "auth_statuses": [s.value for s in AuthStatus],
         "providers": dashboard_service.provider_choices(ctx),
         "gc": admin_service.gc_preview(ctx, current[0], GarbageCollector(ctx)),

@@ -21,6 +21,7 @@ from remotecli.api.deps import Ctx
 from remotecli.background.common import STATS, reason_bucket
 from remotecli.domain.states import AuthStatus, VmStatus, VmType
 from remotecli.errors import AuthenticationRequired, PermissionDenied
+from remotecli.services import capacity
 from remotecli.services import metrics as metrics_service
 from remotecli.services.users import authenticate_token
 
@@ -97,6 +98,16 @@ def render(ctx: Ctx) -> str:
     out.family("remotecli_vms_failed", "gauge", "failed VM rows (not yet garbage-collected) by reason bucket.")
     for bucket, count in sorted(buckets.items()):
         out.sample("remotecli_vms_failed", count, reason=bucket)
+
+    room = capacity.usage(ctx)
+    out.family("remotecli_capacity_memory_mib", "gauge",
+               "Memory VMs may hold on the host (after reserve and overcommit), held by live VMs, and free.")
+    for state, memory in (("capacity", room.capacity.memory_mib), ("used", room.used_memory_mib),
+                          ("free", room.free_memory_mib)):
+        out.sample("remotecli_capacity_memory_mib", memory, state=state)
+    out.family("remotecli_capacity_vcpus", "gauge", "vCPUs VMs may have on the host (after overcommit), used, free.")
+    for state, vcpus in (("capacity", room.capacity.vcpus), ("used", room.used_vcpus), ("free", room.free_vcpus)):
+        out.sample("remotecli_capacity_vcpus", vcpus, state=state)
 
     out.family("remotecli_loop_pass_seconds", "summary", "Duration of background loop passes in this process.")
     for loop in ("reconciler", "gc"):
