@@ -482,6 +482,34 @@ def start_incusd(member: str, timeout: float = 120) -> int:
     return pid
 
 
+def _starttime(stat_path: Path) -> str | None:
+    try:
+        return stat_path.read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def host_pid(member: str, ns_pid: int) -> int | None:
+    """The host pid of a process Incus reports by its pid in the member (e.g. an instance's init)."""
+    holder = holder_pid(member)
+    if holder is None:
+        return None
+    start = _starttime(Path(f"/proc/{holder}/root/proc/{ns_pid}/stat"))
+    if start is None:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+        if len(nspid) > 1 and nspid[1] == str(ns_pid) and _starttime(entry / "stat") == start:
+            return int(entry.name)
+    return None
+
+
 def kill_incusd(member: str) -> int:
     """SIGKILL a member's incusd (its containers keep running); :func:`start_incusd` restarts it."""
     pid = incusd_pid(member)
@@ -634,6 +662,80 @@ def ctl_incus(*args: str, check: bool = True, timeout: float = 120) -> subproces
     return _run(ctl_incus_argv(args), check=check, timeout=timeout)
 
 
+def ctl_socket(name: str) -> Path:
+    return RUN_DIR / "ctl" / f"{name}.sock"
+
+
+def _connectable(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def ctl_forward(member: str = "m1", port: int = HTTPS_PORT, name: str | None = None) -> Path:
+    """A unix socket path in the root filesystem, forwarded by a process in the controller netns
+    to ``member``'s address and ``port``.
+
+    In-process tests (pytest in the root namespace, which cannot reach the test net) point an HTTP
+    client at it, e.g. ``httpx.HTTPTransport(uds=path, cert=..., verify=...)`` with the URL
+    ``https://10.231.0.11:8443``: the TLS session still runs end to end with the member; only the
+    bytes travel through the forwarder."""
+    path = ctl_socket(name or f"{member}-{port}")
+    if path.exists() and _connectable(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_member_cgroups("ctl")
+    argv = ctl_argv([sys.executable, "-m", "tests.support.incus_cluster", "forward", str(path),
+                     MEMBER_ADDRESS[member], str(port)])
+    with open(path.with_suffix(".out"), "ab") as out:
+        subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True, preexec_fn=lambda: _enter_member_cgroup("ctl"))
+    for _ in range(100):
+        if path.exists() and _connectable(path):
+            return path
+        time.sleep(0.1)
+    raise ClusterError(f"forwarder {path} did not come up: {path.with_suffix('.out').read_text()[-400:]}")
+
+
+def _serve_forward(listen: Path, host: str, port: int) -> None:
+    """Run in the controller netns: accept on ``listen`` (unix), connect to host:port (TCP), pump."""
+    import asyncio
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            pass
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        except (TimeoutError, OSError):
+            writer.close()
+            return
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        up_writer.close()
+        writer.close()
+
+    async def serve() -> None:
+        listen.unlink(missing_ok=True)
+        server = await asyncio.start_unix_server(handle, path=str(listen))
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
 # --------------------------------------------------------------------------- image
 
 def busybox_image_tarball(path: Path) -> Path:
@@ -714,6 +816,8 @@ def up(*, log: bool = True) -> ClientConfig:
     wait_members({m: "ONLINE" for m in MEMBERS})
     config = make_client()
     import_test_image()
+    for member in MEMBERS:
+        ctl_forward(member)
     say(f"cluster up, 3 members ONLINE ({time.monotonic() - started:.0f} s)")
     return config
 
@@ -744,8 +848,8 @@ def _remove_cgroups(member: str) -> None:
 
 def down() -> None:
     """Tear everything down but the cached tree: processes, mounts, namespaces, run dir, guard routes."""
-    for member in MEMBERS:
-        if member_processes(member) or incusd_pid(member):
+    for member in (*MEMBERS, "ctl"):
+        if member_processes(member):
             _kill_member_processes(member)
     ns_dir = RUN_DIR / "ns"
     mounts = Path("/proc/self/mountinfo").read_text()
@@ -755,7 +859,7 @@ def down() -> None:
                 _run(["umount", str(ns_file)], check=False)
     if f" {ns_dir} " in Path("/proc/self/mountinfo").read_text():
         _run(["umount", str(ns_dir)], check=False)
-    for member in MEMBERS:
+    for member in (*MEMBERS, "ctl"):
         _remove_cgroups(member)
     for ns in (SWITCH_NS, CTL_NS, *(member_ns(m) for m in MEMBERS)):
         if _netns_exists(ns):
@@ -770,7 +874,7 @@ def down() -> None:
 def leftovers() -> list[str]:
     """What a teardown must not leave: processes, mounts, namespaces, routes (the tree stays)."""
     found = []
-    for member in MEMBERS:
+    for member in (*MEMBERS, "ctl"):
         if member_processes(member):
             found.append(f"processes of {member}")
         found.extend(f"cgroup {cg}" for cg in _cgroup_dirs(member) if cg.exists())
@@ -832,6 +936,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("argv", nargs=argparse.REMAINDER)
     p = sub.add_parser("ctl-exec")
     p.add_argument("argv", nargs=argparse.REMAINDER)
+    p = sub.add_parser("forward")
+    p.add_argument("listen", type=Path)
+    p.add_argument("host")
+    p.add_argument("port", type=int)
     p = sub.add_parser("ctl-incus")
     p.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -873,6 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if guard_routes_present():
                 raise ClusterError("guard routes missing: run 'up' first")
             return subprocess.call(ctl_argv(args.argv))
+        elif args.command == "forward":
+            _serve_forward(args.listen, args.host, args.port)
         elif args.command == "ctl-incus":
             if guard_routes_present():
                 raise ClusterError("guard routes missing: run 'up' first")
