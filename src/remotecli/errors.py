@@ -17,6 +17,9 @@ code or parent disagrees: add new error classes to this tree.
     ├── InvalidInput                    422 invalid_input
     │   ├── UnknownVmType               422 unknown_vm_type
     │   ├── UnknownProvider             422 unknown_provider
+    │   ├── UnknownKeyKind              422 unknown_key_kind
+    │   ├── MalformedKey                422 malformed_key
+    │   ├── KeyProviderMismatch         422 key_provider_mismatch
     │   └── ProviderConfigError         422 provider_config_invalid    [profiles.py]
     ├── AuthenticationRequired          401 authentication_required
     │   └── TicketInvalid               401 ticket_invalid
@@ -60,9 +63,10 @@ code or parent disagrees: add new error classes to this tree.
     │   ├── AgentUnreachable            502 agent_unreachable
     │   ├── AgentTimeout                504 agent_timeout
     │   ├── AgentRejected               502 agent_rejected
-    │   └── AgentCallError              502 agent_error                [agent/client.py]
-    │       ├── AgentFileNotFound       502 agent_error                [agent/client.py]
-    │       └── AgentPortUnreachable    502 agent_error                [agent/client.py]
+    │   ├── AgentCallError              502 agent_error                [agent/client.py]
+    │   │   ├── AgentFileNotFound       502 agent_error                [agent/client.py]
+    │   │   └── AgentPortUnreachable    502 agent_error                [agent/client.py]
+    │   └── KeyDeliveryFailed           502 key_delivery_failed
     ├── InvalidTokenResponse            502 token_response_invalid     [services/providers.py]
     ├── DecryptionFailed                500 decryption_failed          [crypto.py]
     ├── ImageBuildFailed                500 image_build_failed         [images/builder.py]
@@ -117,6 +121,22 @@ class UnknownVmType(InvalidInput):
 class UnknownProvider(InvalidInput):
     code = "unknown_provider"
     default_message = "Unknown provider; GET /api/v1/providers lists the ones you can use."
+
+
+class UnknownKeyKind(InvalidInput):
+    code = "unknown_key_kind"
+    default_message = ("Unknown key kind for this provider; use 'api_key' (claude_code, codex, gemini) or "
+                       "'oauth_token' (claude_code: a token from 'claude setup-token').")
+
+
+class MalformedKey(InvalidInput):
+    code = "malformed_key"
+    default_message = "That does not look like a key of this kind; paste the whole key as the provider shows it."
+
+
+class KeyProviderMismatch(InvalidInput):
+    code = "key_provider_mismatch"
+    default_message = "That key has the shape of another provider's key; choose the provider it belongs to."
 
 
 class AuthenticationRequired(RemotecliError):
@@ -305,6 +325,11 @@ class AgentTimeout(AgentError):
 class AgentRejected(AgentError):
     code = "agent_rejected"
     default_message = "The VM's guest agent refused the request."
+
+
+class KeyDeliveryFailed(AgentError):
+    code = "key_delivery_failed"
+    default_message = "The key could not be put into your CLI workspace; try again, or sign in another way."
 
 
 class SsoError(RemotecliError):

@@ -33,6 +33,8 @@ DUPLICATED = [
     "MAX_BODY_BYTES",
     "MAX_EXEC_TIMEOUT_S",
     "PATH_OAUTH_FLOWS",
+    "PATH_CREDENTIAL_HEALTH",
+    "CLI_ENV_FILE",
 ]
 # guest/wire.py's OAUTH_STATUS_<NAME> mirror protocol.OAuthFlowStatus.<NAME>.
 OAUTH_STATUSES = [f"OAUTH_STATUS_{status.name}" for status in protocol.OAuthFlowStatus]

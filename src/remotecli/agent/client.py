@@ -42,6 +42,7 @@ from remotecli.agent.protocol import (
     HEADER_AUTHORIZATION,
     MAX_EXEC_TIMEOUT_S,
     MAX_FRAME_PAYLOAD,
+    PATH_CREDENTIAL_HEALTH,
     PATH_EXEC,
     PATH_FILES,
     PATH_HEALTH,
@@ -52,6 +53,7 @@ from remotecli.agent.protocol import (
     UPGRADE_PTY,
     UPGRADE_TCP,
     AgentHealth,
+    CredentialHealthReport,
     ExecResponse,
     ExecResult,
     FileContent,
@@ -537,6 +539,16 @@ class AgentClient:
     def shutdown(self, action: str = "poweroff") -> None:
         """Ask the guest to power off (or reboot) itself; the agent answers before it acts."""
         self._request("POST", PATH_SHUTDOWN, body={"action": action})
+
+    def credential_health(self, user: str | None = None) -> CredentialHealthReport:
+        """``GET /v1/credentials/health``: the CLIs' credential state in ``user``'s home (default:
+        the guest's CLI user), parsed in the guest; metadata only, no token crosses the wire."""
+        doc = self._request("GET", PATH_CREDENTIAL_HEALTH, params={"user": user} if user else None)
+        try:
+            return CredentialHealthReport.model_validate(doc)
+        except ValidationError as exc:
+            where = sorted({".".join(map(str, error["loc"])) + ":" + error["type"] for error in exc.errors()})
+            raise AgentError(log_detail=self._detail("GET", PATH_CREDENTIAL_HEALTH, f"bad answer: {where}")) from None
 
     # -- OAuth flows (Browser VMs; see 0002 "OAuth agent") -------------------------------------
 

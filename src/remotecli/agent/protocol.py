@@ -56,6 +56,10 @@ MAX_EXEC_TIMEOUT_S: Final = 24 * 3600.0
 
 PATH_OAUTH_FLOWS: Final = "/v1/oauth/flows"  # POST: start; GET/DELETE {PATH_OAUTH_FLOWS}/{flow_id}
 # The flow statuses are OAuthFlowStatus below; guest/wire.py has them as OAUTH_STATUS_* strings.
+# GET ?user=NAME: the CLIs' credential files in NAME's home as metadata (CredentialHealthReport).
+PATH_CREDENTIAL_HEALTH: Final = "/v1/credentials/health"
+# The environment file (relative to the CLI user's home) a key sign-in writes and the shell profile sources.
+CLI_ENV_FILE: Final = ".config/remotecli/cli-env.sh"
 # --- end of duplicated constants ---------------------------------------------------------------
 
 # Agent error codes the host acts on (the agent answers ``{"code", "message"}``).
@@ -347,6 +351,46 @@ class OAuthFlowState(_Model):
     result: OAuthTokenResponse | None = Field(default=None, repr=False)
 
 
+# -- credential health (guest side: agent/guest/credhealth.py) ------------------------------------
+
+
+class CredentialState(enum.StrEnum):
+    """What a CLI's credential files in the guest say now."""
+
+    SIGNED_IN = "signed_in"  # a key, or an access token that has not expired
+    EXPIRED_REFRESHABLE = "expired_refreshable"  # the access token expired; a refresh token is there
+    EXPIRED = "expired"  # the access token expired and there is no refresh token
+    SIGNED_OUT = "signed_out"  # no file, or the CLI cleared its tokens
+    UNREADABLE = "unreadable"  # a file is there but not one the CLI wrote (not JSON, a symlink, ...)
+
+
+class CliCredentialHealth(_Model):
+    """One provider's credential state as the guest read it. Metadata only: no token is ever here.
+
+    ``access_expires_at`` and ``refreshed_at`` are epoch seconds (the guest's clock);
+    ``refreshed_at`` is when the tokens were obtained (Codex's ``last_refresh``) or the file last
+    written (its mtime); ``source`` is the file read, relative to the home."""
+
+    provider: str
+    state: CredentialState
+    method: Literal["oauth", "oauth_token", "api_key"] | None = None
+    account: str | None = None
+    access_expires_at: float | None = None
+    refreshed_at: float | None = None
+    has_refresh_token: bool = False
+    source: str | None = None
+    detail: str | None = None
+
+
+class CredentialHealthReport(_Model):
+    """``GET /v1/credentials/health`` answer."""
+
+    user: str
+    home: str
+    checked_at: float
+    providers: list[CliCredentialHealth]
+
+
 # -- the seam services use ------------------------------------------------------------------------
 
 
@@ -395,6 +439,8 @@ class GuestAgent(Protocol):
     def read_file(self, path: str) -> FileContent: ...
 
     def shutdown(self, action: str = "poweroff") -> None: ...
+
+    def credential_health(self, user: str | None = None) -> CredentialHealthReport: ...
 
     def oauth_start(self, spec: OAuthFlowSpec) -> OAuthFlowState: ...
 

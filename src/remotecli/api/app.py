@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from remotecli import __version__
 from remotecli.api import docs, limits
 from remotecli.api.errors import install_error_handlers
-from remotecli.api.routes import auth_sessions, health, metrics, terminal, vms, workspace
+from remotecli.api.routes import auth_sessions, credentials, health, metrics, terminal, vms, workspace
 from remotecli.api.transport import TransportSecurity
 from remotecli.context import AppContext
 
@@ -39,5 +39,6 @@ def create_api(ctx: AppContext, *, lifespan: Lifespan | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(terminal.router)
     app.include_router(workspace.router)
+    app.include_router(credentials.router)
     docs.install(app)
     return app

@@ -22,6 +22,7 @@ from typing import Self
 from remotecli.agent.client import AgentCallError, AgentFileNotFound
 from remotecli.agent.protocol import (
     AgentHealth,
+    CredentialHealthReport,
     ExecResult,
     FileContent,
     FileInfo,
@@ -425,6 +426,13 @@ class FakeAgent:
                 err, code = f"cat: {missing.args[0]}: No such file or directory\n".encode(), 1
         elif program in ("true", "false"):
             code = 0 if program == "true" else 1
+        elif argv[-3:] == ["codex", "login", "--with-api-key"] and user:
+            # As the real Codex 0.171 does with the key on stdin (services/key_signin.py).
+            import json
+
+            doc = {"auth_mode": "apikey", "OPENAI_API_KEY": (stdin or b"").decode().strip()}
+            vm.files[f"/home/{user}/.codex/auth.json"] = (json.dumps(doc, indent=2).encode(), 0o600, user)
+            err = b"Reading API key from stdin...\nAPI key saved. Authentication is checked when you send a request.\n"
         else:
             err, code = f"{program}: command not found\n".encode(), 127
         return ExecResult(exit_code=code, stdout=out, stderr=err, timed_out=False, duration_s=0.001)
@@ -436,6 +444,20 @@ class FakeAgent:
             raise AgentFileNotFound(status=404, agent_code="file_not_found", log_detail="fake: no such file") from None
         user = (owner or "root").split(":")[0]
         return FileContent(data=data, mode=mode, owner=user, group=user, size=len(data))
+
+    def credential_health(self, user: str | None = None) -> CredentialHealthReport:
+        """The guest's own parser (agent/guest/credhealth.py) over the fake files of ``/home/<user>``."""
+        from remotecli.agent.guest.credhealth import inspect_home
+
+        vm = self._vm()
+        home = f"/home/{user or 'cli'}"
+
+        def read(relative: str) -> tuple[bytes, float | None] | None:
+            found = vm.files.get(f"{home}/{relative}")
+            return (found[0], None) if found is not None else None
+
+        return CredentialHealthReport.model_validate(
+            {"user": user or "cli", "home": home, "checked_at": time.time(), "providers": inspect_home(read)})  # type: ignore[no-untyped-call]
 
     def shutdown(self, action: str = "poweroff") -> None:
         """The guest powers itself off (``reboot``: it comes back at once)."""

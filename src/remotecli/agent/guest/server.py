@@ -18,6 +18,7 @@ import time
 
 from . import AGENT_VERSION
 from .config import ConfigError, boot_id, system_uptime
+from .credhealth import disk_reader, inspect_home
 from .execute import ExecSpawnError, run_command
 from .files import FileOpError, read_file, write_file
 from .httpio import (
@@ -32,8 +33,8 @@ from .oauth import OAuthFlows
 from .rekey import TemplateState
 from .rekey import load as load_config_or_template
 from .streams import PtySpawnError, run_pty_session, run_tcp_splice, spawn_pty
-from .users import UserError, base_env, default_cwd, process_identity
-from .wire import API_PREFIX, MAX_EXEC_TIMEOUT_S, UPGRADE_PTY, UPGRADE_TCP
+from .users import UserError, base_env, default_cwd, lookup_user, process_identity
+from .wire import API_PREFIX, MAX_EXEC_TIMEOUT_S, PATH_CREDENTIAL_HEALTH, UPGRADE_PTY, UPGRADE_TCP
 
 PORT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_EXEC_TIMEOUT_S = 60.0
@@ -197,6 +198,7 @@ class Agent:
             "/v1/pty": {"GET": self.pty},
             "/v1/tcp": {"GET": self.tcp},
             "/v1/shutdown": {"POST": self.shutdown},
+            PATH_CREDENTIAL_HEALTH: {"GET": self.credential_health},
         }
         assert API_PREFIX == "/v1"
         if request.path.startswith("/v1/oauth/"):
@@ -275,6 +277,15 @@ class Agent:
         result["stdout_b64"] = _b64(result.pop("stdout"))
         result["stderr_b64"] = _b64(result.pop("stderr"))
         return 200, result
+
+    async def credential_health(self, request, reader, writer):
+        """What the CLIs' credential files in the user's home say: metadata only, never a token."""
+        user = request.query.get("user") or self.config.cli_user
+        entry = lookup_user(user)
+        home = entry.pw_dir
+        providers = await asyncio.to_thread(inspect_home, disk_reader(home, entry.pw_uid))
+        log("credential_health", user=entry.pw_name, states={e["provider"]: e["state"] for e in providers})
+        return 200, {"user": entry.pw_name, "home": home, "checked_at": time.time(), "providers": providers}
 
     async def put_file(self, request, reader, writer):
         doc = request.json()

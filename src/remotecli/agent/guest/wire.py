@@ -31,3 +31,9 @@ OAUTH_STATUS_EXCHANGING = "exchanging"
 OAUTH_STATUS_COMPLETED = "completed"
 OAUTH_STATUS_DENIED = "denied"
 OAUTH_STATUS_FAILED = "failed"
+
+# Credential health (host side: protocol.PATH_CREDENTIAL_HEALTH): the CLIs' credential files in a
+# user's home read as metadata only; CLI_ENV_FILE (relative to that home) is the environment file a
+# key sign-in writes and the user's shell profile sources.
+PATH_CREDENTIAL_HEALTH = "/v1/credentials/health"
+CLI_ENV_FILE = ".config/remotecli/cli-env.sh"
