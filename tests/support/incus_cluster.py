@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("REMOTECLI_INCUS_PREFIX", "rcic")
 BASE_DIR = Path(os.environ.get("REMOTECLI_INCUS_CLUSTER_DIR", str(REPO / ".data" / "incus-cluster")))
 RUN_DIR = BASE_DIR / "run"
+# The member tree is cached per machine (not per clone), so CI's fresh clone on this machine reuses it.
+TREE_CACHE = Path(os.environ.get("REMOTECLI_INCUS_TREE_CACHE", "/var/cache/remotecli/incus-cluster"))
 
 SUBNET = "10.231.0.0/24"
 GUARD_ROUTES_V4 = (SUBNET,)
@@ -99,7 +101,7 @@ def recipe_hash() -> str:
 
 
 def tree_dir() -> Path:
-    return BASE_DIR / f"tree-{recipe_hash()}" / "root"
+    return TREE_CACHE / f"tree-{recipe_hash()}" / "root"
 
 
 # --------------------------------------------------------------------------- the guard
@@ -127,6 +129,11 @@ def ensure_guard_routes() -> None:
 
 
 def remove_guard_routes() -> None:
+    """Remove the guard routes, unless another test cluster (another prefix) still runs."""
+    others = [p.name for p in Path("/run/netns").glob("rcic*-sw") if p.name != SWITCH_NS] \
+        if Path("/run/netns").exists() else []
+    if others:
+        return
     for prefix in GUARD_ROUTES_V4:
         _ip("-4", "route", "del", "unreachable", prefix, check=False)
 
@@ -140,28 +147,30 @@ def build_tree(log: Path | None = None) -> Path:
         return root
     if shutil.which("mmdebstrap") is None:
         raise ClusterError("mmdebstrap is not installed (scripts/install.sh installs it)")
-    BASE_DIR.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="tree-build-", dir=BASE_DIR))
+    TREE_CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tree-build-", dir=TREE_CACHE))
     started = time.monotonic()
     argv = ["mmdebstrap", f"--variant={TREE_RECIPE['variant']}", "--include=" + ",".join(TREE_PACKAGES),
             TREE_SUITE, str(staging / "root"), TREE_MIRROR]
-    with open(log or (BASE_DIR / "tree-build.log"), "w") as out:
+    log = log or (TREE_CACHE / "tree-build.log")
+    with open(log, "w") as out:
         result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=1200)
     if result.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ClusterError(f"mmdebstrap failed ({result.returncode}); see {log or BASE_DIR / 'tree-build.log'}")
+        raise ClusterError(f"mmdebstrap failed ({result.returncode}); see {log}")
     (staging / "recipe.json").write_text(json.dumps(TREE_RECIPE, sort_keys=True, indent=1))
     (staging / "build-seconds").write_text(f"{time.monotonic() - started:.0f}\n")
     root.parent.parent.mkdir(parents=True, exist_ok=True)
     if root.parent.exists():
         shutil.rmtree(root.parent)
     staging.rename(root.parent)
+    prune_old_trees()
     return root
 
 
 def prune_old_trees() -> None:
     keep = tree_dir().parent
-    for entry in BASE_DIR.glob("tree-*"):
+    for entry in TREE_CACHE.glob("tree-*"):
         if entry != keep and entry.is_dir() and not entry.name.startswith("tree-build-"):
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -883,8 +892,9 @@ def leftovers() -> list[str]:
     for ns in (SWITCH_NS, CTL_NS, *(member_ns(m) for m in MEMBERS)):
         if _netns_exists(ns):
             found.append(f"netns {ns}")
+    others = [p.name for p in Path("/run/netns").glob("rcic*-sw")] if Path("/run/netns").exists() else []
     for prefix in GUARD_ROUTES_V4:
-        if _ip("-4", "route", "show", "exact", prefix).stdout.strip():
+        if not others and _ip("-4", "route", "show", "exact", prefix).stdout.strip():
             found.append(f"route {prefix}")
     return found
 
