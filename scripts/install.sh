@@ -17,6 +17,9 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev build-essential ca-certificates
   # Tests and benchmarks
   postgresql wrk iproute2 procps chromium xvfb xdotool
+  # The Incus test cluster (tests/support/incus_cluster.py): namespaces and mounts (util-linux),
+  # the controller's client certificate; Incus itself goes into a trixie tree made with mmdebstrap
+  util-linux openssl
 )
 # Node.js and npm (front-end packages, the test IdP, the CLIs in the cli image): Debian's unless a
 # node/npm is already installed another way (Debian's npm conflicts with NodeSource's nodejs).
