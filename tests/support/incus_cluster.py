@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from remotecli.images.recipes import DEBIAN_MIRROR
+
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = os.environ.get("REMOTECLI_INCUS_PREFIX", "rcic")
 BASE_DIR = Path(os.environ.get("REMOTECLI_INCUS_CLUSTER_DIR", str(REPO / ".data" / "incus-cluster")))
@@ -57,7 +59,7 @@ OFFLINE_THRESHOLD_S = 12  # Incus' default is 20; the tests wait for OFFLINE, so
 
 # The member tree. Changing anything here changes the recipe hash, so a new tree is built.
 TREE_SUITE = "trixie"
-TREE_MIRROR = os.environ.get("REMOTECLI_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+TREE_MIRROR = os.environ.get("REMOTECLI_DEBIAN_MIRROR", DEBIAN_MIRROR)  # the guest images' mirror
 TREE_PACKAGES = ("incus", "incus-client", "iproute2", "procps", "ca-certificates", "xz-utils",
                  "squashfs-tools", "kmod", "tini")
 TREE_RECIPE = {"version": 1, "suite": TREE_SUITE, "variant": "apt", "packages": TREE_PACKAGES}
