@@ -2,9 +2,15 @@
 killed, VM directory deleted), a rebuild, a kill -9 in the middle of fsynced writes, a controller
 SIGKILL and restart (the new controller adopts the running VM), and an idle stop and start.
 
+The seed's case begins with a real sign-in: the user signs in at the test IdP (an httpx client
+playing the Browser VM, ``tests/support/idp_login.py``), the controller captures the IdP's token
+response and delivers the files through its own path (``services.credentials``), and after the
+kill and ``ensure`` the real Claude Code in the new VM, offline, still says it is signed in.
+
 Run under the shared lock: ``flock /tmp/remotecli-vm-tests.lock .venv/bin/python -m pytest
-tests/integration/test_workspaces.py``. SQLite only: the database side of the same flows runs on
-SQLite and PostgreSQL in tests/unit/test_workspaces.py; here each boot costs about half a minute.
+tests/integration/test_workspaces.py``. Each boot costs about half a minute, so the seed's case
+and the controller restart run on SQLite and PostgreSQL, the rest on SQLite; the database side of
+every flow runs on both in tests/unit/test_workspaces.py.
 """
 
 from __future__ import annotations
@@ -16,41 +22,60 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from remotecli.context import AppContext
-from remotecli.db.models import Vm
-from remotecli.services import vm_manager, workspaces
+from remotecli.db.models import AuthSession, Vm
+from remotecli.domain.states import AuthStatus
+from remotecli.services import auth_flow, credentials, vm_manager, workspaces
+from remotecli.services.signin_state import move
 from remotecli.services.users import Principal
 from tests.support.cli_judge import assert_cli_signed_in
+from tests.support.idp_login import sign_in_at_idp
+from tests.support.idp_server import CLIENT_IDS, Idp, run_idp
 from tests.support.net import process_gone, qemu_pids_naming
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.parametrize("db_url", ["sqlite"], indirect=True),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+BOTH_DATABASES = pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 
-# A token answer shaped like Anthropic's (8 h access, account and organization objects), rendered by
-# the controller's own provider code into the files Claude Code reads: the real CLI judges them.
-TOKEN_ANSWER = {
-    "access_token": "sk-ant-oat01-workspace-test", "refresh_token": "sk-ant-ort01-workspace-test",
-    "expires_in": 28800, "token_type": "Bearer",
-    "account": {"uuid": "account-itest", "email_address": "itest@example.test"},
-    "organization": {"uuid": "org-itest", "name": "Itest"},
-}
+IDP_PASSWORD = "workspace-idp-password"
+PLANTED_ACCESS = "at-planted-workspace-4c2e8a1f"
+PLANTED_REFRESH = "rt-planted-workspace-9b7d3e5a"
 
 
-def _sign_in_files(ctx: AppContext) -> dict[str, tuple[bytes, int]]:
-    from remotecli.db.models import utcnow
-    from remotecli.profiles import load_profiles
-    from remotecli.services.providers import render_credentials
+@pytest.fixture
+def idp() -> Iterator[Idp]:
+    with run_idp(password=IDP_PASSWORD, planted_access_token=PLANTED_ACCESS,
+                 planted_refresh_token=PLANTED_REFRESH) as server:
+        yield server
 
-    profile = load_profiles(ctx.settings)["claude_code"]
-    rendered = render_credentials(profile, {**TOKEN_ANSWER, "obtained_at": time.time()}, utcnow())
-    return {item.path: (item.content, item.mode) for item in rendered.files}
+
+def _sign_in(ctx: AppContext, owner: Principal, idp: Idp, monkeypatch: pytest.MonkeyPatch) -> AuthSession:
+    """A Claude Code sign-in of ``owner`` as IdP user alice, delivered by the controller's own
+    capture and delivery (what the sign-in worker does once the Browser VM's OAuth agent has the
+    token response); the Browser VM's part is played by ``sign_in_at_idp``."""
+    prefix = "REMOTECLI_PROVIDER_CLAUDE_CODE_"
+    monkeypatch.setenv(prefix + "AUTHORIZE_URL", f"{idp.issuer}/auth")
+    monkeypatch.setenv(prefix + "TOKEN_URL", f"{idp.issuer}/token")
+    monkeypatch.setenv(prefix + "CLIENT_ID", CLIENT_IDS["claude_code"])
+    # user:inference + user:profile: without them Claude Code calls the login "none" (not claude.ai).
+    monkeypatch.setenv(prefix + "SCOPES", "openid email offline_access user:profile user:inference")
+    ctx.providers.reload()
+    profile = ctx.providers["claude_code"]
+    auth = auth_flow.start_session(ctx, owner, "claude_code")
+    move(ctx, auth, AuthStatus.PROVISIONING)
+    move(ctx, auth, AuthStatus.AWAITING_USER, f"Log in to {profile.display_name} below")
+    tokens = sign_in_at_idp(idp, profile.oauth_spec(f"flow-{auth.id}"), "alice", IDP_PASSWORD)
+    credentials.capture(ctx, auth, profile, tokens)
+    credentials.deliver(ctx, auth, profile)
+    done = auth_flow.get_session(ctx, owner, auth.id)
+    assert done.status == "completed" and done.delivered_at is not None and done.credential_enc is None
+    assert (done.credential_meta or {}).get("account") == "alice@example.test"
+    return done
 
 
 def _sh(ctx: AppContext, owner: Principal, vm: Vm, script: str, *, user: str = "cli", timeout: float = 60) -> str:
@@ -92,7 +117,9 @@ def _assert_work_is_there(ctx: AppContext, owner: Principal, vm: Vm, credential:
     assert_cli_signed_in(ctx, vm.id, "claude_code")
 
 
-def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Principal) -> None:
+@BOTH_DATABASES
+def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Principal, idp: Idp,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     first, created = vm_manager.ensure_cli_vm(qctx, owner)
     assert created
     _assert_home_is_the_volume(qctx, owner, first)
@@ -104,14 +131,11 @@ def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Pri
         mkdir ~/project && cd ~/project && git init -q && echo 'print(1)' > main.py && git add main.py
         git -c user.name=Test -c user.email=test@example.invalid commit -qm 'first commit'
         mkdir -p ~/.claude && chmod 700 ~/.claude""")
-    files = _sign_in_files(qctx)  # what a sign-in delivers (services/credentials.py writes the same way)
-    agent = qctx.agent(first)
-    try:
-        for path, (content, mode) in files.items():
-            agent.write_file(f"/home/cli/{path}", content, mode=mode, owner="cli")
-    finally:
-        agent.close()
-    credential = files[".claude/.credentials.json"][0]
+    # Sign in: the credentials are delivered into the running CLI VM, i.e. into its home volume.
+    signed_in = _sign_in(qctx, owner, idp, monkeypatch)
+    assert signed_in.cli_vm_id == first.id
+    credential = _sh(qctx, owner, first, "cat ~/.claude/.credentials.json").encode()
+    assert json.loads(credential)["claudeAiOauth"]["accessToken"] == PLANTED_ACCESS
     _sh(qctx, owner, first, "sync")
     assert_cli_signed_in(qctx, first.id, "claude_code")
 
@@ -123,12 +147,18 @@ def test_home_survives_the_seeds_case_and_a_rebuild(qctx: AppContext, owner: Pri
     second, created = vm_manager.ensure_cli_vm(qctx, owner)
     assert created and second.id != first.id
     _assert_home_is_the_volume(qctx, owner, second)
-    _assert_work_is_there(qctx, owner, second, credential)
+    _assert_work_is_there(qctx, owner, second, credential)  # ends with the real CLI's offline verdict
     assert vm_manager.get_vm(qctx, owner, first.id).status == "failed"
+    with qctx.db.read() as session:  # no new sign-in: the one session, delivered once, to the first VM
+        from sqlalchemy import func, select
+
+        assert session.scalar(select(func.count()).select_from(AuthSession)) == 1
     # Usage as the guest's filesystem sees it (GET /api/v1/workspace).
     _, usage = workspaces.my_workspace(qctx, owner.user_id)
     assert usage.used_bytes is not None and usage.total_bytes is not None
     assert 0 < usage.used_bytes < usage.total_bytes <= qctx.settings.workspace_size_gib * 1024**3
+    if qctx.db.dialect == "postgresql":
+        return  # the rebuild below is the same on both databases past this point (unit tests: both)
 
     # A rebuild: a new VM on the current image, the same home; the old one is gone.
     _sh(qctx, owner, second, "echo 'more work' >> ~/notes.txt && sync")
@@ -161,6 +191,7 @@ while True:
 """
 
 
+@SQLITE
 def test_kill_during_fsynced_writes_loses_nothing_and_leaves_a_clean_filesystem(
     qctx: AppContext, owner: Principal
 ) -> None:
@@ -198,6 +229,7 @@ def test_kill_during_fsynced_writes_loses_nothing_and_leaves_a_clean_filesystem(
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@SQLITE
 def test_export_and_import_of_a_home(qctx: AppContext, owner: Principal) -> None:
     import io
     import tarfile
@@ -233,6 +265,7 @@ def _qemu_pids_with(path: str) -> list[int]:
     return qemu_pids_naming(path)
 
 
+@BOTH_DATABASES
 def test_home_survives_a_controller_sigkill_and_restart(db_url: str) -> None:
     from remotecli.background.reconciler import Reconciler
     from remotecli.services import users as users_service
@@ -273,6 +306,7 @@ def test_home_survives_a_controller_sigkill_and_restart(db_url: str) -> None:
         close_and_clean(live)
 
 
+@SQLITE
 def test_home_survives_an_idle_stop_and_start(db_url: str) -> None:
     from remotecli.background.reconciler import Reconciler
     from remotecli.db.models import Event
