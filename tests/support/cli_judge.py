@@ -73,8 +73,24 @@ def run_offline(ctx: AppContext, vm_id: str, argv: list[str], timeout_s: float =
     return result.exit_code, output
 
 
-def assert_cli_signed_in(ctx: AppContext, vm_id: str, provider: str) -> str:
-    """Assert the provider's real CLI in the CLI VM says it is signed in; returns its verdict line."""
+# Key sign-in (services/key_signin.py): the key is in the CLI user's environment file, which the
+# shell profile sources, so the CLI runs in a login shell (bash -l). What the pinned CLIs print then:
+# ``claude auth status`` "loggedIn": true with authMethod "api_key" (ANTHROPIC_API_KEY) or
+# "oauth_token" (CLAUDE_CODE_OAUTH_TOKEN); ``codex login status`` "API key configured" (exit 0);
+# ``gemini -p`` with GEMINI_API_KEY and selectedType gemini-api-key passes its auth check and stops
+# at the next one, the untrusted working directory (exit 55), where without the key it says it
+# must have GEMINI_API_KEY (exit 41).
+GEMINI_KEY_MISSING = "you must specify the GEMINI_API_KEY environment variable"
+GEMINI_PAST_AUTH = "Gemini CLI is not running in a trusted directory"
+
+
+def assert_cli_signed_in(ctx: AppContext, vm_id: str, provider: str, mode: str = "oauth") -> str:
+    """Assert the provider's real CLI in the CLI VM says it is signed in; returns its verdict line.
+
+    ``mode``: ``oauth`` (delivered credential files) or a key sign-in's kind, ``api_key`` or
+    ``oauth_token`` (Claude's long-lived token)."""
+    if mode != "oauth":
+        return _assert_key_signed_in(ctx, vm_id, provider, mode)
     argv = COMMANDS[provider]
     code, output = run_offline(ctx, vm_id, argv)
     shown = f"{' '.join(argv)} (exit {code}) said:\n{output[-3000:]}"
@@ -91,6 +107,27 @@ def assert_cli_signed_in(ctx: AppContext, vm_id: str, provider: str) -> str:
         if GEMINI_NO_AUTH_METHOD in output or GEMINI_OFFLINE_VERDICT not in output:
             raise CliVerdictError(f"Gemini CLI did not take the delivered OAuth credentials: {shown}")
         return f"gemini -p offline: {GEMINI_OFFLINE_VERDICT} (no auth-method prompt)"
+    raise ValueError(f"no CLI verdict for provider {provider!r}")
+
+
+def _assert_key_signed_in(ctx: AppContext, vm_id: str, provider: str, kind: str) -> str:
+    argv = ["bash", "-l", "-c", " ".join(COMMANDS[provider])]
+    code, output = run_offline(ctx, vm_id, argv)
+    shown = f"{' '.join(argv)} (exit {code}) said:\n{output[-3000:]}"
+    if provider == "claude_code":
+        status = _json_object(output)
+        method = {"api_key": "api_key", "oauth_token": "oauth_token"}[kind]
+        if code != 0 or status.get("loggedIn") is not True or status.get("authMethod") != method:
+            raise CliVerdictError(f"Claude Code is not signed in with its {kind}: {shown}")
+        return f'claude auth status: "loggedIn": true, "authMethod": "{method}"'
+    if provider == "codex":
+        if code != 0 or "API key configured" not in output:
+            raise CliVerdictError(f"Codex is not signed in with an API key: {shown}")
+        return "codex login status: API key configured"
+    if provider == "gemini":
+        if GEMINI_NO_AUTH_METHOD in output or GEMINI_KEY_MISSING in output or GEMINI_PAST_AUTH not in output:
+            raise CliVerdictError(f"Gemini CLI did not take the API key: {shown}")
+        return f"gemini -p offline: past the auth check ({GEMINI_PAST_AUTH})"
     raise ValueError(f"no CLI verdict for provider {provider!r}")
 
 

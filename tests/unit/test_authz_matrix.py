@@ -276,6 +276,10 @@ API_ROWS = [
     # The caller's own home volume: the owner has one (made with their CLI VM); nobody sees another's.
     Row("GET", "/api/v1/workspace", OK, Want(404, "workspace_not_found"), Want(404, "workspace_not_found")),
     Row("GET", "/api/v1/providers", OK, OK, OK),
+    # Credential health and key sign-in (issue 11): the caller's own workspace only, admins included.
+    Row("GET", "/api/v1/credentials", Want(200, sees=("cli",)), Want(200, blind=True), Want(200, blind=True)),
+    Row("POST", "/api/v1/credentials/keys", Want(201, sees=("cli",)), Want(201, blind=True), Want(201, blind=True),
+        body={"provider": "gemini", "kind": "api_key", "key": "AIzaSy" + "Authz1" * 5 + "XYZ"}),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[2]),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[3], query="all=true"),
     Row("POST", "/api/v1/auth-sessions", Want(201, mine=True), Want(201, mine=True), Want(201, mine=True),
@@ -321,6 +325,12 @@ PAGE_ROWS = [
     Row("GET", "/dashboard/remote-cli/terminal", OK, OK, OK, TO_LOGIN),
     # The terminal page's "what will connecting do" poll (the caller's own workspace only): JSON, so 401.
     Row("GET", "/dashboard/remote-cli/terminal/state", OK, OK, OK, UNAUTHENTICATED),
+    # Credential health "Check now" and key sign-in: the caller's own workspace only.
+    Row("POST", "/dashboard/credentials/health", Want(200, sees=("cli",)), Want(200, blind=True),
+        Want(200, blind=True), TO_LOGIN),
+    Row("POST", "/dashboard/credentials/keys", Want(303, location="/dashboard?notice=key"),
+        Want(303, location="/dashboard?notice=key"), Want(303, location="/dashboard?notice=key"), TO_LOGIN,
+        body={"provider_kind": "gemini:api_key", "key": "AIzaSy" + "Authz1" * 5 + "XYZ"}),
     Row("GET", "/admin", _ADMINS_ONLY, _ADMINS_ONLY, Want(200, sees=OBJECTS), TO_LOGIN),
     Row("GET", "/admin/sessions/{session_id}", _ADMINS_ONLY, _ADMINS_ONLY, Want(200, sees=("session",)), TO_LOGIN,
         params=SESSION),

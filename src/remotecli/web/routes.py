@@ -28,9 +28,9 @@ from remotecli.domain.states import VM_STATUS_WORDS, AuthStatus, VmStatus
 from remotecli.errors import AuthenticationRequired, NotFound, RemotecliError, TooManyLoginAttempts
 from remotecli.logging import get_logger
 from remotecli.services import admin as admin_service
+from remotecli.services import credential_health, key_signin, login_limits, oidc, vm_manager
 from remotecli.services import dashboard as dashboard_service
 from remotecli.services import dashboard_sessions as sessions
-from remotecli.services import login_limits, oidc, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.users import Principal
 from remotecli.web import views
@@ -58,6 +58,7 @@ NOTICES = {
     "rebuild": ("Your workspace was rebuilt: a new CLI VM on the current image, with your home kept "
                 "(your files and CLI sign-ins are where you left them)."),
     "signed_out": "You are signed out.",
+    "key": "Your key is in your workspace and the CLI reads it as signed in.",
 }
 
 
@@ -306,14 +307,48 @@ async def logout(request: Request) -> Response:
 
 
 def _dashboard(request: Request, current: tuple[Principal, str], *, notice: str = "", error: str = "",
-               status_code: int = 200) -> HTMLResponse:
+               status_code: int = 200, refresh_health: bool = False) -> HTMLResponse:
     data = dashboard_service.overview(_ctx(request), current[0])
     home = dashboard_service.workspace(_ctx(request), current[0])
+    health = credential_health.read_health(_ctx(request), current[0], refresh=refresh_health)
     return _page(request, "dashboard.html", {
         "vms": [views.vm_row(vm) for vm in data.vms], "hidden_vms": data.hidden_vms,
         "workspace": views.workspace_panel(home) if home is not None else None,
         "credentials": views.provider_credentials(data.sign_ins), "notice": notice, "error": error,
+        "health": views.credential_health_rows(health), "key_kinds": KEY_KINDS,
     }, status_code=status_code, current=current)
+
+
+# Key sign-in (services/key_signin.py): the choices of the dashboard's form, "provider:kind".
+KEY_KINDS = [("claude_code:api_key", "Claude Code: Anthropic API key"),
+             ("claude_code:oauth_token", "Claude Code: long-lived token (claude setup-token)"),
+             ("codex:api_key", "Codex: OpenAI API key"), ("gemini:api_key", "Gemini CLI: Gemini API key")]
+
+
+@router.post("/dashboard/credentials/health", response_model=None)
+async def credentials_health_refresh(request: Request) -> Response:
+    """"Check now": read credential health, starting the workspace if it is stopped."""
+    current = _require(request)
+    form = await _form(request)
+    try:
+        _check_form_csrf(current[1], form)
+        return _dashboard(request, current, refresh_health=True)
+    except RemotecliError as exc:
+        return _dashboard(request, current, error=exc.message, status_code=exc.http_status)
+
+
+@router.post("/dashboard/credentials/keys", response_model=None)
+async def credentials_key(request: Request) -> Response:
+    """Sign a CLI in with a pasted key (the key is never echoed back, logged or kept)."""
+    current = _require(request)
+    form = await _form(request)
+    provider, _, kind = form.get("provider_kind", "").partition(":")
+    try:
+        _check_form_csrf(current[1], form)
+        key_signin.sign_in_with_key(_ctx(request), current[0], provider, kind, form.get("key", ""))
+    except RemotecliError as exc:
+        return _dashboard(request, current, error=exc.message, status_code=exc.http_status)
+    return RedirectResponse("/dashboard?notice=key", status_code=303)
 
 
 @router.get("/dashboard", response_model=None)

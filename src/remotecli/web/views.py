@@ -11,6 +11,7 @@ from typing import Any
 
 from remotecli.db.models import Event, Vm, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_STATUS_WORDS, AuthStatus, VmStatus, VmType
+from remotecli.services.credential_health import CredentialHealth
 from remotecli.services.dashboard import ProviderSignIn, TerminalState, WorkspaceSummary
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +240,24 @@ def provider_credentials(sign_ins: list[ProviderSignIn], now: dt.datetime | None
         row.live_session_id = item.live_session_id
         rows.append(row)
     return rows
+
+
+def credential_health_rows(health: CredentialHealth, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The dashboard's "read from your workspace now" card (services/credential_health.py)."""
+    now = now or utcnow()
+    tones = {"signed_in": "ok", "expired_refreshable": "ok", "expired": "warn", "signed_out": "warn",
+             "unreadable": "warn"}
+    return {
+        "workspace": health.workspace, "message": health.message,
+        "checked": utc(health.checked_at, seconds=True) if health.checked_at else "",
+        "rows": [{
+            "provider": p.provider, "name": p.display_name, "state": p.state, "words": p.words,
+            "tone": tones.get(p.state, "idle"), "account": p.account or "", "detail": p.detail or "",
+            "expires": utc(p.access_expires_at), "expires_relative": relative(p.access_expires_at, now),
+            "refreshed": utc(p.refreshed_at), "refreshed_relative": relative(p.refreshed_at, now),
+            "reauthenticate": p.reauthenticate,
+        } for p in health.providers],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
