@@ -96,6 +96,7 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
         database_url=db_url,
         driver="fake",
         vm_boot_timeout_s=10,
+        browser_pool_size=0,  # the warm pool's tests turn it on (tests/unit/test_pool.py)
     )
 
 

@@ -175,6 +175,19 @@ class Settings(BaseSettings):
     auth_session_ttl_s: float = Field(default=900.0, gt=0, description="Sign-in sessions expire after this")
     auth_page_timeout_s: float = Field(default=240.0, gt=0, description="Browser VM boot + login page on screen")
     vnc_ticket_ttl_s: float = Field(default=120.0, gt=0)
+    browser_pool_size: int = Field(
+        default=1, ge=0, le=64,
+        description="Browser VMs kept booted (Chromium on a blank page, OAuth agent waiting) for the next "
+        "sign-ins; each serves one sign-in and is destroyed after it; 0 turns the warm pool off",
+    )
+    browser_pool_interval_s: float = Field(
+        default=2.0, gt=0, description="Pause between the warm pool's passes (it is also woken after each claim)"
+    )
+    browser_clipboard_out: bool = Field(
+        default=False,
+        description="Let text copied inside the Browser VM reach the user's clipboard through noVNC (pasting "
+        "into the VM is always allowed)",
+    )
     websocket_access_check_s: float = Field(
         default=15.0, gt=0, description="Open terminal and VNC websockets of a disabled user close within this"
     )

@@ -19,6 +19,7 @@ class Topic(enum.StrEnum):
     """What a notification is about."""
 
     AUTH_SESSIONS = "auth-sessions"  # a sign-in session was created (or needs its worker)
+    BROWSER_POOL = "browser-pool"  # a warm-pool VM was claimed (or failed): the pool refills
 
 
 class Notifier:

@@ -130,6 +130,7 @@ def fault_settings(data_dir: Path, db_url: str, **overrides: Any) -> Settings:
         "reconciler_orphan_grace_s": 1, "reconciler_lease_s": 5,
         "gc_interval_s": 0.5, "gc_failed_ttl_s": 1,
         "max_live_auth_sessions_per_user": 10, "max_vm_creations_per_user_per_minute": 1000,
+        "browser_pool_size": 0,
     }
     values.update(overrides)
     return Settings(**values)

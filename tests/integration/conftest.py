@@ -39,6 +39,9 @@ def qemu_settings(db_url: str, data_dir: Path | None = None, **overrides: object
         # Under TCG on 2 host cores, fewer vCPUs per guest means less contention between guests.
         "cli_vm_memory_mib": 1024, "browser_vm_memory_mib": 1536, "cli_vm_vcpus": 1, "browser_vm_vcpus": 2,
         "vm_boot_timeout_s": 180,
+        # No warm pool unless a test asks for one (tests/integration/test_pool.py): every pool VM
+        # is a Browser VM booted on this 2-core TCG host.
+        "browser_pool_size": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

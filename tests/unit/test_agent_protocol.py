@@ -33,6 +33,7 @@ DUPLICATED = [
     "MAX_BODY_BYTES",
     "MAX_EXEC_TIMEOUT_S",
     "PATH_OAUTH_FLOWS",
+    "PATH_OAUTH_BROWSER",
     "PATH_CREDENTIAL_HEALTH",
     "CLI_ENV_FILE",
 ]
@@ -57,6 +58,7 @@ def test_guest_and_host_oauth_statuses_match(status: protocol.OAuthFlowStatus) -
 
 def test_guest_oauth_agent_uses_the_wire_constants() -> None:
     assert guest_oauth.FLOWS_PATH == protocol.PATH_OAUTH_FLOWS
+    assert guest_oauth.BROWSER_PATH == protocol.PATH_OAUTH_BROWSER
     assert {status.value for status in protocol.OAUTH_TERMINAL} == guest_oauth.TERMINAL
     statuses = {guest_oauth.STARTING, guest_oauth.PAGE_LOADING, guest_oauth.AWAITING_USER, guest_oauth.EXCHANGING,
                 guest_oauth.COMPLETED, guest_oauth.DENIED, guest_oauth.FAILED}

@@ -46,6 +46,7 @@ from remotecli.agent.protocol import (
     PATH_EXEC,
     PATH_FILES,
     PATH_HEALTH,
+    PATH_OAUTH_BROWSER,
     PATH_OAUTH_FLOWS,
     PATH_PTY,
     PATH_SHUTDOWN,
@@ -58,6 +59,7 @@ from remotecli.agent.protocol import (
     ExecResult,
     FileContent,
     FileInfo,
+    OAuthBrowser,
     OAuthFlowSpec,
     OAuthFlowState,
     PtyData,
@@ -307,9 +309,9 @@ class AgentClient:
         self._endpoint = _parse_endpoint(endpoint)
         self._secret = secret
         self.timeout = timeout
+        self._tls = tls
         if self._endpoint.vsock_port is not None and self._endpoint.uds is not None:
             transport = httpx.HTTPTransport(retries=0)
-        self._tls = tls
             # httpx has no public hook for a network backend; its pool is replaced wholesale.
             transport._pool = httpcore.ConnectionPool(
                 network_backend=_VsockBackend(self._endpoint.uds, self._endpoint.vsock_port), retries=0
@@ -555,6 +557,14 @@ class AgentClient:
     def oauth_start(self, spec: OAuthFlowSpec) -> OAuthFlowState:
         """``POST /v1/oauth/flows``: start a sign-in flow; the answer has ``flow_id``, ``redirect_uri``, ``status``."""
         return self._flow_state("POST", PATH_OAUTH_FLOWS, self._request("POST", PATH_OAUTH_FLOWS, body=spec.to_wire()))
+
+    def oauth_warm(self, browser: OAuthBrowser, timeout_s: float = 90.0) -> None:
+        """``POST /v1/oauth/browser``: start Chromium on a blank page, as the next flow with the same
+        ``browser`` settings would run it, and return once its page is up (the warm pool, ADR 0012).
+        That flow then takes this browser over instead of starting one."""
+        body: dict[str, Any] = {"browser": browser.model_dump(mode="json", exclude_unset=True),
+                                "timeout_s": timeout_s}
+        self._request("POST", PATH_OAUTH_BROWSER, body=body, timeout=httpx.Timeout(timeout_s + 10, connect=5.0))
 
     def oauth_status(self, flow_id: str) -> OAuthFlowState:
         """``GET /v1/oauth/flows/{id}``; ``result`` (the token response, a secret) once completed."""

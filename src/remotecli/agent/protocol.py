@@ -55,6 +55,7 @@ MAX_BODY_BYTES: Final = 48 * 1024 * 1024
 MAX_EXEC_TIMEOUT_S: Final = 24 * 3600.0
 
 PATH_OAUTH_FLOWS: Final = "/v1/oauth/flows"  # POST: start; GET/DELETE {PATH_OAUTH_FLOWS}/{flow_id}
+PATH_OAUTH_BROWSER: Final = "/v1/oauth/browser"  # POST: Chromium on a blank page for the next flow (warm pool)
 # The flow statuses are OAuthFlowStatus below; guest/wire.py has them as OAUTH_STATUS_* strings.
 # GET ?user=NAME: the CLIs' credential files in NAME's home as metadata (CredentialHealthReport).
 PATH_CREDENTIAL_HEALTH: Final = "/v1/credentials/health"
@@ -439,6 +440,8 @@ class GuestAgent(Protocol):
     def read_file(self, path: str) -> FileContent: ...
 
     def shutdown(self, action: str = "poweroff") -> None: ...
+
+    def oauth_warm(self, browser: OAuthBrowser, timeout_s: float = 90.0) -> None: ...
 
     def credential_health(self, user: str | None = None) -> CredentialHealthReport: ...
 

@@ -24,7 +24,9 @@ whose VM row is gone waits while the host still runs that VM (an orphan, removed
 
 Sign-in sessions: sessions past ``expires_at`` whose worker lease is free become ``expired``
 (the same transition the sign-in worker makes; losing that race is fine). Browser VMs whose session
-has ended, or that no session references long after they were made, are destroyed.
+has ended, or that no session references long after they were made, are destroyed. Warm-pool VMs no
+sign-in has claimed yet (``user_id`` NULL) are the pool's (``services.pool``); they are checked
+like every VM above, and a dead one is failed here and replaced by the pool's next pass.
 
 Every status change goes through ``services.transitions`` / ``vm_manager``; no transaction is open
 during a driver call.
@@ -272,7 +274,7 @@ class Reconciler:
         host = {h.vm_id: h for h in self.ctx.driver.list_host_vms(self.ctx.settings.vms_dir)}
         # Rows are read after the host is listed: a VM's row is committed before its directory or
         # process exists, so anything listed above that has a row is seen here.
-        rows: dict[str, tuple[str, str]] = {}
+        rows: dict[str, tuple[str, str | None]] = {}
         for batch in chunks(sorted(host), 500):
             with self.ctx.db.read() as session:
                 for vm_id, status, user_id in session.execute(
@@ -285,7 +287,7 @@ class Reconciler:
         self._stop_stray(stray, rows, report, dry_run)
         self._remove_orphans(orphans, report, dry_run)
 
-    def _stop_stray(self, stray: list[HostVm], rows: dict[str, tuple[str, str]], report: PassReport,
+    def _stop_stray(self, stray: list[HostVm], rows: dict[str, tuple[str, str | None]], report: PassReport,
                     dry_run: bool) -> None:
         """A ``failed`` VM must not keep burning CPU and memory until GC: stop its process."""
         if not stray:
@@ -507,6 +509,7 @@ class Reconciler:
             pairs = list(session.execute(
                 select(Vm, AuthSession).outerjoin(AuthSession, AuthSession.browser_vm_id == Vm.id).where(
                     Vm.vm_type == VmType.BROWSER.value,
+                    Vm.user_id.is_not(None),  # an unclaimed warm-pool VM waits for a sign-in (services/pool.py)
                     Vm.status.in_([VmStatus.RUNNING.value, VmStatus.PAUSED.value, VmStatus.STOPPED.value]),
                 )
             ).all())

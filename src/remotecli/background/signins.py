@@ -44,7 +44,10 @@ from remotecli.logging import get_logger, log_context
 from remotecli.notifier import Topic
 from remotecli.profiles import ProviderProfile
 from remotecli.services import credentials, vm_manager
+from remotecli.services import pool as warm_pool
 from remotecli.services.signin_state import (
+    BROWSER_READY,
+    BROWSER_RESTARTING,
     MODULE,
     STEP_MESSAGES,
     WAITING_FOR_CAPACITY,
@@ -212,6 +215,9 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, own
         browser_vm = _usable_browser_vm(ctx, auth)
         if browser_vm is not None:
             return browser_vm
+        warm = _claim_warm(ctx, auth)
+        if warm is not None:
+            return warm
         last: RemotecliError | None = None
         for _attempt in range(2):  # a failed boot is retried once before the user hears of it
             try:
@@ -264,6 +270,23 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, own
         agent.close()
 
 
+def _claim_warm(ctx: AppContext, auth: AuthSession) -> Vm | None:
+    """A Browser VM of the warm pool for ``auth`` (recorded on the session at once, so the page
+    says "Secure browser ready"), or None when the pool has none ready."""
+    warm = warm_pool.claim(ctx, auth.user_id, session_id=auth.id)
+    if warm is None:
+        return None
+    try:
+        set_fields(ctx, auth, browser_vm_id=warm.id, message=BROWSER_READY)
+    except StatusChanged:
+        # Cancelled or expired meanwhile: the VM is nobody's use now.
+        vm_manager.destroy_vm(ctx, None, warm.id, reason="its sign-in ended before it was used", module=MODULE,
+                              session_id=auth.id)
+        raise
+    record(ctx, auth, "auth.browser_warm", "Secure browser ready (a warm one from the pool)", vm_id=warm.id)
+    return warm
+
+
 def _oauth_spec(ctx: AppContext, profile: ProviderProfile, flow_id: str) -> OAuthFlowSpec:
     """The OAuth agent's flow request for ``profile``, run as the Browser VM's browser user."""
     return profile.oauth_spec(flow_id).with_browser(user=ctx.settings.browser_guest_user)
@@ -302,8 +325,8 @@ def _await_login(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, o
         if auth.status == AuthStatus.EXCHANGING.value:
             raise SessionFailure("exchange_interrupted", "the Browser VM went away during the exchange")
         # Repairable: the user has not logged in yet; give them a fresh browser.
-        record(ctx, auth, "auth.browser_restarted", "The secure browser stopped; starting a new one")
-        set_fields(ctx, auth, browser_vm_id=None, oauth_flow_id=None)
+        record(ctx, auth, "auth.browser_restarted", BROWSER_RESTARTING)
+        set_fields(ctx, auth, browser_vm_id=None, oauth_flow_id=None, message=BROWSER_RESTARTING)
         _reprovision_in_place(ctx, auth, profile, owner, stopping)
         return
     agent = ctx.agent(browser_vm)
@@ -341,8 +364,9 @@ def _reprovision_in_place(ctx: AppContext, auth: AuthSession, profile: ProviderP
                          stopping: Callable[[], bool] = _never) -> None:
     principal = principal_of(ctx, auth.user_id)
     try:
-        vm = _when_capacity(ctx, auth, owner, stopping, lambda: vm_manager.create_vm(
-            ctx, principal, VmType.BROWSER.value, session_id=auth.id))
+        vm = warm_pool.claim(ctx, auth.user_id, session_id=auth.id) or _when_capacity(
+            ctx, auth, owner, stopping, lambda: vm_manager.create_vm(
+                ctx, principal, VmType.BROWSER.value, session_id=auth.id))
     except RemotecliError as exc:
         raise SessionFailure("vm_boot_failed", exc.log_detail or exc.message) from exc
     flow_id = f"flow-{uuid.uuid4().hex[:16]}"
@@ -353,7 +377,8 @@ def _reprovision_in_place(ctx: AppContext, auth: AuthSession, profile: ProviderP
         raise SessionFailure("browser_failed", exc.log_detail or exc.code) from exc
     finally:
         agent.close()
-    set_fields(ctx, auth, browser_vm_id=vm.id, oauth_flow_id=flow_id)
+    set_fields(ctx, auth, browser_vm_id=vm.id, oauth_flow_id=flow_id,
+               message=f"A new secure browser is ready: log in to {profile.display_name} below")
 
 
 class SigninWorker:

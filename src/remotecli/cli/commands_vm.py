@@ -49,7 +49,8 @@ def vm_list(user: str | None, vm_type: str | None, status: str | None, live: boo
         return
     print_table(
         ["id", "user", "type", "status", "age", "cpu", "mem", "reason"],
-        [[v.id, names.get(v.user_id, v.user_id[:8]), v.vm_type, v.status, age(v.created_at), v.vcpus,
+        [[v.id, "pool" if v.user_id is None else names.get(v.user_id, v.user_id[:8]), v.vm_type, v.status,
+          age(v.created_at), v.vcpus,
           f"{v.memory_mib}M", (v.status_reason or "").splitlines()[0][:60] if v.status_reason else ""] for v in vms],
     )
 

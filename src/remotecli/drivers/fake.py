@@ -28,6 +28,7 @@ from remotecli.agent.protocol import (
     FileInfo,
     GuestAgent,
     GuestPty,
+    OAuthBrowser,
     OAuthFlowSpec,
     OAuthFlowState,
 )
@@ -132,6 +133,7 @@ class FakeDriver(VmDriver):
         self.calls: list[tuple[str, str]] = []
         # Fake OAuth flows in browser VMs: flow_id -> state dict (see FakeAgent.oauth_*).
         self.oauth_flows: dict[str, dict[str, object]] = {}
+        self.warm_browsers: set[str] = set()  # VMs whose (fake) Chromium the warm pool started
         # What the next user "does" in the fake browser: ("complete", token_response) or ("deny", None).
         self.login_outcome: tuple[str, dict[str, object] | None] | None = None
         # Home volumes: a boot that found its volume in use by another live fake VM (QEMU's image
@@ -468,6 +470,11 @@ class FakeAgent:
 
     # The fake OAuth agent: a flow shows its page at the first poll and then waits for
     # ``FakeDriver.login_outcome`` (what the user does in the browser).
+
+    def oauth_warm(self, browser: OAuthBrowser, timeout_s: float = 90.0) -> None:
+        """The warm pool's Chromium on a blank page: recorded per VM (``FakeDriver.warm_browsers``)."""
+        self._vm()
+        self._driver.warm_browsers.add(self._vm_id)
 
     def oauth_start(self, spec: OAuthFlowSpec) -> OAuthFlowState:
         self._vm()

@@ -45,6 +45,11 @@ STEP_MESSAGES: dict[AuthStatus, str] = {
 #: The session's message while its CLI or Browser VM waits for room on the host (``provisioning``).
 WAITING_FOR_CAPACITY = "Waiting for capacity on the host…"
 
+#: The session's message once a warm Browser VM from the pool is its own (issue 13).
+BROWSER_READY = "Secure browser ready; opening the sign-in page"
+#: The session's message when its Browser VM died before the user logged in; a new one follows.
+BROWSER_RESTARTING = "The secure browser stopped unexpectedly; starting a new one for you"
+
 FAILURE_MESSAGES: dict[str, str] = {
     "oauth_denied": "You declined access at {provider}. Try again when you are ready.",
     "oauth_error": "{provider} did not complete the sign-in. Try again.",

@@ -89,7 +89,7 @@ class VmView:
     """A VM as the API and CLI show it (no secrets)."""
 
     id: str
-    user_id: str
+    user_id: str | None  # None: a warm-pool Browser VM no sign-in has claimed yet
     vm_type: str
     status: str
     status_reason: str | None
@@ -128,6 +128,10 @@ class VmView:
 
 
 def _visible(vm: Vm | None, principal: Principal | None) -> Vm:
+    if vm is not None and vm.user_id is None:  # an unclaimed warm-pool VM: the operator's and admins' only
+        if principal is None or principal.is_admin:
+            return vm
+        raise VmNotFound()
     access.ensure_visible(principal, vm.user_id if vm else None, VmNotFound())
     assert vm is not None
     return vm
@@ -202,7 +206,7 @@ def _resolve_image(ctx: AppContext, vm_type: VmType) -> ImageRef | None:
 
 def create_vm(
     ctx: AppContext,
-    principal: Principal,
+    principal: Principal | None,
     vm_type: str,
     *,
     vcpus: int | None = None,
@@ -214,8 +218,14 @@ def create_vm(
     A CLI VM when the user already has a live one raises ``AlreadyExists`` (the database refuses
     it); use ``ensure_cli_vm`` to get-or-create. A boot that fails leaves the row ``failed`` with
     the console's last lines as the reason, and raises ``VmBootFailed``.
+
+    ``principal=None`` makes a Browser VM of the warm pool (``services.pool``): no user's, no
+    user's limits, claimed by a sign-in later.
     """
     kind = _validate_type(vm_type)
+    if principal is None and kind is not VmType.BROWSER:
+        raise InvalidInput("Only Browser VMs of the warm pool are made without a user.")
+    user_id = principal.user_id if principal is not None else None
     default_vcpus, default_memory = ctx.settings.vm_defaults(kind.value)
     vcpus = default_vcpus if vcpus is None else vcpus
     memory_mib = default_memory if memory_mib is None else memory_mib
@@ -227,7 +237,7 @@ def create_vm(
     # The host has room for it (warm-pool VMs give way first), before anything of it exists; the
     # insert below checks again under the capacity lock (services/capacity.py).
     capacity.admit_now(ctx, vcpus=vcpus, memory_mib=memory_mib, vm_type=kind.value)
-    if kind is VmType.CLI:
+    if kind is VmType.CLI and principal is not None:
         # The user's home volume exists and no ended VM holds it any more (fenced), before a row
         # exists: a workspace that cannot be used refuses the VM instead of failing it. A request
         # the limits refuse changes nothing, the home included (they are checked again below).
@@ -240,7 +250,8 @@ def create_vm(
     now = utcnow()
     vm = Vm(
         id=vm_id,
-        user_id=principal.user_id,
+        user_id=user_id,
+        pool=principal is None,
         vm_type=kind.value,
         status=VmStatus.CREATING.value,
         driver=ctx.driver.name,
@@ -258,21 +269,23 @@ def create_vm(
         with ctx.db.transaction() as session:
             # The limits are checked and the row inserted in one transaction that holds the user's
             # lock, so concurrent requests of one user are counted one after the other.
-            _check_creation_limits(ctx, session, principal)
+            if principal is not None:
+                _check_creation_limits(ctx, session, principal)
             capacity.admit(ctx, session, vcpus=vcpus, memory_mib=memory_mib, vm_type=kind.value)
             session.add(vm)
             session.flush()
             record_event(
                 session, module=MODULE, kind="vm.status", message=f"{kind.value} VM requested",
-                user_id=principal.user_id, vm_id=vm_id, session_id=session_id, to_status=VmStatus.CREATING.value,
-                details={"vcpus": vcpus, "memory_mib": memory_mib, "driver": ctx.driver.name},
+                user_id=user_id, vm_id=vm_id, session_id=session_id, to_status=VmStatus.CREATING.value,
+                details={"vcpus": vcpus, "memory_mib": memory_mib, "driver": ctx.driver.name,
+                         **({"pool": True} if principal is None else {})},
             )
     except IntegrityError:
         raise AlreadyExists(
             "You already have a CLI workspace; use it, or destroy it before creating another.",
-            log_detail=f"live CLI VM exists for user {principal.user_id}",
+            log_detail=f"live CLI VM exists for user {user_id}",
         ) from None
-    with log_context(vm_id=vm_id, user_id=principal.user_id, session_id=session_id):
+    with log_context(vm_id=vm_id, user_id=user_id, session_id=session_id):
         home = _attach_home(ctx, vm, session_id) if kind is VmType.CLI else None
         _boot(ctx, vm, image, first_boot=True, session_id=session_id, home=home)
     return vm

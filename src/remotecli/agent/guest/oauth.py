@@ -7,6 +7,11 @@ the one valid callback the code exchange at the token endpoint. The controller p
 ``GET /v1/oauth/flows/{id}`` and reads ``result`` (the token response) once ``completed``, then
 ``DELETE``s the flow, which stops the listener and Chromium and forgets the result.
 
+A warm-pool Browser VM (ADR 0012) starts Chromium before any flow: ``POST /v1/oauth/browser``
+runs it on a blank page and answers once its page is up. The next flow with the same browser
+settings takes that browser over (it is then the flow's, stopped with it) and points its page at
+the authorize URL through the DevTools protocol, instead of starting Chromium then.
+
 Standard library only (see docs/decisions/0001). Never log or answer with codes, tokens, the PKCE
 verifier or the state: logs carry the flow id, status changes, ports and counts only, and
 ``page_url`` is reduced to scheme, host and path (a callback URL's query holds the code).
@@ -43,10 +48,13 @@ from .wire import (
     OAUTH_STATUS_FAILED,
     OAUTH_STATUS_PAGE_LOADING,
     OAUTH_STATUS_STARTING,
+    PATH_OAUTH_BROWSER,
     PATH_OAUTH_FLOWS,
 )
 
 FLOWS_PATH = PATH_OAUTH_FLOWS
+BROWSER_PATH = PATH_OAUTH_BROWSER
+DEFAULT_WARM_TIMEOUT_S = 90.0
 
 STARTING = OAUTH_STATUS_STARTING
 PAGE_LOADING = OAUTH_STATUS_PAGE_LOADING
@@ -189,7 +197,21 @@ class FlowSpec:
         if style not in ("form", "json"):
             raise HttpError(400, "invalid_request", "token_request_style must be 'form' or 'json'.")
         self.token_request_style = style
-        browser = doc.get("browser") or {}
+        browser = BrowserSpec(doc.get("browser") or {})
+        self.display = browser.display
+        self.browser_user = browser.browser_user
+        self.executable = browser.executable
+        self.extra_args = browser.extra_args
+        self.app_window = browser.app_window
+        self.browser_key = browser.key
+        self.expires_in_s = _number(doc, "expires_in_s", DEFAULT_EXPIRES_IN_S, 1, 24 * 3600)
+        self.page_load_timeout_s = _number(doc, "page_load_timeout_s", DEFAULT_PAGE_LOAD_TIMEOUT_S, 1, 3600)
+
+
+class BrowserSpec:
+    """The ``browser`` object of a flow or of ``POST /v1/oauth/browser``: how Chromium is run."""
+
+    def __init__(self, browser):
         if not isinstance(browser, dict):
             raise HttpError(400, "invalid_request", "browser must be an object.")
         self.display = browser.get("display", ":0")
@@ -211,8 +233,8 @@ class FlowSpec:
         if not isinstance(app, bool):
             raise HttpError(400, "invalid_request", "browser.app must be true or false.")
         self.app_window = app
-        self.expires_in_s = _number(doc, "expires_in_s", DEFAULT_EXPIRES_IN_S, 1, 24 * 3600)
-        self.page_load_timeout_s = _number(doc, "page_load_timeout_s", DEFAULT_PAGE_LOAD_TIMEOUT_S, 1, 3600)
+        # A warm browser serves a flow only when the flow would have run the very same one.
+        self.key = (self.display, self.browser_user, self.executable, tuple(self.extra_args), self.app_window)
 
 
 # -- one flow ----------------------------------------------------------------------------------
@@ -279,10 +301,11 @@ class Flow:
 
     # -- start ------------------------------------------------------------------------------
 
-    async def start(self):
+    async def start(self, warm=None):
         try:
             await self._listen()
-            self._launch_browser()
+            if warm is None or not await self._adopt(warm):
+                self._launch_browser()
         except BaseException:
             await self.close()
             raise
@@ -333,87 +356,27 @@ class Flow:
         query = parts.query + ("&" if parts.query else "") + urlencode(params)
         return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
+    async def _adopt(self, warm):
+        """Take over the warm browser and load the authorize URL in its page; False (the warm
+        browser stopped and removed) when that did not work: the caller starts one as before."""
+        self._process, self._debug_port, self._profile_dir = warm.process, warm.debug_port, warm.profile_dir
+        navigated = warm.process.poll() is None and await asyncio.to_thread(
+            _navigate, warm.debug_port, self.authorize_url())
+        if navigated:
+            log("oauth_browser_adopted", flow=self.flow_id, pid=warm.process.pid, debug_port=warm.debug_port)
+            return True
+        log("oauth_warm_browser_unusable", level="warning", flow=self.flow_id)
+        await self.stop_browser()
+        await asyncio.to_thread(shutil.rmtree, warm.profile_dir, True)
+        self._process = self._debug_port = self._profile_dir = None
+        return False
+
     def _launch_browser(self):
-        spec = self.spec
-        executable = shutil.which(spec.executable)
-        if executable is None:
-            raise HttpError(400, "spawn_failed", f"No browser program {spec.executable!r} in the VM.")
-        identity, entry = process_identity(spec.browser_user)
-        uid = entry.pw_uid
-        self._profile_dir = tempfile.mkdtemp(prefix=f"remotecli-oauth-{self.flow_id[:32]}-")
-        home = os.path.join(self._profile_dir, "home")
-        profile = os.path.join(self._profile_dir, "profile")
-        default = os.path.join(profile, "Default")
-        for path in (home, profile, default):
-            os.mkdir(path, 0o700)
-        # A fresh profile whose password manager is off: no "Save password?" bubble over the
-        # provider's page after the user logs in.
-        preferences = os.path.join(default, "Preferences")
-        with open(preferences, "w", encoding="utf-8") as handle:
-            json.dump({"credentials_enable_service": False,
-                       "profile": {"password_manager_enabled": False}}, handle)
-        if identity:
-            for path in (self._profile_dir, home, profile, default, preferences):
-                os.chown(path, uid, entry.pw_gid)
-        self._debug_port = _pick_debug_port()
-        argv = [
-            executable,
-            *QUIET_FLAGS,
-            f"--user-data-dir={profile}",
-            f"--remote-debugging-port={self._debug_port}",
-            "--remote-debugging-address=127.0.0.1",
-            "--window-position=0,0",
-            "--window-size=1280,800",
-            "--start-maximized",
-            # Guests have a small /dev/shm, and Xvfb has no GPU.
-            "--disable-dev-shm-usage",
-            "--disable-gpu",
-        ]
-        if uid == 0 or not _user_namespaces_available():
-            # Chromium's sandbox needs unprivileged user namespaces (Debian ships no setuid
-            # helper) and refuses to run as root with it. Without it each renderer would be as
-            # strong as the browser process; that is acceptable here only because a Browser VM is
-            # single-use and the VM itself is the isolation boundary. The image runs Chromium as
-            # the unprivileged `browser` user, so this path is for hosts and tests.
-            argv.append("--no-sandbox")
-        argv.extend(spec.extra_args)
         url = self.authorize_url()
-        argv.append(f"--app={url}" if spec.app_window else url)
-        env = {
-            "PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
-            "HOME": home,
-            "USER": entry.pw_name,
-            "LOGNAME": entry.pw_name,
-            "LANG": os.environ.get("LANG") or "C.UTF-8",
-            "DISPLAY": spec.display,
-            "XDG_CONFIG_HOME": os.path.join(home, ".config"),
-            "XDG_CACHE_HOME": os.path.join(home, ".cache"),
-        }
-        try:
-            # Its own session and process group, so DELETE can end the whole browser at once.
-            # Its output may contain URLs (with the state): it goes nowhere.
-            self._process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=home,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-                **identity,
-            )
-        except OSError as exc:
-            raise HttpError(400, "spawn_failed", f"The browser could not be started: {exc.strerror}.") from None
-        log(
-            "oauth_browser_started",
-            flow=self.flow_id,
-            pid=self._process.pid,
-            user=entry.pw_name,
-            display=spec.display,
-            debug_port=self._debug_port,
-            sandbox="--no-sandbox" not in argv,
-        )
+        self._process, self._debug_port, self._profile_dir = _spawn_browser(
+            self.spec, f"--app={url}" if self.spec.app_window else url, f"{self.flow_id[:32]}-")
+        log("oauth_browser_started", flow=self.flow_id, pid=self._process.pid, display=self.spec.display,
+            debug_port=self._debug_port)
 
     # -- watching the browser ---------------------------------------------------------------
 
@@ -726,17 +689,199 @@ def _pids_with_arg(marker):
     return found
 
 
+def _spawn_browser(spec, target, prefix):
+    """Chromium as ``spec`` (a ``BrowserSpec``-like) says, on ``target`` (a URL, or ``--app=URL``
+    for an app window), with a fresh profile; returns ``(process, debug_port, profile_dir)``."""
+    executable = shutil.which(spec.executable)
+    if executable is None:
+        raise HttpError(400, "spawn_failed", f"No browser program {spec.executable!r} in the VM.")
+    identity, entry = process_identity(spec.browser_user)
+    uid = entry.pw_uid
+    profile_dir = tempfile.mkdtemp(prefix=f"remotecli-oauth-{prefix}")
+    home = os.path.join(profile_dir, "home")
+    profile = os.path.join(profile_dir, "profile")
+    default = os.path.join(profile, "Default")
+    for path in (home, profile, default):
+        os.mkdir(path, 0o700)
+    # A fresh profile whose password manager is off: no "Save password?" bubble over the
+    # provider's page after the user logs in.
+    preferences = os.path.join(default, "Preferences")
+    with open(preferences, "w", encoding="utf-8") as handle:
+        json.dump({"credentials_enable_service": False,
+                   "profile": {"password_manager_enabled": False}}, handle)
+    if identity:
+        for path in (profile_dir, home, profile, default, preferences):
+            os.chown(path, uid, entry.pw_gid)
+    debug_port = _pick_debug_port()
+    argv = [
+        executable,
+        *QUIET_FLAGS,
+        f"--user-data-dir={profile}",
+        f"--remote-debugging-port={debug_port}",
+        "--remote-debugging-address=127.0.0.1",
+        "--window-position=0,0",
+        "--window-size=1280,800",
+        "--start-maximized",
+        # Guests have a small /dev/shm, and Xvfb has no GPU.
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+    ]
+    if uid == 0 or not _user_namespaces_available():
+        # Chromium's sandbox needs unprivileged user namespaces (Debian ships no setuid
+        # helper) and refuses to run as root with it. Without it each renderer would be as
+        # strong as the browser process; that is acceptable here only because a Browser VM is
+        # single-use and the VM itself is the isolation boundary. The image runs Chromium as
+        # the unprivileged `browser` user, so this path is for hosts and tests.
+        argv.append("--no-sandbox")
+    argv.extend(spec.extra_args)
+    argv.append(target)
+    env = {
+        "PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "USER": entry.pw_name,
+        "LOGNAME": entry.pw_name,
+        "LANG": os.environ.get("LANG") or "C.UTF-8",
+        "DISPLAY": spec.display,
+        "XDG_CONFIG_HOME": os.path.join(home, ".config"),
+        "XDG_CACHE_HOME": os.path.join(home, ".cache"),
+    }
+    try:
+        # Its own session and process group, so DELETE can end the whole browser at once.
+        # Its output may contain URLs (with the state): it goes nowhere.
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=home,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            **identity,
+        )
+    except OSError as exc:
+        shutil.rmtree(profile_dir, True)
+        raise HttpError(400, "spawn_failed", f"The browser could not be started: {exc.strerror}.") from None
+    log("oauth_browser_process", pid=process.pid, user=entry.pw_name, display=spec.display,
+        debug_port=debug_port, sandbox="--no-sandbox" not in argv)
+    return process, debug_port, profile_dir
+
+
+def _navigate(port, url):
+    """Load ``url`` in the browser's first page through the DevTools protocol (``Page.navigate``
+    over its websocket, standard library only); True once Chromium accepted it."""
+    pages = [p for p in _devtools_pages(port) if p.get("type") == "page" and p.get("webSocketDebuggerUrl")]
+    if not pages:
+        return False
+    target = urlsplit(str(pages[0]["webSocketDebuggerUrl"]))
+    if target.hostname not in ("127.0.0.1", "localhost") or target.port != port:
+        return False
+    request = json.dumps({"id": 1, "method": "Page.navigate", "params": {"url": url}}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            key = base64.b64encode(os.urandom(16)).decode("ascii")
+            sock.sendall((f"GET {target.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                         .encode("ascii"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk or len(head) > 16384:
+                    return False
+                head += chunk
+            if b" 101 " not in head.split(b"\r\n", 1)[0]:
+                return False
+            rest = head.split(b"\r\n\r\n", 1)[1]
+            mask = os.urandom(4)
+            size = len(request)
+            if size < 126:
+                header = bytes([0x81, 0x80 | size])
+            elif size < 65536:
+                header = bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big")
+            else:
+                header = bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big")
+            sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(request)))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # answers and events until the one with id 1
+                rest, message = _ws_message(sock, rest)
+                if message is None:
+                    return False
+                try:
+                    doc = json.loads(message)
+                except ValueError:
+                    continue
+                if isinstance(doc, dict) and doc.get("id") == 1:
+                    return "error" not in doc
+    except OSError:
+        return False
+    return False
+
+
+def _ws_message(sock, buffered):
+    """One unmasked server frame's payload from ``sock`` (``buffered`` first); (rest, None) on EOF."""
+    def need(count):
+        nonlocal buffered
+        while len(buffered) < count:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            buffered += chunk
+        taken, buffered = buffered[:count], buffered[count:]
+        return taken
+    head = need(2)
+    if head is None:
+        return buffered, None
+    size = head[1] & 0x7F
+    if size == 126:
+        ext = need(2)
+        size = int.from_bytes(ext, "big") if ext else 0
+    elif size == 127:
+        ext = need(8)
+        size = int.from_bytes(ext, "big") if ext else 0
+    if size > 4 * 1024 * 1024:
+        return buffered, None
+    payload = need(size)
+    if payload is None:
+        return buffered, None
+    return buffered, payload.decode("utf-8", "replace")
+
+
+class WarmBrowser:
+    """Chromium started before any flow (warm pool), on a blank page; a flow takes it over."""
+
+    def __init__(self, spec):
+        self.key = spec.key
+        self.process, self.debug_port, self.profile_dir = _spawn_browser(
+            spec, "--app=about:blank" if spec.app_window else "about:blank", "warm-")
+
+    def alive(self):
+        return self.process.poll() is None
+
+    async def close(self):
+        await asyncio.to_thread(_kill_group, self.process, self.profile_dir)
+        await asyncio.to_thread(shutil.rmtree, self.profile_dir, True)
+
+
 # -- the endpoints -----------------------------------------------------------------------------
 
 
 class OAuthFlows:
-    """``/v1/oauth/flows`` and ``/v1/oauth/flows/{id}``."""
+    """``/v1/oauth/flows``, ``/v1/oauth/flows/{id}`` and ``/v1/oauth/browser`` (the warm browser)."""
 
     def __init__(self):
         self.flows = {}
+        self.warm = None
+        self._warming = asyncio.Lock()
 
     async def dispatch(self, request):
         path = request.path.rstrip("/")
+        if path == BROWSER_PATH:
+            if request.method == "POST":
+                return await self.prewarm(request.json())
+            if request.method == "DELETE":
+                await self._drop_warm()
+                return 200, {"ready": False}
+            raise HttpError(405, "method_not_allowed", f"{request.method} is not allowed on {BROWSER_PATH}.")
         if path == FLOWS_PATH:
             if request.method != "POST":
                 raise HttpError(405, "method_not_allowed", f"{request.method} is not allowed on {FLOWS_PATH}.")
@@ -758,6 +903,46 @@ class OAuthFlows:
             return 200, {"flow_id": flow_id, "deleted": flow is not None}
         raise HttpError(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}.")
 
+    async def prewarm(self, doc):
+        """Start Chromium on a blank page for the next flow; answers once its page is up (201), or
+        at once when such a browser already runs (200)."""
+        if not isinstance(doc, dict):
+            raise HttpError(400, "invalid_request", "The body must be a JSON object.")
+        spec = BrowserSpec(doc.get("browser") or {})
+        timeout_s = _number(doc, "timeout_s", DEFAULT_WARM_TIMEOUT_S, 1, 600)
+        async with self._warming:
+            if self.warm is not None and self.warm.alive() and self.warm.key == spec.key:
+                return 200, {"ready": True, "pid": self.warm.process.pid}
+            await self._drop_warm()
+            started = time.monotonic()
+            warm = WarmBrowser(spec)
+            while time.monotonic() - started < timeout_s:
+                if not warm.alive():
+                    await warm.close()
+                    raise HttpError(400, "spawn_failed", "The browser exited while starting.")
+                pages = await asyncio.to_thread(_devtools_pages, warm.debug_port)
+                if any(p.get("type") == "page" and p.get("webSocketDebuggerUrl") for p in pages):
+                    self.warm = warm
+                    log("oauth_browser_warm", pid=warm.process.pid, debug_port=warm.debug_port,
+                        elapsed_s=round(time.monotonic() - started, 3))
+                    return 201, {"ready": True, "pid": warm.process.pid}
+                await asyncio.sleep(POLL_INTERVAL_S)
+            await warm.close()
+            raise HttpError(504, "browser_timeout", "The browser did not show its page in time.")
+
+    async def _drop_warm(self):
+        warm, self.warm = self.warm, None
+        if warm is not None:
+            await warm.close()
+
+    def _take_warm(self, spec):
+        """The warm browser for a flow run as ``spec`` says (it is the flow's from now on), or None."""
+        warm = self.warm
+        if warm is None or warm.key != spec.browser_key or not warm.alive():
+            return None
+        self.warm = None
+        return warm
+
     async def create(self, doc):
         spec = FlowSpec(doc)
         if spec.flow_id in self.flows:
@@ -765,7 +950,7 @@ class OAuthFlows:
         flow = Flow(spec)
         self.flows[spec.flow_id] = flow
         try:
-            await flow.start()
+            await flow.start(self._take_warm(spec))
         except BaseException:
             self.flows.pop(spec.flow_id, None)
             raise
@@ -780,6 +965,8 @@ class OAuthFlows:
         return 201, {"flow_id": flow.flow_id, "redirect_uri": flow.redirect_uri, "status": flow.status}
 
     async def close_all(self):
+        with contextlib.suppress(Exception):
+            await self._drop_warm()
         flows = list(self.flows.values())
         self.flows.clear()
         for flow in flows:
@@ -787,4 +974,4 @@ class OAuthFlows:
                 await flow.close()
 
 
-__all__ = ["FLOWS_PATH", "OAuthFlows"]
+__all__ = ["BROWSER_PATH", "FLOWS_PATH", "OAuthFlows"]

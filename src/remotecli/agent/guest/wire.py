@@ -24,6 +24,8 @@ MAX_EXEC_TIMEOUT_S = 24 * 3600.0
 
 # OAuth flows of Browser VMs (host side: protocol.PATH_OAUTH_FLOWS and protocol.OAuthFlowStatus).
 PATH_OAUTH_FLOWS = "/v1/oauth/flows"
+# The warm browser (warm pool, ADR 0012): POST starts Chromium on a blank page for the next flow.
+PATH_OAUTH_BROWSER = "/v1/oauth/browser"
 OAUTH_STATUS_STARTING = "starting"
 OAUTH_STATUS_PAGE_LOADING = "page_loading"
 OAUTH_STATUS_AWAITING_USER = "awaiting_user"
