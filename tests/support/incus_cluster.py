@@ -815,6 +815,11 @@ def up(*, log: bool = True) -> ClientConfig:
     say("guard routes in place: " + ", ".join(f"unreachable {p}" for p in GUARD_ROUTES_V4))
     tree = build_tree()
     say(f"tree {tree} ({time.monotonic() - started:.0f} s)")
+    if RUN_DIR.exists() and any(holder_pid(m) is None for m in MEMBERS):
+        # Left over from a run whose processes were killed: its members' state would wait for a
+        # quorum that no longer exists. Start afresh (the guard routes stay).
+        say("stale state from an earlier run: clearing it")
+        down(keep_guard=True)
     setup_network()
     _ensure_ns_dir()
     for member in MEMBERS:
@@ -857,7 +862,7 @@ def _remove_cgroups(member: str) -> None:
                 cg.rmdir()
 
 
-def down() -> None:
+def down(*, keep_guard: bool = False) -> None:
     """Tear everything down but the cached tree: processes, mounts, namespaces, run dir, guard routes."""
     for member in (*MEMBERS, "ctl"):
         if member_processes(member):
@@ -879,7 +884,8 @@ def down() -> None:
         if any(str(RUN_DIR) in line for line in Path("/proc/self/mountinfo").read_text().splitlines()):
             raise ClusterError(f"mounts under {RUN_DIR} remain; not removing it")
         shutil.rmtree(RUN_DIR, ignore_errors=True)
-    remove_guard_routes()
+    if not keep_guard:
+        remove_guard_routes()
 
 
 def leftovers() -> list[str]:
