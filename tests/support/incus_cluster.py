@@ -66,8 +66,8 @@ TREE_RECIPE = {"version": 1, "suite": TREE_SUITE, "variant": "apt", "packages": 
 
 INCUSD = "/usr/libexec/incus/incusd"
 INCUSD_FLAGS = tuple(os.environ.get("REMOTECLI_INCUSD_FLAGS", "").split())
-MEMBER_ENV = {"PATH": "/usr/libexec/incus:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-              "LANG": "C.UTF-8"}
+MEMBER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/libexec/incus:/usr/sbin:/usr/bin:/sbin:/bin",
+              "HOME": "/root", "LANG": "C.UTF-8"}
 
 
 class ClusterError(RuntimeError):
@@ -288,8 +288,9 @@ def _member_setup_script(member: str, tree: Path) -> str:
 
 
 QEMU_WRAPPER = """#!/bin/sh
-# The host's QEMU 7.2 (bookworm), its libraries and firmware mounted read-only at /host/usr.
-exec /host/usr/lib64/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu \\
+# The host's QEMU 7.2 (bookworm), its libraries, modules and firmware mounted read-only at /host/usr.
+export QEMU_MODULE_DIR=/host/usr/lib/x86_64-linux-gnu/qemu
+exec /host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu \\
   /host/usr/bin/qemu-system-x86_64 -L /host/usr/share/qemu "$@"
 """
 
@@ -665,7 +666,7 @@ def ctl_incus_argv(args: Sequence[str]) -> list[str]:
     """The tree's incus client run from the controller netns over mTLS as the controller's cert."""
     tree = tree_dir()
     return ctl_argv(["env", f"INCUS_CONF={client_dir() / 'incus-conf'}",
-                     str(tree / "usr/lib64/ld-linux-x86-64.so.2"), "--library-path",
+                     str(tree / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"), "--library-path",
                      f"{tree}/usr/lib/x86_64-linux-gnu", str(tree / "usr/bin/incus"), *args])
 
 
