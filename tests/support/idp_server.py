@@ -10,12 +10,17 @@
 
 ``npm ci`` (or ``npm install`` without a lock file) runs once when ``node_modules`` is missing. The
 IdP listens on 127.0.0.1 only. See ``idp/idp.mjs`` for the clients, accounts and pages.
+
+With ``tls=(cert_pem, key_pem)`` it also serves HTTPS on ``idp.tls_port`` (a certificate for the real
+providers' hosts, see ``guest_redirect.py``); ``idp.events("grant")`` lists the JSON records it
+logged (token grants with a digest of the refresh token used, device-code steps, TLS connections).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -58,6 +63,7 @@ class Idp:
     clients: dict[str, str] = field(default_factory=lambda: dict(CLIENT_IDS))
     gemini_client_secret: str = GEMINI_CLIENT_SECRET
     log_lines: list[str] = field(default_factory=list)
+    tls_port: int | None = None
 
     @property
     def authorize_url(self) -> str:
@@ -69,6 +75,25 @@ class Idp:
 
     def logs(self) -> str:
         return "\n".join(self.log_lines)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The JSON records the IdP logged (``kind``: only those with that ``event``)."""
+        out: list[dict[str, Any]] = []
+        for line in list(self.log_lines):
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and (kind is None or record.get("event") == kind):
+                out.append(record)
+        return out
+
+
+def token_digest(token: str) -> str:
+    """What the IdP logs for a refresh token it was given (``refresh_token_sha256``)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 def ensure_node_modules() -> None:
@@ -103,6 +128,8 @@ def run_idp(
     planted_access_token: str | None = None,
     planted_refresh_token: str | None = None,
     dashboard_redirect_uris: list[str] | None = None,
+    tls: tuple[Path, Path] | None = None,
+    tls_port: int = 0,
     start_timeout: float = 30.0,
 ) -> Iterator[Idp]:
     node = shutil.which("node")
@@ -118,6 +145,8 @@ def run_idp(
         argv += ["--planted-refresh-token", planted_refresh_token]
     for uri in dashboard_redirect_uris or []:
         argv += ["--dashboard-redirect-uri", uri]
+    if tls is not None:
+        argv += ["--tls-port", str(tls_port), "--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NODE_ENV": "test", "HOME": tempfile.gettempdir()}
     process = subprocess.Popen(
         argv,
@@ -165,6 +194,7 @@ def run_idp(
             process=process,
             discovery=discovery,
             log_lines=lines,
+            tls_port=int(info["tls_port"]) if info.get("tls_port") else None,
         )
     finally:
         if process.poll() is None:

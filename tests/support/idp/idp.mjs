@@ -2,8 +2,12 @@
 //
 //   node idp.mjs --port P [--issuer URL] --password PW
 //                [--planted-access-token X] [--planted-refresh-token Y] [--dashboard-redirect-uri URI ...]
+//                [--tls-port P --tls-cert PEM --tls-key PEM]
 //
-// Listens on 127.0.0.1 only. Prints one JSON line {"event": "listening", ...} on stdout when ready.
+// Listens on 127.0.0.1 only. With --tls-*, the same endpoints are also served over HTTPS on a second
+// port (a certificate for the real providers' hosts, from a test CA), for tests that redirect a real
+// CLI's own endpoints inside a guest (tests/support/guest_redirect.py); the real providers' token
+// paths are aliases there: /v1/oauth/token (Anthropic), /oauth/token (OpenAI), /token (Google). Prints one JSON line {"event": "listening", ...} on stdout when ready.
 // Accounts: any user name ([A-Za-z0-9._-]{1,64}) with the given password; email <name>@example.test.
 // Clients (native, loopback redirects: oidc-provider 9 ignores the port of a loopback redirect URI
 // for application_type "native", RFC 8252 section 7.3, so the registered URIs carry no port):
@@ -13,7 +17,19 @@
 //   remotecli-dashboard    web, secret (client_secret_basic) + PKCE: the dashboard's single sign-on; its
 //                          redirect URIs (exact, with port) come from --dashboard-redirect-uri (repeatable;
 //                          default http://127.0.0.1/auth/oidc/callback). Secret: remotecli-dashboard-test-secret
-// Every grant issues a refresh token; id_tokens carry `email`.
+// The same clients under the real CLIs' own client ids (Claude Code, Codex, Gemini CLI with its published
+// installed-app secret), so a real CLI can refresh, and sign Codex in by device code, against this IdP.
+// Every grant issues a refresh token; id_tokens carry `email`. Refresh tokens rotate on use, except
+// the Gemini clients' (Google keeps a refresh token). Every token grant is logged as a JSON line
+// {"event": "grant", grant_type, client_id, host, path, tls, refresh_token_sha256} (a digest prefix,
+// never a token), and every refused one as {"event": "grant_error", ...}.
+// Codex's device-code sign-in (codex-rs login/device_code_auth): POST /api/accounts/deviceauth/usercode
+// {client_id} -> {device_auth_id, user_code, interval}; POST /api/accounts/deviceauth/token
+// {device_auth_id, user_code} -> 403 while pending, then {authorization_code, code_challenge,
+// code_verifier} (a real authorization code for redirect_uri <issuer>/deviceauth/callback, issuer as
+// the CLI sees it, i.e. the Host it called); GET /codex/device is the page a user opens;
+// POST /codex/device {user_code, username, password[, decision=deny]} approves (or denies) a code.
+// Google's GET /tokeninfo?access_token=... answers for this IdP's access tokens.
 // Strict like the real providers: every authorization request needs `state` and PKCE with
 // code_challenge_method=S256 (anything else is refused with a 400 page), redirect URIs must be
 // registered (host and path; the loopback port is free, RFC 8252) and the token request must
@@ -33,7 +49,9 @@
 // "Deny" ends in a redirect to the client with error=access_denied.
 
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import { parseArgs } from 'node:util';
 
 import Provider from 'oidc-provider';
@@ -46,6 +64,9 @@ const { values: args } = parseArgs({
     'planted-access-token': { type: 'string' },
     'planted-refresh-token': { type: 'string' },
     'dashboard-redirect-uri': { type: 'string', multiple: true },
+    'tls-port': { type: 'string' },
+    'tls-cert': { type: 'string' },
+    'tls-key': { type: 'string' },
   },
 });
 if (!args.password) {
@@ -54,6 +75,11 @@ if (!args.password) {
 }
 const PASSWORD = args.password;
 const HOST = '127.0.0.1';
+
+const REAL_CLAUDE_CLIENT_ID = '9d1c250a-e61b-44d9-88ed-5944d1962f5e';
+const REAL_CODEX_CLIENT_ID = 'app_EMoamEEZ73f0CkXaXp7hrann';
+const REAL_GEMINI_CLIENT_ID = '681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com';
+const REAL_GEMINI_CLIENT_SECRET = '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';
 
 export const CLIENTS = [
   {
@@ -90,7 +116,35 @@ export const CLIENTS = [
     response_types: ['code'],
     redirect_uris: args['dashboard-redirect-uri'] || ['http://127.0.0.1/auth/oidc/callback'],
   },
+  // The real CLIs' own client ids (their refresh and device-code requests carry these).
+  {
+    client_id: REAL_CLAUDE_CLIENT_ID,
+    application_type: 'native',
+    token_endpoint_auth_method: 'none',
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['http://localhost/callback', 'https://platform.claude.com/oauth/code/callback'],
+  },
+  {
+    client_id: REAL_CODEX_CLIENT_ID,
+    application_type: 'native',
+    token_endpoint_auth_method: 'none',
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['http://localhost/auth/callback', 'https://auth.openai.com/deviceauth/callback'],
+  },
+  {
+    client_id: REAL_GEMINI_CLIENT_ID,
+    client_secret: REAL_GEMINI_CLIENT_SECRET,
+    application_type: 'native',
+    token_endpoint_auth_method: 'client_secret_post',
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['http://127.0.0.1/oauth2callback', 'http://localhost/oauth2callback'],
+  },
 ];
+const CLAUDE_CLIENTS = new Set(['remotecli-claude-code', REAL_CLAUDE_CLIENT_ID]);
+const GEMINI_CLIENTS = new Set(['remotecli-gemini', REAL_GEMINI_CLIENT_ID]);
 
 // The real providers' scopes, so profiles can be tested with their own scope lists.
 const PROVIDER_SCOPES = [
@@ -205,6 +259,8 @@ async function main() {
     },
     pkce: { required: () => true },
     issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
+    // Anthropic and OpenAI rotate refresh tokens on use; Google keeps them.
+    rotateRefreshToken: (ctx) => !GEMINI_CLIENTS.has(ctx.oidc.client.clientId),
     interactions: { url: async (_ctx, interaction) => `/interaction/${interaction.uid}` },
     async findAccount(_ctx, sub) {
       return {
@@ -227,7 +283,7 @@ async function main() {
       };
     },
     ttl: {
-      AccessToken: (_ctx, _token, client) => (client && client.clientId === 'remotecli-claude-code' ? 28800 : 3600),
+      AccessToken: (_ctx, _token, client) => (client && CLAUDE_CLIENTS.has(client.clientId) ? 28800 : 3600),
       AuthorizationCode: 120,
       IdToken: 3600,
       RefreshToken: 14 * 24 * 3600,
@@ -243,6 +299,22 @@ async function main() {
   });
   provider.proxy = false;
   provider.on('server_error', (_ctx, err) => console.error(`idp: server_error: ${err.stack || err}`));
+  function grantRecord(event, ctx, extra) {
+    const params = ctx.oidc.params || {};
+    const rt = params.refresh_token ? crypto.createHash('sha256').update(String(params.refresh_token)).digest('hex').slice(0, 16) : null;
+    console.log(JSON.stringify({
+      event,
+      grant_type: params.grant_type || null,
+      client_id: ctx.oidc.client ? ctx.oidc.client.clientId : (params.client_id || null),
+      host: ctx.req.headers['x-idp-original-host'] || ctx.get('host'),
+      path: ctx.req.headers['x-idp-original-path'] || ctx.path,
+      tls: ctx.req.headers['x-idp-tls'] === '1',
+      refresh_token_sha256: rt,
+      ...extra,
+    }));
+  }
+  provider.on('grant.success', (ctx) => grantRecord('grant', ctx, {}));
+  provider.on('grant.error', (ctx, err) => grantRecord('grant_error', ctx, { error: err.error || err.name, detail: err.error_description || '' }));
 
   // Planted token values (for leak tests): every issued access / refresh token gets that value.
   const plantedAt = args['planted-access-token'];
@@ -262,7 +334,7 @@ async function main() {
     const original = provider.AccessToken.prototype.generateTokenId;
     provider.AccessToken.prototype.generateTokenId = function generateTokenId(...rest) {
       const id = original.apply(this, rest);
-      return this.clientId === 'remotecli-gemini' ? `ya29.${id}` : id;
+      return GEMINI_CLIENTS.has(this.clientId) ? `ya29.${id}` : id;
     };
   }
 
@@ -392,6 +464,9 @@ async function main() {
     const body = form.toString();
     const headers = { 'content-type': 'application/x-www-form-urlencoded', 'content-length': Buffer.byteLength(body) };
     if (req.headers.authorization) headers.authorization = req.headers.authorization;
+    for (const name of ['x-idp-original-host', 'x-idp-original-path', 'x-idp-tls']) {
+      if (req.headers[name]) headers[name] = req.headers[name];
+    }
     const inner = http.request({ host: HOST, port, method: 'POST', path: req.url, headers }, (answer) => {
       const chunks = [];
       answer.on('data', (chunk) => chunks.push(chunk));
@@ -418,8 +493,187 @@ async function main() {
     inner.end(body);
   }
 
-  server.on('request', (req, res) => {
+  // Codex's device-code sign-in: device_auth_id -> {user_code, client_id, base, approved, code}.
+  const deviceCodes = new Map();
+  const USER_CODE_ALPHABET = 'ABCDEFGHJKLMNPQRSTUVWXYZ23456789';
+
+  function sendJson(res, status, doc) {
+    const body = JSON.stringify(doc);
+    res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(body) });
+    res.end(body);
+  }
+
+  async function readJson(req) {
+    try {
+      const doc = JSON.parse((await readBody(req)).toString('utf8'));
+      return doc && typeof doc === 'object' ? doc : null;
+    } catch {
+      return null;
+    }
+  }
+
+  async function deviceUserCode(req, res, base) {
+    const doc = await readJson(req);
+    const clientId = doc && String(doc.client_id || '');
+    const client = clientId ? await provider.Client.find(clientId) : undefined;
+    if (!client) {
+      sendJson(res, 400, { error: 'invalid_client', error_description: 'unknown client_id' });
+      return;
+    }
+    const deviceAuthId = `deviceauth_${crypto.randomBytes(12).toString('hex')}`;
+    const pick = () => Array.from(crypto.randomBytes(4), (b) => USER_CODE_ALPHABET[b % USER_CODE_ALPHABET.length]).join('');
+    const userCode = `${pick()}-${pick()}`;
+    deviceCodes.set(deviceAuthId, { userCode, clientId, base, state: 'pending', answer: null, expiresAt: Date.now() + 15 * 60 * 1000 });
+    console.log(JSON.stringify({ event: 'device_code', client_id: clientId, host: req.headers['x-idp-original-host'], user_code: userCode }));
+    sendJson(res, 200, { device_auth_id: deviceAuthId, user_code: userCode, interval: '1' });
+  }
+
+  async function deviceToken(req, res) {
+    const doc = await readJson(req);
+    const entry = doc ? deviceCodes.get(String(doc.device_auth_id || '')) : undefined;
+    if (!entry || entry.userCode !== String(doc.user_code || '')) {
+      sendJson(res, 404, { error: 'not_found' });
+      return;
+    }
+    if (Date.now() > entry.expiresAt) {
+      sendJson(res, 410, { error: 'expired_token' });
+      return;
+    }
+    if (entry.state === 'denied') {
+      sendJson(res, 400, { error: 'access_denied' });
+      return;
+    }
+    if (entry.state !== 'approved' || !entry.answer) {
+      sendJson(res, 403, { error: 'authorization_pending' }); // Codex keeps polling on 403/404
+      return;
+    }
+    const answer = entry.answer;
+    deviceCodes.delete(String(doc.device_auth_id));
+    console.log(JSON.stringify({ event: 'device_code_redeemed', client_id: entry.clientId }));
+    sendJson(res, 200, answer);
+  }
+
+  // Approving a user code: a real authorization code (with its own PKCE pair, as OpenAI's
+  // device flow hands the CLI) for redirect_uri <base>/deviceauth/callback.
+  async function deviceApprove(entry, accountId) {
+    const codeVerifier = crypto.randomBytes(32).toString('base64url');
+    const codeChallenge = crypto.createHash('sha256').update(codeVerifier).digest('base64url');
+    const scope = 'openid profile email offline_access';
+    const grant = new provider.Grant({ accountId, clientId: entry.clientId });
+    grant.addOIDCScope(scope);
+    const grantId = await grant.save();
+    const code = new provider.AuthorizationCode({
+      accountId,
+      clientId: entry.clientId,
+      grantId,
+      redirectUri: `${entry.base}/deviceauth/callback`,
+      scope,
+      codeChallenge,
+      codeChallengeMethod: 'S256',
+      authTime: Math.floor(Date.now() / 1000),
+    });
+    const authorizationCode = await code.save();
+    entry.answer = { authorization_code: authorizationCode, code_challenge: codeChallenge, code_verifier: codeVerifier };
+    entry.state = 'approved';
+  }
+
+  function devicePage(error) {
+    const note = error ? `<p role="alert" style="color:#b91c1c">${escapeHtml(error)}</p>` : '';
+    return page('Device sign-in - remotecli test IdP', `
+<h1>Enter your one-time code</h1>${note}
+<form method="post" action="/codex/device" autocomplete="off">
+<label>Code <input id="user_code" name="user_code" autofocus required></label>
+<label>User name <input id="username" name="username" required></label>
+<label>Password <input id="password" name="password" type="password" required></label>
+<button type="submit" name="decision" value="allow">Continue</button>
+<button type="submit" name="decision" value="deny">Deny</button>
+</form>`);
+  }
+
+  async function deviceVerify(req, res) {
+    if (req.method === 'GET') {
+      send(res, 200, devicePage());
+      return;
+    }
+    const form = new URLSearchParams((await readBody(req)).toString('utf8'));
+    const userCode = (form.get('user_code') || '').trim().toUpperCase();
+    const username = form.get('username') || '';
+    const password = form.get('password') || '';
+    const found = [...deviceCodes.values()].find((e) => e.userCode === userCode && e.state === 'pending');
+    const ok = USERNAME.test(username)
+      && crypto.timingSafeEqual(
+        crypto.createHash('sha256').update(password).digest(),
+        crypto.createHash('sha256').update(PASSWORD).digest(),
+      );
+    if (!found || Date.now() > found.expiresAt) {
+      send(res, 400, devicePage('That code is not valid or has expired.'));
+      return;
+    }
+    if (!ok) {
+      send(res, 401, devicePage('Wrong user name or password.'));
+      return;
+    }
+    if (form.get('decision') === 'deny') {
+      found.state = 'denied';
+      console.log(JSON.stringify({ event: 'device_code_denied', user_code: userCode }));
+      send(res, 200, page('Denied', '<h1 id="result">Denied</h1>'));
+      return;
+    }
+    await deviceApprove(found, username);
+    console.log(JSON.stringify({ event: 'device_code_approved', user_code: userCode, account: username }));
+    send(res, 200, page('Approved', '<h1 id="result">Signed in. You may close this page.</h1>'));
+  }
+
+  // Google's tokeninfo for this IdP's access tokens.
+  async function tokenInfo(res, url) {
+    const value = url.searchParams.get('access_token') || '';
+    const token = value ? await provider.AccessToken.find(value) : undefined;
+    if (!token) {
+      sendJson(res, 400, { error: 'invalid_token', error_description: 'Invalid Value' });
+      return;
+    }
+    const now = Math.floor(Date.now() / 1000);
+    sendJson(res, 200, {
+      azp: token.clientId, aud: token.clientId, sub: token.accountId, scope: token.scope,
+      exp: String(token.exp), expires_in: String(token.exp - now),
+      email: `${token.accountId}@example.test`, email_verified: 'true', access_type: 'offline',
+    });
+  }
+
+  function route(req, res) {
+    // Where the request was aimed (kept through the JSON re-post), for the grant log.
+    if (!req.headers['x-idp-original-host']) {
+      req.headers['x-idp-original-host'] = String(req.headers.host || '');
+      req.headers['x-idp-original-path'] = String(req.url || '').split('?')[0];
+      req.headers['x-idp-tls'] = req.socket.encrypted ? '1' : '0';
+    }
+    const first = new URL(req.url, issuer);
+    // The real providers' token paths.
+    if (first.pathname === '/v1/oauth/token' || first.pathname === '/oauth/token') {
+      req.url = `/token${first.search}`;
+    }
     const url = new URL(req.url, issuer);
+    const base = req.headers['x-idp-tls'] === '1' ? `https://${req.headers['x-idp-original-host']}` : issuer;
+    const fail = (err) => {
+      console.error(`idp: ${err.stack || err}`);
+      if (!res.headersSent) sendJson(res, 500, { error: 'server_error' });
+    };
+    if (url.pathname === '/api/accounts/deviceauth/usercode' && req.method === 'POST') {
+      deviceUserCode(req, res, base).catch(fail);
+      return;
+    }
+    if (url.pathname === '/api/accounts/deviceauth/token' && req.method === 'POST') {
+      deviceToken(req, res).catch(fail);
+      return;
+    }
+    if (url.pathname === '/codex/device' && (req.method === 'GET' || req.method === 'POST')) {
+      deviceVerify(req, res).catch(fail);
+      return;
+    }
+    if (url.pathname === '/tokeninfo') {
+      tokenInfo(res, url).catch(fail);
+      return;
+    }
     watchRedirects(res);
     if (url.pathname === '/auth' && req.method === 'GET') {
       const params = url.searchParams;
@@ -446,13 +700,31 @@ async function main() {
       return;
     }
     oidc(req, res);
-  });
+  }
+  server.on('request', route);
+
+  let tlsPort = null;
+  if (args['tls-port'] !== undefined) {
+    const tlsServer = https.createServer({ cert: fs.readFileSync(args['tls-cert']), key: fs.readFileSync(args['tls-key']) });
+    tlsServer.on('request', route);
+    tlsServer.on('secureConnection', (socket) => {
+      console.log(JSON.stringify({ event: 'tls_connection', servername: socket.servername || null }));
+    });
+    tlsServer.on('tlsClientError', (err, socket) => {
+      console.log(JSON.stringify({ event: 'tls_error', servername: socket.servername || null, error: err.code || err.message }));
+    });
+    await new Promise((resolve, reject) => {
+      tlsServer.once('error', reject);
+      tlsServer.listen(Number(args['tls-port']), HOST, resolve);
+    });
+    tlsPort = tlsServer.address().port;
+  }
 
   const stop = () => server.close(() => process.exit(0));
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
   console.log(JSON.stringify({
-    event: 'listening', host: HOST, port, issuer, clients: CLIENTS.map((c) => c.client_id),
+    event: 'listening', host: HOST, port, tls_port: tlsPort, issuer, clients: CLIENTS.map((c) => c.client_id),
   }));
 }
 
