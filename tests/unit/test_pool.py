@@ -23,10 +23,11 @@ from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Event, Vm
 from remotecli.domain.states import VM_ENDING, VmStatus
 from remotecli.drivers.fake import FakeDriver
-from remotecli.services import auth_flow, capacity, pool, vm_manager
+from remotecli.services import auth_flow, capacity, dashboard, pool, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.signin_state import BROWSER_READY, BROWSER_RESTARTING
 from remotecli.services.users import Principal
+from remotecli.web import views
 
 
 @pytest.fixture
@@ -167,6 +168,10 @@ def test_signin_page_says_ready_at_once_with_a_warm_vm(
         messages = [e.details for e in session.scalars(select(Event).where(Event.session_id == auth.id))]
     assert messages  # the timeline holds the claim
     assert BROWSER_READY.startswith("Secure browser ready")
+    state = dashboard.sign_in_state(ctx, alice, auth.id)
+    assert state.browser_ready
+    assert views.auth_steps(state.session.status, cli_ready=state.cli_ready,
+                            browser_ready=state.browser_ready)[1].state == "done"
 
 
 def test_idle_pool_vm_killed_is_replaced_after_one_reconciler_pass(

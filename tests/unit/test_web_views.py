@@ -60,3 +60,14 @@ def test_vm_actions_follow_the_transition_table() -> None:
     assert vm_actions("failed") == ["destroy"]
     assert vm_actions("starting") == ["destroy"]
     assert vm_actions("destroyed") == [] and vm_actions("destroying") == []
+
+
+def test_browser_step_says_ready_at_once_with_a_warm_vm() -> None:
+    steps = auth_steps("provisioning", cli_ready=False, browser_ready=True)
+    assert [(s.key, s.label, s.state) for s in steps][:3] == [
+        ("cli", "Preparing your CLI workspace", "active"),
+        ("browser", "Secure browser ready", "done"),
+        ("login", "Log in below", "todo"),
+    ]
+    # Without a running Browser VM the step stays truthful: still starting.
+    assert auth_steps("provisioning", cli_ready=False)[1].state == "active"

@@ -198,6 +198,7 @@ class SignInState:
     cli_ready: bool  # a CLI VM of the user's runs (the session's own, or another one)
     ended_from: str | None  # for an ended session: the status it left
     expires_at: dt.datetime | None
+    browser_ready: bool = False  # the session's Browser VM runs (a warm pool VM: from the start)
 
 
 def sign_in_state(ctx: AppContext, principal: Principal, session_id: str) -> SignInState:
@@ -213,6 +214,10 @@ def sign_in_state(ctx: AppContext, principal: Principal, session_id: str) -> Sig
                 Vm.user_id == auth.user_id, Vm.vm_type == VmType.CLI.value, Vm.status == VmStatus.RUNNING.value,
             )).first()
             cli_ready = running is not None
+        browser_ready = False
+        if auth.browser_vm_id:
+            browser = session.get(Vm, auth.browser_vm_id)
+            browser_ready = browser is not None and browser.status == VmStatus.RUNNING.value
         ended_from = None
         if terminal:
             ended_from = session.scalars(
@@ -220,4 +225,4 @@ def sign_in_state(ctx: AppContext, principal: Principal, session_id: str) -> Sig
                 .order_by(Event.id.desc()).limit(1)
             ).first()
     return SignInState(session=session_out(ctx, auth), terminal=terminal, cli_ready=cli_ready,
-                       ended_from=ended_from, expires_at=auth.expires_at)
+                       ended_from=ended_from, expires_at=auth.expires_at, browser_ready=browser_ready)

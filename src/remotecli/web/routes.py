@@ -424,7 +424,8 @@ def auth_state(request: Request, session_id: str) -> Response:
     except RemotecliError as exc:
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
     out = state.session
-    steps = views.auth_steps(out.status, cli_ready=state.cli_ready, ended_from=state.ended_from)
+    steps = views.auth_steps(out.status, cli_ready=state.cli_ready, ended_from=state.ended_from,
+                             browser_ready=state.browser_ready)
     expires = state.expires_at
     body = {
         "session": out.model_dump(mode="json"),

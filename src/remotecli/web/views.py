@@ -284,7 +284,13 @@ class Step:
     state: str  # "todo" | "active" | "done" | "failed"
 
 
-def auth_steps(status: str, *, cli_ready: bool, ended_from: str | None = None) -> list[Step]:
+#: The browser step's words once the session holds a running Browser VM (a warm one from the pool
+#: at once; a booted one when it is up) while the CLI workspace is still being prepared.
+BROWSER_READY_LABEL = "Secure browser ready"
+
+
+def auth_steps(status: str, *, cli_ready: bool, ended_from: str | None = None,
+               browser_ready: bool = False) -> list[Step]:
     """The five steps the sign-in page shows, each todo / active / done / failed.
 
     While provisioning, the CLI workspace and the secure browser are prepared side by side: both
@@ -311,6 +317,9 @@ def auth_steps(status: str, *, cli_ready: bool, ended_from: str | None = None) -
     index = keys.index(active)
     for i, (key, label) in enumerate(STEPS):
         if state in (AuthStatus.PENDING, AuthStatus.PROVISIONING) and key in ("cli", "browser"):
+            if key == "browser" and browser_ready:
+                steps.append(Step(key, BROWSER_READY_LABEL, "done"))
+                continue
             steps.append(Step(key, label, "done" if key == "cli" and cli_ready else "active"))
             continue
         steps.append(Step(key, label, "done" if i < index else "active" if i == index else "todo"))

@@ -79,7 +79,11 @@ function render(state) {
   $('flow-title').textContent = 'Sign in to ' + name;
   for (const step of state.steps) {
     const li = document.querySelector(`#steps [data-step="${step.key}"]`);
-    if (li) li.className = 'step step-' + step.state;
+    if (li) {
+      li.className = 'step step-' + step.state;
+      const words = li.querySelector('span:last-child');
+      if (words && step.label) words.textContent = step.label;  // e.g. "Secure browser ready" (warm pool)
+    }
   }
   $('flow-message').textContent = s.status === 'failed' ? 'The sign-in stopped.' : (s.message || '');
   $('flow-expiry').textContent = !state.terminal && state.expires_in_s != null
