@@ -20,6 +20,7 @@ code or parent disagrees: add new error classes to this tree.
     │   ├── UnknownKeyKind              422 unknown_key_kind
     │   ├── MalformedKey                422 malformed_key
     │   ├── KeyProviderMismatch         422 key_provider_mismatch
+    │   ├── DeviceSigninUnsupported     422 device_signin_unsupported
     │   └── ProviderConfigError         422 provider_config_invalid    [profiles.py]
     ├── AuthenticationRequired          401 authentication_required
     │   └── TicketInvalid               401 ticket_invalid
@@ -30,7 +31,8 @@ code or parent disagrees: add new error classes to this tree.
     │   ├── VmNotFound                  404 vm_not_found
     │   ├── WorkspaceNotFound           404 workspace_not_found
     │   ├── UserNotFound                404 user_not_found
-    │   └── AuthSessionNotFound         404 auth_session_not_found
+    │   ├── AuthSessionNotFound         404 auth_session_not_found
+    │   └── DeviceSigninNotFound        404 device_signin_not_found
     ├── Conflict                        409 conflict
     │   ├── InvalidTransition           409 invalid_transition
     │   ├── VmTerminal                  409 vm_terminal
@@ -139,6 +141,11 @@ class KeyProviderMismatch(InvalidInput):
     default_message = "That key has the shape of another provider's key; choose the provider it belongs to."
 
 
+class DeviceSigninUnsupported(InvalidInput):
+    code = "device_signin_unsupported"
+    default_message = "This provider's CLI offers no device-code sign-in; use the browser sign-in or a key."
+
+
 class AuthenticationRequired(RemotecliError):
     code = "authentication_required"
     http_status = 401
@@ -180,6 +187,11 @@ class UserNotFound(NotFound):
 class AuthSessionNotFound(NotFound):
     code = "auth_session_not_found"
     default_message = "No such authentication session."
+
+
+class DeviceSigninNotFound(NotFound):
+    code = "device_signin_not_found"
+    default_message = "No such device sign-in."
 
 
 class Conflict(RemotecliError):
