@@ -176,3 +176,69 @@ def test_a_status_poll_issues_no_vnc_ticket(ctx: AppContext, client: TestClient)
     _, other = _user(ctx, "bob")
     assert client.get(f"/api/v1/auth-sessions/{session_id}?vnc=1", headers=other).status_code == 404
     assert _tickets(ctx) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The VNC view's clipboard rule (issue 13): RfbClipboardFilter
+
+
+def _rfb_streams() -> tuple[bytes, bytes, bytes, bytes]:
+    """(server stream, what the user must get, client stream, what the guest must get)."""
+    from remotecli.api.ws_bridge import _LAST_RECT, _RAW, _ZRLE
+
+    def s32(value: int) -> bytes:
+        return value.to_bytes(4, "big", signed=True)
+
+    def rect(encoding: int, w: int, h: int, body: bytes) -> bytes:
+        return b"\0\0\0\0" + w.to_bytes(2, "big") + h.to_bytes(2, "big") + s32(encoding) + body
+
+    pixel_format = bytes([32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])
+    init = (b"\x04\x00\x03\x00" + pixel_format + (6).to_bytes(4, "big") + b"remote")
+    cut = b"\x03\0\0\0" + (11).to_bytes(4, "big") + b"copied-text"
+    update = (b"\x00\x00" + (3).to_bytes(2, "big") + rect(_RAW, 2, 2, b"\x03" * 16)  # raw: 2*2*4 bytes
+              + rect(_ZRLE, 8, 8, (5).to_bytes(4, "big") + b"\x03\x03\x03\x03\x03")
+              + rect(_LAST_RECT, 0, 0, b""))
+    server_head = b"RFB 003.008\n" + b"\x01\x01" + b"\0\0\0\0" + init
+    server = server_head + update + cut + b"\x02" + update
+    expected_server = server_head + update + b"\x02" + update
+    encodings = [7, _ZRLE, _RAW, -239, -1063131698, -312, -313, -258]
+    set_encodings = b"\x02\0" + len(encodings).to_bytes(2, "big") + b"".join(s32(e) for e in encodings)
+    kept = [_ZRLE, _RAW, -239]
+    kept_encodings = b"\x02\0" + len(kept).to_bytes(2, "big") + b"".join(s32(e) for e in kept)
+    paste = b"\x06\0\0\0" + (8).to_bytes(4, "big") + b"password"
+    head = b"RFB 003.008\n" + b"\x01" + b"\x01"
+    rest = b"\x03\x01\0\0\0\0\x04\x00\x03\x00" + b"\x04\x01\0\0\0\0\xff\x0d" + paste + b"\x05\0\0\x10\0\x20"
+    return server, expected_server, head + set_encodings + rest, head + kept_encodings + rest
+
+
+def test_rfb_filter_drops_the_guests_clipboard_and_passes_the_users_paste() -> None:
+    from remotecli.api.ws_bridge import RfbClipboardFilter
+
+    server, want_server, client, want_client = _rfb_streams()
+    # The handshake in its real order (each side waits for the other), then everything else, cut
+    # into frames of every size.
+    steps = [("s", 0, 12), ("c", 0, 12), ("s", 12, 14), ("c", 12, 14), ("s", 14, len(server)), ("c", 14, len(client))]
+    for chunk in (1, 7, 64, 100_000):
+        rfb = RfbClipboardFilter()
+        got_server = got_client = b""
+        for side, start, end in steps:
+            for i in range(start, end, chunk):
+                if side == "s":
+                    got_server += rfb.from_server(server[i:min(i + chunk, end)])
+                else:
+                    got_client += rfb.from_client(client[i:min(i + chunk, end)])
+        assert got_server == want_server  # the copied text never reaches the user
+        assert b"copied-text" not in got_server and rfb.dropped == 1
+        assert got_client == want_client  # the paste goes in; encodings the filter cannot measure are dropped
+
+
+def test_rfb_filter_fails_closed_on_what_it_cannot_follow() -> None:
+    from remotecli.api.ws_bridge import RfbClipboardFilter, RfbFilterError
+
+    rfb = RfbClipboardFilter()
+    rfb.from_server(b"RFB 003.008\n")
+    rfb.from_client(b"RFB 003.008\n")
+    with pytest.raises(RfbFilterError):
+        rfb.from_server(b"\x01\x10")  # offers only a security type it does not know...
+        rfb.from_client(b"\x10")  # ...and the client takes it
+        rfb.from_server(b"\0\0\0\0")

@@ -198,3 +198,271 @@ async def bridge(websocket: WebSocket, ctx: AppContext, user_id: str, guest: Gue
             with contextlib.suppress(Exception):
                 await websocket.close(code=code, reason=reason)
         log.info("%s closed", what, extra=fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# The VNC view's clipboard rule (issue 13): text copied inside the Browser VM does not reach the
+# user's clipboard unless ``browser_clipboard_out`` is on. Pasting into the VM (ClientCutText)
+# is always allowed. The rule is kept here, on the controller, not only in the guest's VNC server:
+# the guest runs the provider's page and is not trusted to keep it.
+
+
+class RfbFilterError(ConnectionError):
+    """The RFB stream had something this filter cannot follow: the view is closed (fail closed)."""
+
+
+# Encodings whose rectangles the filter can measure (the client's SetEncodings is cut down to
+# these, so the server sends no other): Raw, CopyRect, zlib, ZRLE; pseudo-encodings Cursor,
+# DesktopSize, LastRect, ExtendedDesktopSize, and the quality and compression levels (no data).
+_RAW, _COPYRECT, _ZLIB, _ZRLE = 0, 1, 6, 16
+_CURSOR, _DESKTOP_SIZE, _LAST_RECT, _EXT_DESKTOP_SIZE = -239, -223, -224, -308
+_KNOWN_ENCODINGS = frozenset({_RAW, _COPYRECT, _ZLIB, _ZRLE, _CURSOR, _DESKTOP_SIZE, _LAST_RECT, _EXT_DESKTOP_SIZE,
+                              *range(-256, -246), *range(-32, -22)})
+
+
+class RfbClipboardFilter:
+    """Follows both directions of one RFB connection (protocol 3.3 to 3.8, security None or VNC
+    authentication) and drops every ServerCutText message from the guest. ``from_server`` and
+    ``from_client`` return the bytes to pass on; anything unknown raises ``RfbFilterError``."""
+
+    def __init__(self) -> None:
+        self._server = bytearray()
+        self._client = bytearray()
+        self._server_state = "version"
+        self._client_state = "version"
+        self._server_minor = 0
+        self._client_minor = 0
+        self._security = 0  # the type in use: 1 None, 2 VNC authentication
+        self._bytes_per_pixel = 4
+        self._rects = 0  # rectangles left in the FramebufferUpdate being read
+        self._pass = 0  # bytes of the server's stream to pass on unread (rectangle data)
+        self.dropped = 0  # ServerCutText messages dropped
+
+    # -- the guest's VNC server → the user -------------------------------------------------------
+
+    def from_server(self, data: bytes) -> bytes:
+        self._server += data
+        out = bytearray()
+        while True:
+            if self._pass:
+                n = min(self._pass, len(self._server))
+                out += self._server[:n]
+                del self._server[:n]
+                self._pass -= n
+                if self._pass:
+                    break
+            took = self._server_step()
+            if took is None:
+                break
+            keep, size = took
+            if keep:
+                out += self._server[:size]
+            del self._server[:size]
+        return bytes(out)
+
+    def _server_step(self) -> tuple[bool, int] | None:
+        buf = self._server
+        state = self._server_state
+        if state == "version":
+            if len(buf) < 12:
+                return None
+            self._server_minor = _rfb_minor(bytes(buf[:12]))
+            self._server_state = "security"
+            return True, 12
+        if state == "security":
+            minor = min(self._server_minor, self._client_minor or self._server_minor)
+            if minor < 7:
+                if len(buf) < 4:
+                    return None
+                self._security = int.from_bytes(buf[:4], "big")
+                self._server_state = self._after_security()
+                return True, 4
+            if len(buf) < 1:
+                return None
+            if buf[0] == 0:
+                self._server_state = "failed"
+                return True, 1
+            if len(buf) < 1 + buf[0]:
+                return None
+            self._server_state = "chosen"
+            return True, 1 + buf[0]
+        if state == "chosen":  # waiting for the client's choice; nothing from the server till then
+            if not self._security:
+                if buf:
+                    raise RfbFilterError("server spoke before the client chose a security type")
+                return None
+            self._server_state = self._after_security()
+            return False, 0
+        if state == "challenge":
+            if len(buf) < 16:
+                return None
+            self._server_state = "result"
+            return True, 16
+        if state == "result":
+            if len(buf) < 4:
+                return None
+            self._server_state = "init" if int.from_bytes(buf[:4], "big") == 0 else "failed"
+            return True, 4
+        if state == "failed":  # a refusal and its reason: pass on whatever follows, then it ends
+            return (True, len(buf)) if buf else None
+        if state == "init":
+            if len(buf) < 24:
+                return None
+            name = int.from_bytes(buf[20:24], "big")
+            if len(buf) < 24 + name:
+                return None
+            self._bytes_per_pixel = max(1, buf[4] // 8)
+            self._server_state = "messages"
+            return True, 24 + name
+        if state == "rect":
+            return self._rect_step()
+        # messages
+        if not buf:
+            return None
+        kind = buf[0]
+        if kind == 0:  # FramebufferUpdate
+            if len(buf) < 4:
+                return None
+            self._rects = int.from_bytes(buf[2:4], "big")
+            self._server_state = "rect" if self._rects else "messages"
+            return True, 4
+        if kind == 1:  # SetColourMapEntries
+            if len(buf) < 6:
+                return None
+            return True, 6 + 6 * int.from_bytes(buf[4:6], "big")
+        if kind == 2:  # Bell
+            return True, 1
+        if kind == 3:  # ServerCutText: the guest's clipboard, dropped
+            if len(buf) < 8:
+                return None
+            length = abs(int.from_bytes(buf[4:8], "big", signed=True))
+            if len(buf) < 8 + length:
+                return None
+            self.dropped += 1
+            return False, 8 + length
+        raise RfbFilterError(f"server message type {kind}")
+
+    def _rect_step(self) -> tuple[bool, int] | None:
+        buf = self._server
+        if len(buf) < 12:
+            return None
+        width, height = int.from_bytes(buf[4:6], "big"), int.from_bytes(buf[6:8], "big")
+        encoding = int.from_bytes(buf[8:12], "big", signed=True)
+        head = 12
+        if encoding == _RAW:
+            body = width * height * self._bytes_per_pixel
+        elif encoding == _COPYRECT:
+            body = 4
+        elif encoding in (_ZLIB, _ZRLE):
+            if len(buf) < 16:
+                return None
+            head, body = 16, int.from_bytes(buf[12:16], "big")
+        elif encoding == _CURSOR:
+            body = width * height * self._bytes_per_pixel + (width + 7) // 8 * height
+        elif encoding == _EXT_DESKTOP_SIZE:
+            if len(buf) < 13:
+                return None
+            body = 4 + 16 * buf[12]
+        elif encoding in (_DESKTOP_SIZE, _LAST_RECT):
+            body = 0
+        else:
+            raise RfbFilterError(f"rectangle encoding {encoding}")
+        self._rects -= 1
+        if self._rects <= 0 or encoding == _LAST_RECT:
+            self._server_state = "messages"
+        self._pass = body
+        return True, head
+
+    def _after_security(self) -> str:
+        if self._security == 1:
+            return "result" if min(self._server_minor, self._client_minor) >= 8 else "init"
+        if self._security == 2:
+            return "challenge"
+        raise RfbFilterError(f"security type {self._security}")
+
+    # -- the user (noVNC) → the guest's VNC server -----------------------------------------------
+
+    def from_client(self, data: bytes) -> bytes:
+        self._client += data
+        out = bytearray()
+        while True:
+            took = self._client_step()
+            if took is None:
+                break
+            size, replacement = took
+            out += self._client[:size] if replacement is None else replacement
+            del self._client[:size]
+        return bytes(out)
+
+    def _client_step(self) -> tuple[int, bytes | None] | None:
+        buf = self._client
+        state = self._client_state
+        if state == "version":
+            if len(buf) < 12:
+                return None
+            self._client_minor = _rfb_minor(bytes(buf[:12]))
+            self._client_state = "choose" if min(self._server_minor, self._client_minor) >= 7 else "auth"
+            return 12, None
+        if state == "choose":
+            if not buf:
+                return None
+            self._security = buf[0]
+            self._client_state = "auth"
+            return 1, None
+        if state == "auth":  # the VNC authentication response, if any, then ClientInit
+            if self._security == 0:
+                return None  # (3.3) the server has not said which type yet
+            if self._security == 2:
+                if len(buf) < 16:
+                    return None
+                self._security = -2  # answered
+                return 16, None
+            if not buf:
+                return None
+            self._client_state = "messages"
+            return 1, None
+        if not buf:
+            return None
+        kind = buf[0]
+        if kind == 0:  # SetPixelFormat
+            if len(buf) < 20:
+                return None
+            self._bytes_per_pixel = max(1, buf[4] // 8)
+            return 20, None
+        if kind == 2:  # SetEncodings: only those whose data this filter can measure
+            if len(buf) < 4:
+                return None
+            count = int.from_bytes(buf[2:4], "big")
+            if len(buf) < 4 + 4 * count:
+                return None
+            wanted = [int.from_bytes(buf[4 + 4 * i:8 + 4 * i], "big", signed=True) for i in range(count)]
+            kept = [e for e in wanted if e in _KNOWN_ENCODINGS]
+            body = b"".join(e.to_bytes(4, "big", signed=True) for e in kept)
+            return 4 + 4 * count, bytes([2, 0]) + len(kept).to_bytes(2, "big") + body
+        if kind == 3:  # FramebufferUpdateRequest
+            return (10, None) if len(buf) >= 10 else None
+        if kind == 4:  # KeyEvent
+            return (8, None) if len(buf) >= 8 else None
+        if kind == 5:  # PointerEvent
+            return (6, None) if len(buf) >= 6 else None
+        if kind == 6:  # ClientCutText: the user's paste into the VM, allowed
+            if len(buf) < 8:
+                return None
+            length = abs(int.from_bytes(buf[4:8], "big", signed=True))
+            return (8 + length, None) if len(buf) >= 8 + length else None
+        if kind == 251:  # SetDesktopSize (ExtendedDesktopSize), noVNC's resizeSession
+            if len(buf) < 8:
+                return None
+            size = 8 + 16 * buf[6]
+            return (size, None) if len(buf) >= size else None
+        raise RfbFilterError(f"client message type {kind}")
+
+
+def _rfb_minor(version: bytes) -> int:
+    if not version.startswith(b"RFB ") or version[-1:] != b"\n":
+        raise RfbFilterError("not an RFB version")
+    try:
+        minor = int(version[8:11])
+    except ValueError:
+        raise RfbFilterError("not an RFB version") from None
+    return 8 if minor >= 8 else 7 if minor == 7 else 3

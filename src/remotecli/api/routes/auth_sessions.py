@@ -87,18 +87,26 @@ def cancel_auth_session(session_id: str, request: Request, ctx: Ctx, principal: 
 
 
 class _VncView:
-    """The guest side of the VNC view: a TCP stream to the Browser VM's VNC server, bytes both ways."""
+    """The guest side of the VNC view: a TCP stream to the Browser VM's VNC server, bytes both ways.
+    Unless ``clipboard_out``, the guest's clipboard text is dropped on the way (``RfbClipboardFilter``)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close_agent: Callable[[], None]):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close_agent: Callable[[], None],
+                 *, clipboard_out: bool = False):
         self.reader = reader
         self.writer = writer
         self.close_agent = close_agent
+        self.rfb = None if clipboard_out else ws_bridge.RfbClipboardFilter()
 
     async def pump(self, send_bytes: ws_bridge.SendBytes, send_text: ws_bridge.SendText) -> None:
         while data := await self.reader.read(65536):
-            await send_bytes(data)
+            if self.rfb is not None:
+                data = self.rfb.from_server(data)
+            if data:
+                await send_bytes(data)
 
     async def from_browser(self, data: bytes) -> None:
+        if self.rfb is not None:
+            data = self.rfb.from_client(data)
         self.writer.write(data)
         await self.writer.drain()
 
@@ -137,5 +145,6 @@ async def vnc_proxy(websocket: WebSocket, session_id: str, token: str = "") -> N
     except RemotecliError as exc:
         await ws_bridge.refuse(websocket, exc, log, "VNC view", extra=extra)
         return
-    await ws_bridge.bridge(websocket, ctx, user_id, _VncView(reader, writer, agent.close), log, "VNC view",
+    view = _VncView(reader, writer, agent.close, clipboard_out=ctx.settings.browser_clipboard_out)
+    await ws_bridge.bridge(websocket, ctx, user_id, view, log, "VNC view",
                            extra={**extra, "vm_id": vm.id})
