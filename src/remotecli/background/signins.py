@@ -168,11 +168,12 @@ def _when_capacity(ctx: AppContext, auth: AuthSession, owner: str, stopping: Cal
             try:
                 if not waiting:
                     waiting = True
-                    set_fields(ctx, auth, message=WAITING_FOR_CAPACITY)
                     record(ctx, auth, "auth.waiting_for_capacity", "Waiting for capacity on the host",
                            detail=(exc.log_detail or "")[:300])
                 if stopping() or _expired_or_ended(ctx, auth):
                     raise CapacityWaitEnded()
+                if load(ctx, auth.id).message != WAITING_FOR_CAPACITY:  # the session's other VM may have set it back
+                    set_fields(ctx, auth, message=WAITING_FOR_CAPACITY)
             except StatusChanged as changed:
                 raise CapacityWaitEnded() from changed
             if time.monotonic() - last_lease > ctx.settings.auth_lease_s / 3:
