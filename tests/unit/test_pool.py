@@ -239,3 +239,16 @@ def test_pool_vms_of_an_older_image_are_retired(ctx: AppContext) -> None:
             vm.image_hash = "old"
     pool.refill(ctx)  # the fake driver has no images: nothing is "older"
     assert len(_idle(ctx)) == 2
+
+
+def test_metrics_count_pool_vms(ctx: AppContext) -> None:
+    from remotecli.api.routes.metrics import render
+
+    alice = _user(ctx, "alice")
+    pool.refill(ctx)
+    assert pool.claim(ctx, alice.user_id) is not None
+    text = render(ctx)
+    assert 'remotecli_browser_pool_vms{state="ready"} 1' in text
+    assert 'remotecli_browser_pool_vms{state="claimed"} 1' in text
+    assert "remotecli_browser_pool_size 2" in text
+    assert 'remotecli_vms{status="running",type="browser"} 2' in text  # and with every VM

@@ -21,7 +21,7 @@ from remotecli.api.deps import Ctx
 from remotecli.background.common import STATS, reason_bucket
 from remotecli.domain.states import AuthStatus, VmStatus, VmType
 from remotecli.errors import AuthenticationRequired, PermissionDenied
-from remotecli.services import capacity
+from remotecli.services import capacity, pool
 from remotecli.services import metrics as metrics_service
 from remotecli.services.users import authenticate_token
 
@@ -98,6 +98,14 @@ def render(ctx: Ctx) -> str:
     out.family("remotecli_vms_failed", "gauge", "failed VM rows (not yet garbage-collected) by reason bucket.")
     for bucket, count in sorted(buckets.items()):
         out.sample("remotecli_vms_failed", count, reason=bucket)
+
+    out.family("remotecli_browser_pool_vms", "gauge",
+               "Live Browser VMs the warm pool booted: ready (claimable), booting, claimed (serving a sign-in).")
+    pool_counts = pool.pool_counts(ctx)
+    for state in ("ready", "booting", "claimed"):
+        out.sample("remotecli_browser_pool_vms", pool_counts[state], state=state)
+    out.family("remotecli_browser_pool_size", "gauge", "The warm pool's target size (browser_pool_size).")
+    out.sample("remotecli_browser_pool_size", ctx.settings.browser_pool_size)
 
     room = capacity.usage(ctx)
     out.family("remotecli_capacity_memory_mib", "gauge",
