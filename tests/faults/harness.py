@@ -36,6 +36,7 @@ left ``creating``; no volume file is made twice, and one the killed maker comple
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import random
 import threading
 import time
@@ -54,7 +55,7 @@ from remotecli.background.reconciler import Reconciler
 from remotecli.config import Settings
 from remotecli.context import AppContext
 from remotecli.crypto import SecretBox
-from remotecli.db.models import AuthSession, Event, Vm, Volume
+from remotecli.db.models import AuthSession, Event, Vm, Volume, utcnow
 from remotecli.db.session import Database, normalize_url
 from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, VOLUME_LIVE, AuthStatus, VmStatus, VmType
 from remotecli.drivers.base import Liveness
@@ -186,8 +187,10 @@ class Report:
     final_passes: dict[str, object] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    # kill_during_volume_create: from the kill to the user's next CLI VM with its home (seconds).
+    # kill_during_volume_create: from the kill to the volume row settled (made by whoever took it
+    # over, or ended by the reconciler), and to the user's next CLI VM with its home (seconds).
     volume_takeover_s: float | None = None
+    volume_vm_s: float | None = None
 
     def text(self) -> str:
         lines = [
@@ -198,7 +201,7 @@ class Report:
             f"leaks: {len(self.leaks)}" + "".join(f"\n  - {leak}" for leak in self.leaks),
             f"watched (not leaks): {len(self.watched)}" + "".join(f"\n  - {w}" for w in self.watched),
             f"final passes: {self.final_passes}",
-            f"volume maker killed -> user's CLI VM: {self.volume_takeover_s} s",
+            f"volume maker killed -> row settled: {self.volume_takeover_s} s, -> user's CLI VM: {self.volume_vm_s} s",
             f"problems: {len(self.problems)}" + "".join(f"\n  - {p}" for p in self.problems),
         ]
         return "\n".join(lines)
@@ -343,14 +346,14 @@ class FaultRun:
         if file_first:
             make()
         victim.db.killed = True  # SIGKILL: from now on nothing of it reaches the database
-        killed_at = time.monotonic()
+        killed_at = utcnow()
         self._killed_makes.append((location, file_first))
         self.report.faults["kill_during_volume_create"] += 1
         threading.Thread(target=self._after_volume_kill, args=(victim, location, killed_at),
                          name="faults-volume-kill", daemon=True).start()
         raise ControllerKilled()
 
-    def _after_volume_kill(self, victim: Controller, location: str, killed_at: float) -> None:
+    def _after_volume_kill(self, victim: Controller, location: str, killed_at: dt.datetime) -> None:
         with self._lock:
             restart = self._current is victim
             if restart:
@@ -370,7 +373,13 @@ class FaultRun:
                 principal = next(p for p in self._principals if p.user_id == user_id)
                 vm, _created = vm_manager.ensure_cli_vm(ctx, principal)
                 if self.driver.home_of(vm.id) is not None:
-                    self.report.volume_takeover_s = round(time.monotonic() - killed_at, 2)
+                    self.report.volume_vm_s = round((utcnow() - killed_at).total_seconds(), 2)
+                    with ctx.db.read() as session:
+                        settled = [e.at for e in session.scalars(select(Event).where(
+                            Event.kind == "volume.status", Event.user_id == user_id,
+                            Event.from_status == "creating", Event.at > killed_at))]
+                    if settled:
+                        self.report.volume_takeover_s = round((min(settled) - killed_at).total_seconds(), 2)
                     return
             except (ControllerKilled, Exception):
                 time.sleep(0.05)

@@ -773,3 +773,46 @@ def test_a_maker_whose_lapsed_row_was_removed_removes_the_file_it_made(
     assert live is not None and live.attached_vm_id == vm.id and live.location != first_location[0]
     assert not Path(first_location[0]).exists()  # nothing can use it: removed, not left behind
     assert len([v for v in _volumes(ctx) if v.status == "deleted"]) == 1
+
+
+def test_a_maker_process_that_is_gone_is_taken_over_before_its_lease_lapses(
+    ctx: AppContext, alice: Principal, fake_driver: FakeDriver
+) -> None:
+    import subprocess
+    import sys
+
+    from remotecli.background import leases
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    mine = leases.process_owner("vol")
+    dead = mine.rsplit("-", 2)[0] + f"-{int(gone.stdout)}-0123456789"  # a SIGKILLed controller on this host
+    assert leases.holder_dead(dead)
+    assert not leases.holder_dead(mine)  # this process
+    assert not leases.holder_dead(f"vol-{'0' * 8}-{int(gone.stdout)}-0123456789")  # another host: its lease lapses
+    assert not leases.holder_dead("vol-0123456789ab") and not leases.holder_dead(None)
+    stuck = _stuck_row(ctx, alice.user_id, lease_s=60.0)  # a lease that would hold for another minute
+    with ctx.db.transaction() as session:
+        session.execute(update(Volume).values(lease_owner=dead))
+    started = time.monotonic()
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    assert time.monotonic() - started < 3
+    [volume] = _volumes(ctx)
+    assert volume.id == stuck.id and volume.attached_vm_id == vm.id
+    with ctx.db.read() as session:
+        [taken] = list(session.scalars(select(Event).where(Event.kind == "volume.taken_over")))
+    assert (taken.details or {})["holder_dead"] is True and "no longer exists" in taken.message
+
+
+def test_a_maker_alive_is_not_taken_over_early(ctx: AppContext, alice: Principal, fake_driver: FakeDriver) -> None:
+    from remotecli.background import leases
+
+    stuck = _stuck_row(ctx, alice.user_id, lease_s=60.0)
+    alive = leases.process_owner("vol")  # a live process of this host (this one) holds it
+    with ctx.db.transaction() as session:
+        session.execute(update(Volume).values(lease_owner=alive))
+    [held] = _volumes(ctx)
+    assert workspaces._take_over(ctx, held, leases.process_owner("vol"), vm_id=None) is None
+    assert workspaces.stuck_creating(ctx) == []  # nor does the reconciler touch it
+    [volume] = _volumes(ctx)
+    assert volume.id == stuck.id and volume.status == "creating" and volume.lease_owner == alive

@@ -20,8 +20,12 @@ home volume (``services.workspaces``) all go through these three functions.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import os
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select, update
@@ -54,15 +58,18 @@ class LeasedTable:
         where: Sequence[ColumnElement[bool]] = (),
         order_by: Sequence[Any] = (),
         limit: int | None = None,
+        dead_holders: Sequence[str] = (),
     ) -> list[str]:
         """Take the lease of the rows (of ``ids``, matching ``where``) that nobody alive holds;
-        returns the keys taken, in order. Safe across controllers."""
+        returns the keys taken, in order. Safe across controllers. ``dead_holders``: owners
+        proven dead (``holder_dead``) whose leases are taken over before they lapse."""
         wanted = sorted(set(ids)) if ids is not None else None
         if wanted is not None and not wanted:
             return []
         now = utcnow()
         with db.transaction() as session:
-            query = select(self.key).where(self.free(now), *where)
+            free = self.free(now) if not dead_holders else or_(self.free(now), self.owner.in_(dead_holders))
+            query = select(self.key).where(free, *where)
             if wanted is not None:
                 query = query.where(self.key.in_(wanted))
             query = query.order_by(*order_by, self.key)
@@ -101,6 +108,46 @@ class LeasedTable:
                 .values({self.owner: None, self.expires: None})
                 .execution_options(synchronize_session=False)
             )
+
+
+def _host_id() -> str:
+    """This kernel boot and PID namespace, in 8 hex digits ('' when /proc cannot say)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}/{pid_ns}".encode()).hexdigest()[:8]
+
+
+_HOST_ID = _host_id()
+
+
+def process_owner(prefix: str) -> str:
+    """A lease owner that names this process: ``<prefix>-<host>-<pid>-<random>``, so a controller
+    on the same host can tell (``holder_dead``) that the holder is gone without waiting for the
+    lease to lapse."""
+    return f"{prefix}-{_HOST_ID or 'nohost'}-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+
+
+def holder_dead(owner: str | None) -> bool:
+    """True only when ``owner`` (from ``process_owner``) names a process of this host (same kernel
+    boot, same PID namespace) that no longer exists: a SIGKILLed controller. Anything else (another
+    host or namespace, an owner of another form, a PID reused since) counts as alive, and its
+    lease is left to lapse."""
+    parts = (owner or "").rsplit("-", 3)
+    if len(parts) != 4 or not _HOST_ID or parts[1] != _HOST_ID or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 VM_LEASES = LeasedTable(Vm, Vm.id, Vm.lease_owner, Vm.lease_expires_at)

@@ -43,7 +43,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from remotecli.agent.protocol import FileContent
-from remotecli.background.leases import VOLUME_LEASES
+from remotecli.background.leases import VOLUME_LEASES, holder_dead, process_owner
 from remotecli.context import AppContext
 from remotecli.db.models import Vm, Volume, utcnow
 from remotecli.domain.states import VM_ENDING, VOLUME_LIVE, VmStatus, VolumeStatus
@@ -139,10 +139,11 @@ def ensure_volume(ctx: AppContext, user_id: str, *, vm_id: str | None = None,
 
     Whoever inserts the ``creating`` row holds its lease (``VOLUME_LEASES``) and renews it while
     the driver makes the volume. Others wait; once the lease lapses (its holder died: a killed
-    controller renews nothing) the next caller takes the row over at once and finishes it, keeping
-    a volume file the dead holder completed.
+    controller renews nothing), or at once when the holder is a process of this host that no
+    longer exists (``holder_dead``: a SIGKILLed controller, seen by its restarted successor), the
+    next caller takes the row over and finishes it, keeping a volume file the dead maker completed.
     """
-    owner = f"vol-{uuid.uuid4().hex[:12]}"
+    owner = process_owner("vol")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         volume = user_volume(ctx, user_id)
@@ -153,7 +154,8 @@ def ensure_volume(ctx: AppContext, user_id: str, *, vm_id: str | None = None,
             made = _make(ctx, volume, owner, vm_id=vm_id)
         elif volume.status != VolumeStatus.CREATING.value:
             return volume
-        elif _lease_lapsed(volume) and (taken := _take_over(ctx, volume, owner, vm_id=vm_id)) is not None:
+        elif (_lease_lapsed(volume) or holder_dead(volume.lease_owner)) and (
+                taken := _take_over(ctx, volume, owner, vm_id=vm_id)) is not None:
             made = _make(ctx, taken, owner, vm_id=vm_id)
         else:
             time.sleep(_POLL_S)
@@ -195,7 +197,8 @@ def _take_over(ctx: AppContext, volume: Volume, owner: str, *, vm_id: str | None
                module: str = MODULE) -> Volume | None:
     """Claim the lapsed lease of a ``creating`` row whose maker died; the row as now held, or None
     when someone else claimed it or it is no longer being made."""
-    if not VOLUME_LEASES.claim(ctx.db, owner, CREATING_LEASE_S, ids=[volume.id],
+    dead = [volume.lease_owner] if volume.lease_owner and holder_dead(volume.lease_owner) else []
+    if not VOLUME_LEASES.claim(ctx.db, owner, CREATING_LEASE_S, ids=[volume.id], dead_holders=dead,
                                where=[Volume.status == VolumeStatus.CREATING.value]):
         return None
     with ctx.db.transaction() as session:
@@ -203,8 +206,9 @@ def _take_over(ctx: AppContext, volume: Volume, owner: str, *, vm_id: str | None
         if fresh is None or fresh.status != VolumeStatus.CREATING.value or fresh.lease_owner != owner:
             return None
         record_event(session, module=module, kind="volume.taken_over", user_id=fresh.user_id,
-                     message="Home volume's making taken over: whoever was making it stopped renewing its lease",
-                     details={"volume_id": fresh.id, "previous_owner": volume.lease_owner,
+                     message="Home volume's making taken over: whoever was making it "
+                             + ("is a process that no longer exists" if dead else "stopped renewing its lease"),
+                     details={"volume_id": fresh.id, "previous_owner": volume.lease_owner, "holder_dead": bool(dead),
                               "lease_expired_at": volume.lease_expires_at.isoformat()
                               if volume.lease_expires_at else None, "vm_id": vm_id})
     log.info("took over the making of a home volume", extra={"volume_id": volume.id, "user_id": volume.user_id})
