@@ -155,8 +155,13 @@ def build_tree(log: Path | None = None) -> Path:
     argv = ["mmdebstrap", f"--variant={TREE_RECIPE['variant']}", "--include=" + ",".join(TREE_PACKAGES),
             TREE_SUITE, str(staging / "root"), TREE_MIRROR]
     log = log or (TREE_CACHE / "tree-build.log")
-    with open(log, "w") as out:
-        result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=1200)
+    log.write_text("")
+    for _attempt in range(2):  # once more after a failed download
+        shutil.rmtree(staging / "root", ignore_errors=True)
+        with open(log, "a") as out:
+            result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=1200)
+        if result.returncode == 0:
+            break
     if result.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise ClusterError(f"mmdebstrap failed ({result.returncode}); see {log}")
@@ -249,6 +254,17 @@ def _ensure_ns_dir() -> None:
         _run(["mount", "--make-private", str(ns_dir)])
 
 
+def _cgroup_mounts(merged: Path) -> list[str]:
+    """Shell lines mounting the host's cgroup layout (v1/hybrid, or plain v2) in a member's root."""
+    top = merged / "sys/fs/cgroup"
+    hierarchies = _hierarchies()
+    if any(h.mount == Path("/sys/fs/cgroup") for h in hierarchies):  # cgroup v2 only (not tested here)
+        return [f"mount -t cgroup2 cgroup2 {top}"]
+    return [f"mount -t tmpfs -o mode=755 cgroup {top}"] + [
+        f"mkdir -p {top}/{h.mount.name} && mount -t {h.fstype} {'-o ' + h.options if h.options else ''} "
+        f"{h.fstype} {top}/{h.mount.name}" for h in hierarchies]
+
+
 def _member_setup_script(member: str, tree: Path) -> str:
     d = member_dir(member)
     merged = d / "merged"
@@ -259,10 +275,7 @@ def _member_setup_script(member: str, tree: Path) -> str:
         f"mount -t sysfs sysfs {merged}/sys",
         # The member's own cgroups, seen through its cgroup namespace as the root of each hierarchy,
         # so lxc's cgroups for its containers land under them (and under our sandbox's limits).
-        f"mount -t tmpfs -o mode=755 cgroup {merged}/sys/fs/cgroup",
-        *(f"mkdir -p {merged}/sys/fs/cgroup/{h.mount.name} && mount -t {h.fstype} "
-          f"{'-o ' + h.options if h.options else ''} {h.fstype} {merged}/sys/fs/cgroup/{h.mount.name}"
-          for h in _hierarchies()),
+        *_cgroup_mounts(merged),
         f"mount --rbind /dev {merged}/dev",
         f"mount -t tmpfs -o mode=755 tmpfs {merged}/run",
         f"mount -t tmpfs -o mode=1777 tmpfs {merged}/tmp",
@@ -977,8 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             left = leftovers()
             print("\n".join(left) or "nothing left")
             return 1 if left else 0
-        elif args.command == "tree":
-            ensure_guard_routes()
+        elif args.command == "tree":  # talks to the Debian mirror only; no guard needed
             print(build_tree())
         elif args.command == "cut":
             cut_link(args.member)
