@@ -61,7 +61,7 @@ def incus_cluster() -> Iterator[ic.ClientConfig]:
             pytest.fail(f"{tool} is missing: run scripts/install.sh")
     # The guard first, and checked: nothing may leave through the default route.
     ic.ensure_guard_routes()
-    missing = ic.guard_routes_present()
+    missing = ic.missing_guard_routes()
     if missing:
         pytest.fail(f"guard routes missing in the root namespace: {missing}")
     was_up = ic.incusd_pid("m1") is not None

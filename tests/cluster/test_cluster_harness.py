@@ -47,7 +47,7 @@ def container(incus_cluster: ic.ClientConfig, request: pytest.FixtureRequest) ->
 
 def test_guard_routes_are_in_place_and_the_root_namespace_cannot_reach_members(
         incus_cluster: ic.ClientConfig) -> None:
-    assert ic.guard_routes_present() == []
+    assert ic.missing_guard_routes() == []
     for prefix in ic.GUARD_ROUTES_V4:
         assert "unreachable" in ic._ip("-4", "route", "show", "exact", prefix).stdout
     # A connect from the root namespace fails locally at the route lookup: no packet is sent.

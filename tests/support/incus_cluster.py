@@ -108,7 +108,7 @@ def tree_dir() -> Path:
 
 # --------------------------------------------------------------------------- the guard
 
-def guard_routes_present() -> list[str]:
+def missing_guard_routes() -> list[str]:
     """The guard routes missing in the root namespace (empty: all there)."""
     missing = []
     for prefix in GUARD_ROUTES_V4:
@@ -125,9 +125,16 @@ def ensure_guard_routes() -> None:
     unreachable" for a member address instead of sending it out through the default route."""
     for prefix in GUARD_ROUTES_V4:
         _ip("-4", "route", "replace", "unreachable", prefix)
-    missing = guard_routes_present()
+    missing = missing_guard_routes()
     if missing:
         raise ClusterError(f"guard routes missing in the root namespace: {missing}")
+
+
+def require_guard() -> None:
+    """Refuse to run a cluster command while a guard route is missing."""
+    missing = missing_guard_routes()
+    if missing:
+        raise ClusterError(f"guard routes missing in the root namespace: {missing} (run 'up')")
 
 
 def remove_guard_routes() -> None:
@@ -460,6 +467,7 @@ def member_argv(member: str, argv: Sequence[str]) -> list[str]:
 
 def member_run(member: str, argv: Sequence[str], *, check: bool = True, timeout: float = 120,
                input: str | None = None) -> subprocess.CompletedProcess[str]:
+    require_guard()
     return _run(member_argv(member, argv), check=check, timeout=timeout, input=input)
 
 
@@ -684,6 +692,7 @@ def ctl_incus_argv(args: Sequence[str]) -> list[str]:
 
 
 def ctl_incus(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    require_guard()
     return _run(ctl_incus_argv(args), check=check, timeout=timeout)
 
 
@@ -837,7 +846,7 @@ def up(*, log: bool = True) -> ClientConfig:
     setup_network()
     _ensure_ns_dir()
     for member in MEMBERS:
-        if guard_routes_present():
+        if missing_guard_routes():
             raise ClusterError("guard routes vanished")
         setup_member(member, tree)
         start_incusd(member)
@@ -931,7 +940,7 @@ def restore(member: str, via: str = "m1") -> None:
 
 
 def status() -> dict[str, object]:
-    return {"guard_routes_missing": guard_routes_present(),
+    return {"guard_routes_missing": missing_guard_routes(),
             "incusd": {m: incusd_pid(m) for m in MEMBERS},
             "members": cluster_members() if incusd_pid("m1") else {}}
 
@@ -1005,18 +1014,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "restore":
             restore(args.member)
         elif args.command == "member-exec":
-            if guard_routes_present():
-                raise ClusterError("guard routes missing: run 'up' first")
+            require_guard()
             return subprocess.call(member_argv(args.member, args.argv))
         elif args.command == "ctl-exec":
-            if guard_routes_present():
-                raise ClusterError("guard routes missing: run 'up' first")
+            require_guard()
             return subprocess.call(ctl_argv(args.argv))
         elif args.command == "forward":
             _serve_forward(args.listen, args.host, args.port)
         elif args.command == "ctl-incus":
-            if guard_routes_present():
-                raise ClusterError("guard routes missing: run 'up' first")
+            require_guard()
             return subprocess.call(ctl_incus_argv(args.argv))
     except ClusterError as exc:
         print(f"incus-cluster: {exc}", file=sys.stderr)
