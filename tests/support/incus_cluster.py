@@ -12,8 +12,10 @@ Every Incus daemon and client runs inside those namespaces; the namespaces have 
 10.231.0.0/24, and the root namespace has an ``unreachable`` route for it, installed and checked
 before the first command (:func:`ensure_guard_routes`).
 
-CLI: ``python -m tests.support.incus_cluster up|down|status|tree|ctl-exec CMD...|member-exec M CMD...
-|cut M|restore M|kill M|start M|evacuate M``. Run as root.
+CLI (as root; scripts/incus-cluster.sh wraps it): ``python -m tests.support.incus_cluster`` with
+``up``, ``down``, ``status``, ``leftovers``, ``tree``, ``ctl-incus ARGS...`` (the incus CLI as the
+controller, from the controller netns), ``ctl-exec CMD...``, ``member-exec M CMD...``, and the faults
+``cut M``, ``restore-link M``, ``kill M``, ``start M``, ``evacuate M``, ``restore M``.
 """
 
 from __future__ import annotations
