@@ -16,7 +16,7 @@ from remotecli.services import credential_health, key_signin
 
 router = APIRouter(prefix="/api/v1/credentials", tags=["credentials"])
 
-ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorOut} for code in (401, 422, 429, 502, 503)}
+ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorOut} for code in (400, 401, 422, 429, 502, 503, 504)}
 
 
 class ProviderHealthOut(BaseModel):
