@@ -827,8 +827,39 @@ def import_test_image() -> str:
 
 # --------------------------------------------------------------------------- up / down
 
+_lock_depth = [0]
+
+
+@contextlib.contextmanager
+def _cluster_lock() -> Iterator[None]:
+    """One up/down at a time per cluster (several test processes may share one); re-entrant."""
+    import fcntl
+
+    if _lock_depth[0]:
+        _lock_depth[0] += 1
+        try:
+            yield
+        finally:
+            _lock_depth[0] -= 1
+        return
+    BASE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(BASE_DIR / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _lock_depth[0] = 1
+        try:
+            yield
+        finally:
+            _lock_depth[0] = 0
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def up(*, log: bool = True) -> ClientConfig:
     """Bring the cluster up (idempotent): guard routes first, then tree, network, members."""
+    with _cluster_lock():
+        return _up(log=log)
+
+
+def _up(*, log: bool) -> ClientConfig:
     def say(msg: str) -> None:
         if log:
             print(f"incus-cluster: {msg}", file=sys.stderr, flush=True)
@@ -889,6 +920,11 @@ def _remove_cgroups(member: str) -> None:
 
 def down(*, keep_guard: bool = False) -> None:
     """Tear everything down but the cached tree: processes, mounts, namespaces, run dir, guard routes."""
+    with _cluster_lock():
+        _down(keep_guard=keep_guard)
+
+
+def _down(*, keep_guard: bool) -> None:
     for member in (*MEMBERS, "ctl"):
         if member_processes(member):
             _kill_member_processes(member)
