@@ -876,6 +876,8 @@ def _up(*, log: bool) -> ClientConfig:
         # quorum that no longer exists. Start afresh (the guard routes stay).
         say("stale state from an earlier run: clearing it")
         down(keep_guard=True)
+    if not RUN_DIR.exists():
+        _kill_foreign()
     setup_network()
     _ensure_ns_dir()
     for member in MEMBERS:
@@ -892,6 +894,40 @@ def _up(*, log: bool) -> ClientConfig:
         ctl_forward(member)
     say(f"cluster up, 3 members ONLINE ({time.monotonic() - started:.0f} s)")
     return config
+
+
+def _processes_in_our_netns() -> list[int]:
+    """Processes in this cluster's network namespaces (members and controller), by namespace inode."""
+    inodes = set()
+    for ns in (CTL_NS, *(member_ns(m) for m in MEMBERS)):
+        with contextlib.suppress(OSError):
+            inodes.add(os.stat(_netns_path(ns)).st_ino)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry / "ns" / "net").st_ino in inodes:
+                    found.append(int(entry.name))
+    return found
+
+
+def _kill_foreign() -> None:
+    """Kill what an earlier cluster of this prefix left running in our namespaces (from another
+    clone, or a run whose run directory is gone): only this harness makes these namespaces."""
+    pids = _processes_in_our_netns()
+    if not pids:
+        return
+    print(f"incus-cluster: killing {len(pids)} processes an earlier cluster left in its namespaces",
+          file=sys.stderr, flush=True)
+    for _ in range(50):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        pids = _processes_in_our_netns()
+        if not pids:
+            return
+    raise ClusterError(f"processes of an earlier cluster survive in its namespaces: {pids}")
 
 
 def _kill_member_processes(member: str, timeout: float = 20) -> None:
