@@ -184,6 +184,26 @@ def test_health_follows_the_guest_files_not_the_stored_metadata(
     assert claude["state"] == "signed_out" and claude["reauthenticate"]
 
 
+def test_a_hung_or_old_agent_says_so_and_the_dashboard_still_renders(
+        ctx: AppContext, client: TestClient, alice: dict[str, str], fake_driver: FakeDriver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from remotecli.agent.client import AgentCallError
+    from remotecli.drivers.fake import FakeAgent
+
+    vm = client.post("/api/v1/vms/ensure", json={"vm_type": "cli"}, headers=alice).json()
+    fake_driver.hang_agent(vm["id"])
+    doc = client.get("/api/v1/credentials", headers=alice).json()
+    assert doc["workspace"] == "unreachable" and {p["state"] for p in doc["providers"]} == {"unknown"}
+    fake_driver.hang_agent(vm["id"], False)
+
+    def old_agent(self: FakeAgent, user: str | None = None) -> None:
+        raise AgentCallError(status=404, agent_code="not_found", agent_message="No endpoint")
+
+    monkeypatch.setattr(FakeAgent, "credential_health", old_agent)
+    doc = client.get("/api/v1/credentials", headers=alice).json()
+    assert doc["workspace"] == "unreachable" and "Rebuild workspace" in doc["message"]
+
+
 # -- POST /api/v1/credentials/keys: bad input ------------------------------------------------------
 
 BAD = [
@@ -290,3 +310,44 @@ def test_sealed_key_repr_and_vm_manager_untouched_on_validation(ctx: AppContext)
     sealed = key_signin.seal(ctx, principal, "gemini", "api_key", GEMINI_KEY)
     assert GEMINI_KEY not in repr(sealed) and GEMINI_KEY.encode() not in sealed.ciphertext
     assert vm_manager.live_cli_vm(ctx, "u1") is None
+
+
+# -- the dashboard ---------------------------------------------------------------------------------
+
+
+def _dashboard_login(ctx: AppContext, client: TestClient, name: str) -> str:
+    import re
+
+    user = users_service.create_user(ctx.db, name)
+    users_service.set_password(ctx.db, name, "correct horse battery")
+    client.cookies.clear()
+    login_csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)
+    assert login_csrf
+    client.post("/login", data={"username": name, "password": "correct horse battery",
+                                "csrf_token": login_csrf.group(1)})
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/dashboard").text)
+    assert csrf and user
+    return csrf.group(1)
+
+
+def test_dashboard_health_card_check_now_and_key_form(
+        ctx: AppContext, client: TestClient, fake_driver: FakeDriver, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    csrf = _dashboard_login(ctx, client, "dora")
+    page = client.get("/dashboard").text
+    assert 'id="credential-health" data-workspace="none"' in page and "Check now (starts your workspace)" in page
+    assert fake_driver.running_ids() == set()
+    checked = client.post("/dashboard/credentials/health", data={"csrf_token": csrf})
+    assert checked.status_code == 200 and 'data-workspace="running"' in checked.text
+    assert checked.text.count('class="btn btn-primary btn-small reauthenticate"') == 3
+    bad = client.post("/dashboard/credentials/keys",
+                      data={"csrf_token": csrf, "provider_kind": "gemini:api_key", "key": OPENAI_KEY})
+    assert bad.status_code == 422 and "looks like an OpenAI API key" in bad.text and OPENAI_KEY not in bad.text
+    no_csrf = client.post("/dashboard/credentials/keys", data={"provider_kind": "gemini:api_key", "key": GEMINI_KEY})
+    assert no_csrf.status_code == 403
+    done = client.post("/dashboard/credentials/keys", follow_redirects=False,
+                       data={"csrf_token": csrf, "provider_kind": "gemini:api_key", "key": GEMINI_KEY})
+    assert done.status_code == 303 and done.headers["location"] == "/dashboard?notice=key"
+    page = client.get("/dashboard?notice=key").text
+    assert 'data-provider="gemini" data-state="signed_in"' in page and "Signed in with an API key" in page
+    assert GEMINI_KEY not in page + caplog.text and OPENAI_KEY not in caplog.text

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from remotecli.agent.client import AgentCallError
 from remotecli.agent.protocol import CliCredentialHealth, CredentialState
 from remotecli.context import AppContext
 from remotecli.domain.states import VmStatus
@@ -30,6 +31,9 @@ log = get_logger("credential-health")
 WORKSPACE_STOPPED = "workspace_stopped"
 NO_WORKSPACE = "no_workspace"
 UNKNOWN = "unknown"
+
+#: How long a health read waits for the guest (the dashboard page waits for it).
+HEALTH_TIMEOUT_S = 10.0
 
 #: States in which the dashboard offers "Re-authenticate".
 NEEDS_SIGN_IN = frozenset({CredentialState.SIGNED_OUT.value, CredentialState.EXPIRED.value,
@@ -98,16 +102,21 @@ def read_health(ctx: AppContext, principal: Principal, *, refresh: bool = False)
     if refresh:
         vm, _ = vm_manager.ensure_cli_vm(ctx, principal)
     assert vm is not None
-    agent = ctx.agent(vm)
     try:
-        report = agent.credential_health(ctx.settings.cli_guest_user)
+        agent = ctx.agent(vm, timeout=HEALTH_TIMEOUT_S)
+        try:
+            report = agent.credential_health(ctx.settings.cli_guest_user)
+        finally:
+            agent.close()
     except AgentError as exc:
         log.warning("credential health not readable", extra={"vm_id": vm.id, "x_error": exc.code,
                                                               "x_detail": exc.log_detail})
-        return CredentialHealth("unreachable", vm.id, None, "Your workspace did not answer; try again shortly.",
-                                _placeholders(ctx, UNKNOWN))
-    finally:
-        agent.close()
+        if isinstance(exc, AgentCallError) and exc.agent_code == "not_found":
+            message = ("Your workspace runs an older image that cannot report sign-in health; "
+                       "Rebuild workspace (your home is kept) to see it.")
+        else:
+            message = "Your workspace did not answer; try again shortly."
+        return CredentialHealth("unreachable", vm.id, None, message, _placeholders(ctx, UNKNOWN))
     by_format = {entry.provider: entry for entry in report.providers}
     providers = [_of(name, profile.display_name, by_format.get(profile.credential_format))
                  for name, profile in sorted(ctx.providers.items())]
