@@ -161,12 +161,12 @@ def sign_in_with_key(ctx: AppContext, principal: Principal, provider: str, kind:
         _event(ctx, principal, vm, provider, kind, ok=False, error="workspace_full" if full else exc.code)
         raise KeyDeliveryFailed("Your workspace's home is full; free some space and try again." if full
                                 else None, log_detail=exc.log_detail) from None
+    except KeyDeliveryFailed as exc:  # the CLI refused the key, or the files did not read back
+        _event(ctx, principal, vm, provider, kind, ok=False, error=exc.code)
+        raise
     except AgentError as exc:
         _event(ctx, principal, vm, provider, kind, ok=False, error=exc.code)
         raise KeyDeliveryFailed(log_detail=exc.log_detail) from None
-    except KeyDeliveryFailed as exc:
-        _event(ctx, principal, vm, provider, kind, ok=False, error=exc.code)
-        raise
     finally:
         agent.close()
     entry = next((e for e in report.providers if e.provider == sealed.shape.provider), None)
