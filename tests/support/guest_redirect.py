@@ -45,8 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from remotecli.agent.client import AgentClient
-from remotecli.agent.protocol import ExecResult
+from remotecli.agent.protocol import ExecResult, GuestAgent
 from remotecli.context import AppContext
 from remotecli.db.models import Vm
 
@@ -211,7 +210,7 @@ class GuestRedirect:
         self.vm = vm
         self.ca_pem = ca_pem
 
-    def _agent(self) -> AgentClient:
+    def _agent(self) -> GuestAgent:
         return self.ctx.agent(self.vm, timeout=400)
 
     def root(self, argv: list[str], timeout_s: float = 60) -> ExecResult:

@@ -10,7 +10,16 @@ from fastapi import FastAPI
 from remotecli import __version__
 from remotecli.api import docs, limits
 from remotecli.api.errors import install_error_handlers
-from remotecli.api.routes import auth_sessions, credentials, health, metrics, terminal, vms, workspace
+from remotecli.api.routes import (
+    auth_sessions,
+    credentials,
+    device_signins,
+    health,
+    metrics,
+    terminal,
+    vms,
+    workspace,
+)
 from remotecli.api.transport import TransportSecurity
 from remotecli.context import AppContext
 
@@ -40,5 +49,6 @@ def create_api(ctx: AppContext, *, lifespan: Lifespan | None = None) -> FastAPI:
     app.include_router(terminal.router)
     app.include_router(workspace.router)
     app.include_router(credentials.router)
+    app.include_router(device_signins.router)
     docs.install(app)
     return app
