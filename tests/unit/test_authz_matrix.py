@@ -280,6 +280,14 @@ API_ROWS = [
     Row("GET", "/api/v1/credentials", Want(200, sees=("cli",)), Want(200, blind=True), Want(200, blind=True)),
     Row("POST", "/api/v1/credentials/keys", Want(201, sees=("cli",)), Want(201, blind=True), Want(201, blind=True),
         body={"provider": "gemini", "kind": "api_key", "key": "AIzaSy" + "Authz1" * 5 + "XYZ"}),
+    # Device-code sign-in (issue 11): the caller's own only (another's id answers 404 like a missing
+    # one: tests/unit/test_device_signin.py); a provider without one is refused and starts nothing.
+    Row("GET", "/api/v1/device-signins", Want(200, blind=True), Want(200, blind=True), Want(200, blind=True)),
+    Row("POST", "/api/v1/device-signins", Want(422, "device_signin_unsupported"),
+        Want(422, "device_signin_unsupported"), Want(422, "device_signin_unsupported"), body={"provider": "gemini"}),
+    Row("GET", "/api/v1/device-signins/{signin_id}", Want(404, "device_signin_not_found"),
+        Want(404, "device_signin_not_found"), Want(404, "device_signin_not_found"),
+        params={"signin_id": "dev_0000000000000000"}),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[2]),
     Row("GET", "/api/v1/auth-sessions", _AUTHS[0], _AUTHS[1], _AUTHS[3], query="all=true"),
     Row("POST", "/api/v1/auth-sessions", Want(201, mine=True), Want(201, mine=True), Want(201, mine=True),
