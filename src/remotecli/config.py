@@ -117,7 +117,12 @@ class Settings(BaseSettings):
         "image files are pushed into each VM's container")
     incus_runner_disks: str = Field(
         default="", description="Extra read-only disks of the runner container, 'inside=member_path,...'")
-    incus_qemu_binary: str = Field(default="/usr/bin/qemu-system-x86_64", description="QEMU inside the container")
+    incus_runner_usr: str = Field(
+        default="/usr", description="The /usr inside the runner container with python3, QEMU and mkfs.ext4 (e.g. a "
+        "read-only disk of the member's own /usr)")
+    incus_runner_loader: str = Field(
+        default="", description="A command prefix that runs those binaries (e.g. the dynamic loader of that /usr "
+        "with --library-path), empty: run them directly")
     incus_agent_ports: str = Field(default="21000-21999",
                                    description="Member ports that publish each VM's agent TLS port (proxy device)")
     incus_agent_address: str | None = Field(
@@ -356,19 +361,6 @@ class Settings(BaseSettings):
         return self.shared_images_dir or self.data_dir / "images"
 
     @property
-    def volumes_dir(self) -> Path:
-        return self.data_dir / "volumes"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.data_dir / "logs"
-
-    @property
-    def key_file(self) -> Path:
-        return self.data_dir / "secret.key"
-
-    @cached_property
-    @property
     def incus_client_cert_path(self) -> Path:
         return self.incus_client_cert or self.data_dir / "incus" / "client.crt"
 
@@ -381,6 +373,19 @@ class Settings(BaseSettings):
         low, _, high = self.incus_agent_ports.partition("-")
         return int(low), int(high or low)
 
+    @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / "secret.key"
+
+    @cached_property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url

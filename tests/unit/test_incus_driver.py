@@ -423,3 +423,72 @@ def test_agent_client_pins_the_vm_certificate(tls_forward: tuple[int, certs.Cert
                                  "config": {CFG_CERT: pair.cert_pem, CFG_PORT: str(port)}, "devices": {}}
     target, cert = driver.agent_target("incus://vm-0001")
     assert target == f"tcp://10.77.0.1:{port}" and cert == pair.cert_pem
+
+
+# ------------------------------------------------------------------ partitions are not deaths (reconciler)
+
+
+def test_reconciler_unknown_during_grace_then_failed_and_no_second_cli_vm(ctx: Any, fake_driver: Any) -> None:
+    """A driver that says 'member unreachable' makes a running VM ``unknown``; during
+    ``member_unreachable_grace_s`` it is watched (ensure refuses to make a second CLI VM); an
+    answer brings it back; after the grace it is failed; the home stays until a fence proves it dead."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from remotecli.background.reconciler import Reconciler
+    from remotecli.db.models import Vm
+    from remotecli.domain.states import VmStatus
+    from remotecli.drivers.base import Inspection
+    from remotecli.errors import WorkspaceUnavailable
+    from remotecli.services import users as users_service
+    from remotecli.services import vm_manager
+    from remotecli.services.users import Principal
+
+    user = users_service.create_user(ctx.db, "part")
+    alice = Principal(user.id, user.name, False)
+    vm, _ = vm_manager.ensure_cli_vm(ctx, alice)
+    cut = {"on": False}
+    real_inspect, real_fence = fake_driver.inspect, fake_driver.fence
+
+    def inspect(spec: VmSpec) -> Inspection:
+        if cut["on"] and spec.vm_id == vm.id:
+            return Inspection(Liveness.UNKNOWN, reason="member m2 unreachable",
+                              details={"member": "m2", "member_unreachable": "m2"})
+        return real_inspect(spec)
+
+    def fence(spec: VmSpec, timeout: float = 5.0) -> Inspection:
+        return inspect(spec) if cut["on"] and spec.vm_id == vm.id else real_fence(spec, timeout)
+
+    fake_driver.inspect, fake_driver.fence = inspect, fence
+    rec = Reconciler(ctx, owner="t")
+    cut["on"] = True
+    rec.run_once()
+    assert vm_manager.get_vm(ctx, None, vm.id).status == VmStatus.UNKNOWN.value
+    rec.run_once()  # within the grace: still unknown, no strikes to failed
+    assert vm_manager.get_vm(ctx, None, vm.id).status == VmStatus.UNKNOWN.value
+    with pytest.raises(WorkspaceUnavailable):
+        vm_manager.ensure_cli_vm(ctx, alice)  # never a second CLI VM during the grace
+    cut["on"] = False
+    rec.run_once()
+    assert vm_manager.get_vm(ctx, None, vm.id).status == VmStatus.RUNNING.value  # the member came back
+    cut["on"] = True
+    rec.run_once()
+    with ctx.db.transaction() as session:
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=ctx.settings.member_unreachable_grace_s + 1)
+        session.execute(update(Vm).where(Vm.id == vm.id).values(status_changed_at=past))
+    rec.run_once()
+    failed = vm_manager.get_vm(ctx, None, vm.id)
+    assert failed.status == VmStatus.FAILED.value and "unreachable" in (failed.status_reason or "")
+    from remotecli.db.models import Volume
+
+    with ctx.db.read() as session:
+        home = session.query(Volume).filter(Volume.user_id == user.id).one()
+    assert home.attached_vm_id == vm.id  # not fenced yet: the home stays with it
+    cut["on"] = False
+    rec.run_once()  # the member is back: fenced, the home is freed
+    with ctx.db.read() as session:
+        home = session.query(Volume).filter(Volume.user_id == user.id).one()
+    assert home.attached_vm_id is None
+    new, created = vm_manager.ensure_cli_vm(ctx, alice)
+    assert created and new.id != vm.id

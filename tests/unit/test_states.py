@@ -31,6 +31,9 @@ EXPECTED_VM_EDGES = {
     ("stopped", "starting"), ("stopped", "failed"), ("stopped", "destroying"),
     ("destroying", "destroyed"), ("destroying", "failed"),
     ("failed", "destroying"),
+    # Issue 14: a VM whose Incus member is unreachable is 'unknown', not failed, for a grace period.
+    ("running", "unknown"), ("paused", "unknown"),
+    ("unknown", "running"), ("unknown", "paused"), ("unknown", "failed"), ("unknown", "destroying"),
 }
 
 

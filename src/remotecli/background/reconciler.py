@@ -5,6 +5,9 @@ Database → host (every non-terminal VM, under its per-VM lease, see ``backgrou
 * ``running``/``paused``: ``driver.inspect``. DEAD → ``failed`` with the driver's reason (and any
   process left is stopped). UNKNOWN → one strike (``vms.unknown_strikes``); the second UNKNOWN in
   a row → ``failed``. ALIVE clears the strikes.
+* ``running``/``paused`` whose driver says its host is unreachable (``member_unreachable`` in the
+  inspection, the Incus driver) → ``unknown``; ``unknown`` → back to work when the host answers,
+  ``failed`` when it is dead or after ``member_unreachable_grace_s`` (issue 14).
 * ``stopped``: its directory must exist, else ``failed``.
 * ``creating``/``starting``/``stopping`` held past ``reconciler_wedged_after_s``: ``failed`` as
   wedged, its process stopped (the directory stays for the post-mortem until GC).
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,7 @@ from remotecli.background.leases import ORPHAN_LEASES, SESSION_LEASES, VM_LEASES
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, HostOrphan, Vm, Volume, utcnow
 from remotecli.domain.states import AUTH_TERMINAL, VM_ENDING, VM_TERMINAL, AuthStatus, VmStatus, VmType
-from remotecli.drivers.base import HostVm, Liveness
+from remotecli.drivers.base import HostVm, Liveness, PowerState
 from remotecli.errors import RemotecliError
 from remotecli.logging import get_logger, log_context
 from remotecli.services import vm_manager, workspaces
@@ -78,12 +82,18 @@ class Reconciler:
         s = ctx.settings
         self.orphan_grace_s = s.reconciler_orphan_grace_s if orphan_grace_s is None else orphan_grace_s
         self._loop = LoopThread("reconciler", self.run_once, s.reconciler_interval_s)
+        self._unwatch: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------ loop
     def start(self) -> None:
         self._loop.start()
+        # A driver with an event stream (Incus) wakes a pass as soon as an instance changes.
+        self._unwatch = self.ctx.driver.watch_events(self.wake)
 
     def stop(self) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            unwatch()
         self._loop.stop()
 
     def wake(self) -> None:
@@ -203,11 +213,31 @@ class Reconciler:
                 if not dry_run:
                     finding.result = self._fail(vm, why, status)
             return
-        # running / paused: the hypervisor must confirm it.
+        # running / paused (/ unknown): the hypervisor must confirm it.
         inspection = self.ctx.driver.inspect(spec)
+        unreachable = inspection.details.get("member_unreachable") if inspection.liveness is Liveness.UNKNOWN else None
+        if status is VmStatus.UNKNOWN:
+            self._check_unknown(vm, inspection, report, dry_run)
+            return
         if inspection.liveness is Liveness.ALIVE:
             if vm.unknown_strikes and not dry_run:
                 self._set_strikes(vm, 0)
+            self._note_member(vm, inspection.details.get("member"), dry_run)
+            return
+        if unreachable:
+            # A partition is not a death (issue 14): 'unknown' for member_unreachable_grace_s.
+            why = f"its host {unreachable} is unreachable"
+            finding = Finding("unreachable_vm", vm.id, vm.user_id, why, "unknown")
+            report.findings.append(finding)
+            if not dry_run:
+                try:
+                    with self.ctx.db.transaction() as session:
+                        set_vm_status(session, vm, VmStatus.UNKNOWN, module=MODULE, expected=status, reason=why,
+                                      message="VM unknown: its host cannot be reached",
+                                      details={"controller": self.owner, "member": str(unreachable)})
+                    finding.result = "done"
+                except StatusChanged:
+                    finding.result = "lost"
             return
         if inspection.liveness is Liveness.DEAD:
             why = f"the hypervisor says it is dead ({inspection.reason})"
@@ -235,6 +265,47 @@ class Reconciler:
             finding.result = self._fail(vm, why, status)
             self._stop_process(spec)
             self._release_home(vm)
+
+    def _check_unknown(self, vm: Vm, inspection: Any, report: PassReport, dry_run: bool) -> None:
+        """A VM whose host was unreachable: back to work when the host answers again, failed when
+        it is proven dead, failed after ``member_unreachable_grace_s`` of silence (then replaced by
+        the next ensure; its instance is fenced, and its home freed, once the host is back)."""
+        grace = self.ctx.settings.member_unreachable_grace_s
+        age = _age_s(utcnow(), vm.status_changed_at)
+        if inspection.liveness is Liveness.ALIVE:
+            back = VmStatus.PAUSED if inspection.power is PowerState.PAUSED else VmStatus.RUNNING
+            finding = Finding("host_back", vm.id, vm.user_id, f"its host answers again after {age:.0f} s", back.value)
+            report.findings.append(finding)
+            if not dry_run:
+                try:
+                    with self.ctx.db.transaction() as session:
+                        set_vm_status(session, vm, back, module=MODULE, expected=VmStatus.UNKNOWN,
+                                      message="VM reachable again", details={"controller": self.owner})
+                    finding.result = "done"
+                except StatusChanged:
+                    finding.result = "lost"
+            return
+        if inspection.liveness is Liveness.UNKNOWN and age < grace:
+            finding = Finding("unknown_vm", vm.id, vm.user_id,
+                              f"its host is unreachable ({inspection.reason}) for {age:.0f} of {grace:.0f} s", "watch")
+            report.findings.append(finding)
+            finding.result = "waiting"
+            return
+        why = (f"the hypervisor says it is dead ({inspection.reason})" if inspection.liveness is Liveness.DEAD
+               else f"its host was unreachable for {age:.0f} s ({inspection.reason})")
+        finding = Finding("dead_vm", vm.id, vm.user_id, why, "fail")
+        report.findings.append(finding)
+        if not dry_run:
+            finding.result = self._fail(vm, why, VmStatus.UNKNOWN)
+            self._release_home(vm)  # freed only once the driver fences it (proven dead)
+
+    def _note_member(self, vm: Vm, member: object, dry_run: bool) -> None:
+        """Record the host (Incus member) a VM runs on, as the driver reports it."""
+        if dry_run or not isinstance(member, str) or not member or member == vm.member:
+            return
+        with self.ctx.db.transaction() as session:
+            session.execute(update(Vm).where(Vm.id == vm.id).values(member=member)
+                            .execution_options(synchronize_session=False))
 
     def _set_strikes(self, vm: Vm, strikes: int) -> None:
         with self.ctx.db.transaction() as session:

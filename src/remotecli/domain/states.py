@@ -12,6 +12,9 @@ VM::
     any non-terminal ─► destroying ─► destroyed
     any non-terminal ─► failed
     failed ─► destroying ─► destroyed   (garbage collection of a failed VM's resources)
+    running | paused ─► unknown ─► running | paused | failed | destroying
+                                         (its Incus member is unreachable: a partition is not a
+                                          death; failed only after ``member_unreachable_grace_s``)
 
 ``failed`` is terminal for work: a failed VM is never resumed, reused or selected; the only way out
 is garbage collection (``failed → destroying → destroyed``), which removes its resources.
@@ -50,6 +53,7 @@ class VmStatus(enum.StrEnum):
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
     FAILED = "failed"
+    UNKNOWN = "unknown"  # its host (an Incus member) cannot be reached; still the user's live VM
 
 
 #: Statuses a VM never leaves for work. (``failed`` may still be garbage-collected.)
@@ -73,8 +77,11 @@ _NON_TERMINAL_TO_FAILED_OR_DESTROYING = {VmStatus.FAILED, VmStatus.DESTROYING}
 VM_TRANSITIONS: dict[VmStatus, frozenset[VmStatus]] = {
     VmStatus.CREATING: frozenset({VmStatus.STARTING, *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
     VmStatus.STARTING: frozenset({VmStatus.RUNNING, *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
-    VmStatus.RUNNING: frozenset({VmStatus.PAUSED, VmStatus.STOPPING, *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
-    VmStatus.PAUSED: frozenset({VmStatus.RUNNING, VmStatus.STOPPING, *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
+    VmStatus.RUNNING: frozenset({VmStatus.PAUSED, VmStatus.STOPPING, VmStatus.UNKNOWN,
+                                 *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
+    VmStatus.PAUSED: frozenset({VmStatus.RUNNING, VmStatus.STOPPING, VmStatus.UNKNOWN,
+                                *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
+    VmStatus.UNKNOWN: frozenset({VmStatus.RUNNING, VmStatus.PAUSED, *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
     VmStatus.STOPPING: frozenset({VmStatus.STOPPED, *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
     VmStatus.STOPPED: frozenset({VmStatus.STARTING, *_NON_TERMINAL_TO_FAILED_OR_DESTROYING}),
     VmStatus.DESTROYING: frozenset({VmStatus.DESTROYED, VmStatus.FAILED}),

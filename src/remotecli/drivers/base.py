@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,12 @@ class VmDriver(abc.ABC):
         """Does the VM's state on its host (directory, disk) still exist? False once it is gone:
         such a VM can never be started again."""
         return spec.directory.is_dir()
+
+    def watch_events(self, wake: Callable[[], None]) -> Callable[[], None] | None:
+        """Follow the hypervisor's events (if it has a stream) and call ``wake`` when a VM changes,
+        so the reconciler looks at once. Returns the function that stops following, or None: the
+        reconciler's interval is all there is (the local drivers)."""
+        return None
 
     def host_resources(self) -> HostResources:
         """The memory and CPUs of the host this driver runs VMs on (this machine by default)."""

@@ -501,6 +501,12 @@ def ensure_cli_vm(ctx: AppContext, principal: Principal, *, session_id: str | No
                 except StatusChanged:
                     continue
             status = VmStatus(vm.status)
+            if status is VmStatus.UNKNOWN:
+                # Its host is unreachable (issue 14): not dead, so no second CLI VM until the
+                # reconciler fails it after member_unreachable_grace_s.
+                raise WorkspaceUnavailable(
+                    "Your workspace's host cannot be reached right now; try again in a few minutes.",
+                    log_detail=f"{vm.id} is unknown: {vm.status_reason}")
             if status in (VmStatus.CREATING, VmStatus.STARTING, VmStatus.STOPPING):
                 _wait_while(ctx, vm, status, session_id=session_id)
                 continue

@@ -342,6 +342,19 @@ class IncusClient:
                               "Content-Type": "application/octet-stream"},
                      timeout=max(self.timeout, 600.0))
 
+    def make_dirs(self, name: str, path: str, *, mode: int = 0o755) -> None:
+        """``mkdir -p`` inside the instance (each level pushed as a directory; existing ones are kept)."""
+        parts = [p for p in path.split("/") if p]
+        for depth in range(1, len(parts) + 1):
+            level = "/" + "/".join(parts[:depth])
+            try:
+                self.request("POST", f"/1.0/instances/{quote(name, safe='')}/files", params={"path": level},
+                             content=b"", headers={"X-Incus-type": "directory", "X-Incus-mode": f"{mode:04o}",
+                                                   "X-Incus-uid": "0", "X-Incus-gid": "0"})
+            except IncusError as exc:
+                if exc.status not in (400, 409, 500):  # "already exists" comes as a 4xx/500 with that text
+                    raise
+
     def read_file(self, name: str, path: str) -> bytes:
         try:
             response = self._http.get(f"/1.0/instances/{quote(name, safe='')}/files",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -101,11 +102,17 @@ def volume_location(pool: str, name: str) -> str:
     return f"{VOLUME_PREFIX}{pool}/{name}"
 
 
-def parse_volume_location(location: str) -> tuple[str, str]:
-    if not location.startswith(VOLUME_PREFIX) or "/" not in location[len(VOLUME_PREFIX):]:
-        raise DriverError(log_detail=f"not an Incus volume location: {location!r}")
-    pool, _, name = location[len(VOLUME_PREFIX):].partition("/")
-    return pool, name
+def parse_volume_location(location: str, default_pool: str = "default") -> tuple[str, str]:
+    """(pool, volume name) of a home volume's ``location``: ``incus:<pool>/<name>``, or a volume
+    file path as ``services.workspaces`` names them for the local drivers (``.../<volume-id>.ext4``),
+    which maps to the custom volume ``home-<volume-id>`` in ``default_pool``."""
+    if location.startswith(VOLUME_PREFIX):
+        pool, _, name = location[len(VOLUME_PREFIX):].partition("/")
+        if pool and name:
+            return pool, name
+    elif location and not location.endswith("/"):
+        return default_pool, f"home-{Path(location).name.removesuffix('.ext4')}"
+    raise DriverError(log_detail=f"not an Incus volume location: {location!r}")
 
 
 class IncusDriver(VmDriver):
@@ -118,6 +125,9 @@ class IncusDriver(VmDriver):
         self._project_ready = False
         self._members: tuple[float, dict[str, Member]] | None = None
         self._lock = threading.Lock()
+
+    def _vol(self, location: str) -> tuple[str, str]:
+        return parse_volume_location(location, self.settings.incus_storage_pool)
 
     # ---------------------------------------------------------------- connection
 
@@ -206,10 +216,21 @@ class IncusDriver(VmDriver):
         qemu = QemuDriver(self.settings)
         home = replace(spec.home, location=f"{IN}/home/home.ext4") if spec.home is not None else None
         inner = replace(spec, directory=Path(f"{IN}/vm"), home=home)
-        qemu._qemu_binary = lambda: self.settings.incus_qemu_binary  # type: ignore[method-assign]
+        usr = self.settings.incus_runner_usr.rstrip("/")
+        qemu._qemu_binary = lambda: f"{usr}/bin/qemu-system-x86_64"  # type: ignore[method-assign]
         argv = qemu._argv(inner, _Paths(Path(f"{IN}/vm")), Path(self._in_images(image.kernel)),
                           Path(self._in_images(image.initrd)), "tcg", HOSTFWD_PORT, None)
-        return [arg for arg in argv if arg != "-daemonize"]
+        argv = [arg for arg in argv if arg != "-daemonize"]
+        firmware = ["-L", f"{usr}/share/qemu"] if usr != "/usr" else []
+        return [*self._runner(argv[0]), *firmware, *argv[1:]]
+
+    def _runner(self, binary: str) -> list[str]:
+        """How the container runs ``binary`` of the runner's /usr (through the loader if set)."""
+        return [*shlex.split(self.settings.incus_runner_loader), binary]
+
+    def _init_cmd(self) -> str:
+        usr = self.settings.incus_runner_usr.rstrip("/")
+        return shlex.join(self._runner(f"{usr}/bin/python3")) + f" {IN}/launch.py"
 
     def _overlay(self, image: ImageRef) -> bytes:
         """A qcow2 overlay whose backing file is the rootfs inside the container (made here)."""
@@ -240,7 +261,7 @@ class IncusDriver(VmDriver):
             devices[f"runner{index}"] = {"type": "disk", "source": source.strip(), "path": inside.strip(),
                                          "readonly": "true"}
         if spec.home is not None:
-            pool, name = parse_volume_location(spec.home.location)
+            pool, name = self._vol(spec.home.location)
             devices["home"] = {"type": "disk", "pool": pool, "source": name, "path": f"{IN}/home"}
         return devices
 
@@ -257,6 +278,7 @@ class IncusDriver(VmDriver):
             "attempts": TCG_BOOT_ATTEMPTS,
             "early_boot_timeout": EARLY_BOOT_TIMEOUT,
             "marker": INITRAMFS_MARKER.decode(),
+            "mkfs": self._runner(f"{self.settings.incus_runner_usr.rstrip('/')}/sbin/mkfs.ext4"),
             "image_hash": image.recipe_hash,
         }
         if spec.home is not None:
@@ -265,7 +287,7 @@ class IncusDriver(VmDriver):
         return cfg
 
     def _volume_size(self, home: HomeDisk) -> int:
-        pool, name = parse_volume_location(home.location)
+        pool, name = self._vol(home.location)
         try:
             doc = self.client.volume(pool, name)
         except IncusNotFound:
@@ -277,10 +299,14 @@ class IncusDriver(VmDriver):
         name = spec.vm_id
         format_home, owner_uid = False, 0
         if spec.home is not None:
-            pool, vol = parse_volume_location(spec.home.location)
+            pool, vol = self._vol(spec.home.location)
             vconf = (client.volume(pool, vol).get("config") or {})
             format_home = vconf.get("user.remotecli.formatted") != "true"
             owner_uid = int(vconf.get("user.remotecli.owner_uid", "0") or 0)
+        client.make_dirs(name, f"{IN}/vm", mode=0o700)
+        if not self.settings.incus_member_images_dir:
+            for path in (image.kernel, image.initrd, image.rootfs):
+                client.make_dirs(name, str(Path(self._in_images(path)).parent))
         launch = resources.files("remotecli.drivers.incus").joinpath("launch.py").read_bytes()
         client.push_file(name, f"{IN}/launch.py", launch, mode=0o700)
         cfg = self._launch_config(spec, image, format_home=format_home, owner_uid=owner_uid)
@@ -325,7 +351,7 @@ class IncusDriver(VmDriver):
             "config": {
                 "limits.memory": f"{spec.memory_mib + QEMU_OVERHEAD_MIB}MiB",
                 "limits.cpu": str(spec.vcpus),
-                "raw.lxc": f"lxc.init.cmd = /usr/bin/python3 {IN}/launch.py",
+                "raw.lxc": f"lxc.init.cmd = {self._init_cmd()}",
                 CFG_CERT: pair.cert_pem,
                 CFG_PORT: str(port),
                 CFG_VM_TYPE: spec.vm_type,
@@ -334,6 +360,8 @@ class IncusDriver(VmDriver):
             "devices": self._devices(spec, port),
             "start": False,
         }
+        if self.settings.incus_runner_usr.rstrip("/") != "/usr":
+            body["config"]["environment.PYTHONHOME"] = self.settings.incus_runner_usr
         target = None
         if spec.home is not None:
             target = self._volume_member(spec.home)
@@ -349,7 +377,7 @@ class IncusDriver(VmDriver):
         return self._start(spec, client.instance(spec.vm_id))
 
     def _volume_member(self, home: HomeDisk) -> str | None:
-        pool, name = parse_volume_location(home.location)
+        pool, name = self._vol(home.location)
         location = str(self.client.volume(pool, name).get("location") or "")
         return location if location and location != "none" else None
 
@@ -374,7 +402,7 @@ class IncusDriver(VmDriver):
         return self._endpoint(spec)
 
     def _mark_formatted(self, home: HomeDisk) -> None:
-        pool, name = parse_volume_location(home.location)
+        pool, name = self._vol(home.location)
         with contextlib.suppress(IncusError):
             doc = self.client.volume(pool, name)
             if (doc.get("config") or {}).get("user.remotecli.formatted") != "true":
@@ -445,11 +473,11 @@ class IncusDriver(VmDriver):
         """Stop the instance for good (force) and prove from Incus that it does not run. A member
         that cannot be reached cannot prove it: UNKNOWN, and the volume stays where it is."""
         try:
-            instance = self.client.instance(spec.vm_id)
-        except IncusNotFound:
-            return Inspection(Liveness.DEAD, reason="no instance")
-        except IncusUnreachable as exc:
+            instance = self._find(spec.vm_id)
+        except IncusError as exc:
             return Inspection(Liveness.UNKNOWN, reason="Incus API unreachable", details={"error": exc.log_detail})
+        if instance is None:
+            return Inspection(Liveness.DEAD, reason="no instance")
         member = self.members(fresh=True).get(instance.location)
         if member is not None and not member.online:
             return Inspection(Liveness.UNKNOWN, reason=f"member {member.name} unreachable",
@@ -461,13 +489,28 @@ class IncusDriver(VmDriver):
                 return Inspection(Liveness.UNKNOWN, reason="stop refused", details={"error": exc.log_detail})
         return self.inspect(spec)
 
+    def _find(self, name: str) -> Instance | None:
+        """The instance, or None when Incus has none of that name. When its member cannot answer,
+        Incus still lists it (from the cluster database) with its location: that is used then."""
+        try:
+            return self.client.instance(name)
+        except IncusNotFound:
+            return None
+        except IncusUnreachable:
+            raise
+        except IncusError as exc:
+            for instance in self.client.instances():
+                if instance.name == name:
+                    return instance
+            raise exc from None
+
     def inspect(self, spec: VmSpec) -> Inspection:
         try:
-            instance = self.client.instance(spec.vm_id)
-        except IncusNotFound:
-            return Inspection(Liveness.DEAD, reason="missing")
-        except IncusUnreachable as exc:
+            instance = self._find(spec.vm_id)
+        except IncusError as exc:
             return Inspection(Liveness.UNKNOWN, reason="Incus API unreachable", details={"error": exc.log_detail})
+        if instance is None:
+            return Inspection(Liveness.DEAD, reason="missing")
         details: dict[str, Any] = {"member": instance.location, "instance_status": instance.status,
                                    "port": instance.config.get(CFG_PORT)}
         try:
@@ -475,7 +518,7 @@ class IncusDriver(VmDriver):
         except IncusError:
             member = None
         if member is not None and not member.online:
-            details["member_status"] = member.status
+            details.update(member_status=member.status, member_unreachable=member.name)
             return Inspection(Liveness.UNKNOWN, reason=f"member {member.name} unreachable", details=details)
         status = instance.status
         if status == "Running":
@@ -565,7 +608,7 @@ class IncusDriver(VmDriver):
     # ---------------------------------------------------------------- home volumes (custom volumes)
 
     def create_volume(self, location: str, size_bytes: int, owner_uid: int) -> None:
-        pool, name = parse_volume_location(location)
+        pool, name = self._vol(location)
         client = self._ready()
         try:
             client.volume(pool, name)
@@ -575,14 +618,33 @@ class IncusDriver(VmDriver):
             raise DriverError("A workspace volume already exists there; it is never formatted again.",
                               log_detail=f"refusing to create {location}: it exists")
         # The ext4 file inside is made by the VM's launcher at its first boot (never over one).
-        client.create_volume(pool, name, size_bytes=size_bytes + 64 * 1024 * 1024,
+        # On a pool local to each member the volume is made on the online member with the fewest
+        # of our instances, and the user's CLI VMs then go where it is; a shared pool (Ceph)
+        # leaves placement to Incus.
+        client.create_volume(pool, name, target=self._volume_target(pool), size_bytes=size_bytes + 64 * 1024 * 1024,
                              config={"user.remotecli.size_bytes": str(size_bytes),
                                      "user.remotecli.owner_uid": str(owner_uid),
                                      "user.remotecli.formatted": "false"})
 
+    def _volume_target(self, pool: str) -> str | None:
+        try:
+            doc = self.client.get(f"/1.0/storage-pools/{pool}", project=False) or {}
+        except IncusError:
+            doc = {}
+        if str(doc.get("driver", "")) in ("ceph", "cephfs", "lvmcluster"):
+            return None
+        online = [m.name for m in self.members(fresh=True).values() if m.online]
+        if not online:
+            return None
+        load = dict.fromkeys(online, 0)
+        for instance in self.client.instances():
+            if instance.location in load:
+                load[instance.location] += 1
+        return min(online, key=lambda name: (load[name], name))
+
     def volume_problem(self, location: str) -> str | None:
         try:
-            pool, name = parse_volume_location(location)
+            pool, name = self._vol(location)
             self.client.volume(pool, name)
         except IncusNotFound:
             return f"its Incus volume {location} is missing"
@@ -591,13 +653,13 @@ class IncusDriver(VmDriver):
         return None
 
     def delete_volume(self, location: str) -> None:
-        pool, name = parse_volume_location(location)
+        pool, name = self._vol(location)
         with contextlib.suppress(IncusNotFound):
             self.client.delete_volume(pool, name)
 
     def volume_usage(self, location: str) -> tuple[int, int] | None:
         try:
-            pool, name = parse_volume_location(location)
+            pool, name = self._vol(location)
             doc = self.client.volume(pool, name)
             state = self.client.get(f"/1.0/storage-pools/{pool}/volumes/custom/{name}/state") or {}
         except IncusError:

@@ -111,7 +111,7 @@ def format_home(cfg: dict[str, Any]) -> None:
     with open(tmp, "wb") as handle:
         handle.truncate(int(home["size_bytes"]))
     uid = int(home["owner_uid"])
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-t", "ext4", "-L", "rc-home", "-m", "0",
+    subprocess.run([*cfg.get("mkfs", ["mkfs.ext4"]), "-q", "-F", "-t", "ext4", "-L", "rc-home", "-m", "0",
                     "-E", f"root_owner={uid}:{uid}", tmp], check=True)
     os.link(tmp, path)
     os.unlink(tmp)
