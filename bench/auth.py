@@ -44,6 +44,7 @@ from remotecli.services import users as users_service  # noqa: E402
 from remotecli.services.users import Principal  # noqa: E402
 from tests.e2e.conftest import IDP_PASSWORD, Controller  # noqa: E402
 from tests.integration.conftest import qemu_settings, require_images  # noqa: E402
+from tests.integration.test_pool import FirewallGuard  # noqa: E402
 from tests.support.idp_server import CLIENT_IDS, GEMINI_CLIENT_SECRET, run_idp  # noqa: E402
 from tests.support.server import free_port, serve_app  # noqa: E402
 
@@ -115,7 +116,7 @@ def main() -> int:
         os.environ["REMOTECLI_PROVIDER_GEMINI_CLIENT_SECRET"] = GEMINI_CLIENT_SECRET
         settings = qemu_settings(f"sqlite:///{work / 'bench.db'}",
                                  guest_host_allowed_ports=[idp.port], browser_pool_size=0,
-                                 browser_pool_interval_s=0.5)
+                                 browser_pool_interval_s=0.5, auth_page_timeout_s=600)
         try:
             require_images(settings, "cli", "browser")
         except BaseException:
@@ -126,6 +127,7 @@ def main() -> int:
         user = users_service.create_user(ctx.db, f"bench{int(time.time())}")
         _, token = users_service.create_token(ctx.db, user)
         principal = Principal(user.id, user.name, False)
+        guard = FirewallGuard(ctx, idp.port).__enter__()  # the host's guest firewall is shared (see there)
         try:
             with serve_app(create_app(ctx, background=True), free_port(), ws="websockets") as url:
                 controller = Controller(ctx, url, principal, {"Authorization": f"Bearer {token}"}, [])
@@ -162,6 +164,7 @@ def main() -> int:
                         results["restore"].append(took)
                         print(f"restore run {run + 1}: awaiting_user after {took:.2f} s", file=sys.stderr)
         finally:
+            guard.__exit__()
             for vm in vm_manager.list_vms(ctx, None):
                 if vm.status != "destroyed":
                     vm_manager.destroy_vm(ctx, None, vm.id, reason="bench cleanup")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -31,7 +33,7 @@ from remotecli.background.reconciler import Reconciler
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession
 from remotecli.domain.states import VmStatus
-from remotecli.services import auth_flow, pool, vm_manager
+from remotecli.services import auth_flow, pool, vm_exec, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.signin_state import BROWSER_RESTARTING
 from remotecli.services.users import Principal
@@ -74,6 +76,37 @@ class _Pages(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class FirewallGuard:
+    """Keeps this controller's guest firewall (with the page server's port) in force while the
+    module runs. The host's nftables table is one for every controller on the machine, and other
+    test runs on this shared box rewrite it with their own allowed ports, which cut our guests off
+    from the page server mid-test (seen: two sign-ins stuck loading the page)."""
+
+    def __init__(self, ctx: AppContext, port: int) -> None:
+        self.ctx, self.port = ctx, port
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> FirewallGuard:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        from remotecli.drivers.qemu import confinement
+
+        while not self._stop.wait(1.0):
+            if self.ctx.settings.guest_network_isolation == "off" or shutil.which("nft") is None:
+                return
+            listed = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=False).stdout
+            if f"{self.port}" not in listed:
+                with contextlib.suppress(Exception):
+                    confinement.confine(self.ctx.settings)
+
+
 @dataclass
 class Env:
     ctx: AppContext
@@ -93,10 +126,13 @@ def env() -> Iterator[Env]:
             mp.setenv(f"REMOTECLI_PROVIDER_{name.upper()}_AUTHORIZE_URL", f"{base}/auth")
             mp.setenv(f"REMOTECLI_PROVIDER_{name.upper()}_TOKEN_URL", f"{base}/token")
         db = Path(tempfile.mkdtemp(prefix="rc-pool-")) / "pool.db"
-        settings = qemu_settings(f"sqlite:///{db}", browser_pool_size=2, guest_host_allowed_ports=[port])
+        # auth_page_timeout_s: Chromium's first page can take minutes when the shared host is loaded.
+        settings = qemu_settings(f"sqlite:///{db}", browser_pool_size=2, guest_host_allowed_ports=[port],
+                                 auth_page_timeout_s=600)
         require_images(settings, "cli", "browser")
         ctx = AppContext.create(settings)
         worker = signins.SigninWorker(ctx, interval_s=0.2)
+        guard = FirewallGuard(ctx, port).__enter__()
         try:
             user = users_service.create_user(ctx.db, "pooluser")
             principal = Principal(user.id, user.name, False)
@@ -109,6 +145,7 @@ def env() -> Iterator[Env]:
             for auth in auth_flow.list_sessions(ctx, None, all_users=True):
                 with contextlib.suppress(Exception):
                     auth_flow.cancel_session(ctx, None, auth.id)
+            guard.__exit__()
             close_and_clean(ctx)
             server.shutdown()
 
@@ -166,7 +203,7 @@ def test_three_signins_at_once_two_warm_one_booted(env: Env) -> None:
                 auth = auth_flow.get_session(ctx, None, sid)
                 if auth.status == "awaiting_user":
                     done[sid], took[sid] = auth, time.monotonic() - started
-                elif auth.status in ("failed", "expired", "cancelled") or time.monotonic() - started > 400:
+                elif auth.status in ("failed", "expired", "cancelled") or time.monotonic() - started > 700:
                     _wait(ctx, sid, lambda a: False, timeout=0)
         time.sleep(0.1)
     browsers = [done[sid].browser_vm_id for sid in ids]
@@ -182,7 +219,7 @@ def test_three_signins_at_once_two_warm_one_booted(env: Env) -> None:
 
 
 def _guest_python(ctx: AppContext, vm_id: str, code: str, timeout: float = 60) -> str:
-    result = vm_manager.exec_in_vm(ctx, None, vm_id, ["python3", "-c", code], timeout_s=timeout)
+    result = vm_exec.exec_in_vm(ctx, None, vm_id, ["python3", "-c", code], timeout_s=timeout)
     assert result.exit_code == 0, result.stderr.decode(errors="replace")
     return result.stdout.decode()
 
