@@ -41,7 +41,7 @@ from remotecli.config import Settings  # noqa: E402
 from remotecli.context import AppContext  # noqa: E402
 from remotecli.db.models import Vm, utcnow  # noqa: E402
 from remotecli.services import users as users_service  # noqa: E402
-from remotecli.services import vm_manager, workspaces  # noqa: E402
+from remotecli.services import vm_exec, vm_manager, workspaces  # noqa: E402
 from remotecli.services.users import Principal  # noqa: E402
 
 BENCH_DOC = REPO / "docs" / "benchmarks.md"
@@ -57,7 +57,7 @@ def write_section(text: str) -> None:
 
 
 def _read(ctx: AppContext, owner: Principal, vm: Vm, path: str) -> bytes:
-    result = vm_manager.exec_in_vm(ctx, owner, vm.id, ["cat", path], timeout_s=30, user="cli")
+    result = vm_exec.exec_in_vm(ctx, owner, vm.id, ["cat", path], timeout_s=30, user="cli")
     if result.exit_code != 0:
         raise RuntimeError(f"cat {path}: {result.stderr!r}")
     return bytes(result.stdout)
@@ -89,7 +89,7 @@ def main() -> int:
             agent.write_file(marker, b"still here\n", mode=0o600, owner="cli")
         finally:
             agent.close()
-        vm_manager.exec_in_vm(ctx, owner, vm.id, ["sync"], timeout_s=30)
+        vm_exec.exec_in_vm(ctx, owner, vm.id, ["sync"], timeout_s=30)
         for run in range(1, args.runs + 1):
             # The seed's case: QEMU killed, directory deleted.
             pid = int((Path(vm.directory) / "qemu.pid").read_text())

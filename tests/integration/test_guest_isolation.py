@@ -27,7 +27,7 @@ from remotecli.app import create_app
 from remotecli.context import AppContext
 from remotecli.drivers.qemu import confinement
 from remotecli.services import users as users_service
-from remotecli.services import vm_manager
+from remotecli.services import vm_exec, vm_manager
 from remotecli.services.users import Principal
 from tests.integration.conftest import close_and_clean, qemu_settings, require_images
 from tests.support.server import free_port, serve_app
@@ -250,7 +250,7 @@ def test_guest_reaches_neither_controller_nor_other_vm(
         ("namespace_allowed", NS_ALLOWED, netns_services),
         ("namespace_blocked", NS_BLOCKED, netns_services),
     ]
-    result = vm_manager.exec_in_vm(
+    result = vm_exec.exec_in_vm(
         ctx, Principal(alice.id, alice.name, False), vm_a.id,
         ["python3", "-c", PROBE, json.dumps(targets)], timeout_s=120,
     )
@@ -305,7 +305,7 @@ def test_flushed_rules_come_back(confined_ctx: tuple[AppContext, _Responder, int
 
 def _probe(ctx: AppContext, owner: Principal, vm_id: str, port: int) -> dict[str, str]:
     targets = [("by_address", NS_ALLOWED, port), ("by_public_name", PUBLIC_NAME, port)]
-    result = vm_manager.exec_in_vm(ctx, owner, vm_id, ["python3", "-c", PROBE, json.dumps(targets)], timeout_s=120)
+    result = vm_exec.exec_in_vm(ctx, owner, vm_id, ["python3", "-c", PROBE, json.dumps(targets)], timeout_s=120)
     assert result.exit_code == 0, result.stderr
     seen: dict[str, str] = json.loads(result.stdout)
     return seen
@@ -334,7 +334,7 @@ def test_private_networks_refused_by_default_and_reopened_by_setting(
     browser = vm_manager.create_vm(ctx, owner, "browser")  # as the sign-in worker does
     vms = {"cli": cli.id, "browser": browser.id}
     for vm_id in vms.values():
-        hosts = vm_manager.exec_in_vm(
+        hosts = vm_exec.exec_in_vm(
             ctx, owner, vm_id, ["sh", "-c", f"echo '{NS_ALLOWED} {PUBLIC_NAME}' >> /etc/hosts"],
             user="root", timeout_s=30,
         )

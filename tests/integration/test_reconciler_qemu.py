@@ -15,7 +15,7 @@ from remotecli.background.reconciler import Reconciler
 from remotecli.context import AppContext
 from remotecli.db.models import Vm
 from remotecli.services import users as users_service
-from remotecli.services import vm_manager
+from remotecli.services import vm_exec, vm_manager
 from remotecli.services.users import Principal
 from tests.integration.test_vm_lifecycle import _pid, _port_of
 from tests.support.net import process_gone
@@ -113,7 +113,7 @@ def test_restart_adopts_the_running_vm(qctx: AppContext, owner: Principal) -> No
         again, created_again = vm_manager.ensure_cli_vm(second, owner)
         assert (again.id, created_again) == (vm.id, False)
         assert _pid(Path(vm.directory)) == pid
-        result = vm_manager.exec_in_vm(second, owner, vm.id, ["true"], timeout_s=30)
+        result = vm_exec.exec_in_vm(second, owner, vm.id, ["true"], timeout_s=30)
         assert result.exit_code == 0 and time.monotonic() - started < 60
     finally:
         second.close()

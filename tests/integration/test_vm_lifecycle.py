@@ -14,7 +14,7 @@ from remotecli.agent.client import AgentClient
 from remotecli.context import AppContext
 from remotecli.drivers.base import Liveness
 from remotecli.errors import AgentRejected, VmNotRunning
-from remotecli.services import vm_manager
+from remotecli.services import vm_exec, vm_manager
 from remotecli.services.users import Principal
 from tests.support.net import process_gone, stops_listening
 
@@ -41,7 +41,7 @@ def test_cli_vm_lifecycle(qctx: AppContext, owner: Principal) -> None:
     pid = _pid(vm_dir)
     assert pid and Path(f"/proc/{pid}").exists()
 
-    result = vm_manager.exec_in_vm(qctx, owner, vm.id, ["uname", "-r"], timeout_s=30)
+    result = vm_exec.exec_in_vm(qctx, owner, vm.id, ["uname", "-r"], timeout_s=30)
     assert result.exit_code == 0 and b"cloud-amd64" in result.stdout  # the guest's Debian cloud kernel
     assert result.stdout.strip() != os.uname().release.encode()
 
@@ -56,18 +56,18 @@ def test_cli_vm_lifecycle(qctx: AppContext, owner: Principal) -> None:
     vm_manager.pause_vm(qctx, owner, vm.id)
     assert qctx.driver.inspect(vm_manager.spec_of(qctx, vm)).power.value == "paused"
     with pytest.raises(VmNotRunning):
-        vm_manager.exec_in_vm(qctx, owner, vm.id, ["true"], timeout_s=5)
+        vm_exec.exec_in_vm(qctx, owner, vm.id, ["true"], timeout_s=5)
     # Even straight to the agent, a paused guest does not answer.
     with pytest.raises(Exception) as paused_error, AgentClient(vm.endpoint, qctx.agent_secret(vm), timeout=2) as c:
         c.health()
     assert getattr(paused_error.value, "code", "") in ("agent_timeout", "agent_unreachable")
     vm_manager.resume_vm(qctx, owner, vm.id)
-    assert vm_manager.exec_in_vm(qctx, owner, vm.id, ["true"], timeout_s=30).exit_code == 0
+    assert vm_exec.exec_in_vm(qctx, owner, vm.id, ["true"], timeout_s=30).exit_code == 0
 
     vm_manager.stop_vm(qctx, owner, vm.id)
     assert qctx.driver.inspect(vm_manager.spec_of(qctx, vm)).liveness is Liveness.DEAD
     vm_manager.start_vm(qctx, owner, vm.id)
-    again = vm_manager.exec_in_vm(qctx, owner, vm.id, ["cat", "/home/cli/secret.txt"], timeout_s=30)
+    again = vm_exec.exec_in_vm(qctx, owner, vm.id, ["cat", "/home/cli/secret.txt"], timeout_s=30)
     assert again.stdout == b"hello\n"  # the disk survived the restart
 
     vm = vm_manager.get_vm(qctx, owner, vm.id)
@@ -115,7 +115,7 @@ def test_killed_vm_is_replaced_by_ensure(qctx: AppContext, owner: Principal) -> 
     third, created = vm_manager.ensure_cli_vm(qctx, owner)
     assert created and third.id not in (first.id, second.id)
     assert "directory" in (vm_manager.get_vm(qctx, owner, second.id).status_reason or "")
-    assert vm_manager.exec_in_vm(qctx, owner, third.id, ["true"], timeout_s=30).exit_code == 0
+    assert vm_exec.exec_in_vm(qctx, owner, third.id, ["true"], timeout_s=30).exit_code == 0
     # No process of the failed VMs is left running.
     time.sleep(1)
     for vm in (first, second):

@@ -30,7 +30,7 @@ import pytest
 from remotecli.context import AppContext
 from remotecli.db.models import AuthSession, Vm
 from remotecli.domain.states import AuthStatus
-from remotecli.services import auth_flow, credentials, vm_manager, workspaces
+from remotecli.services import auth_flow, credentials, vm_exec, vm_manager, workspaces
 from remotecli.services.signin_state import move
 from remotecli.services.users import Principal
 from tests.support.cli_judge import assert_cli_signed_in
@@ -79,7 +79,7 @@ def _sign_in(ctx: AppContext, owner: Principal, idp: Idp, monkeypatch: pytest.Mo
 
 
 def _sh(ctx: AppContext, owner: Principal, vm: Vm, script: str, *, user: str = "cli", timeout: float = 60) -> str:
-    result = vm_manager.exec_in_vm(ctx, owner, vm.id, ["bash", "-c", script], timeout_s=timeout, user=user)
+    result = vm_exec.exec_in_vm(ctx, owner, vm.id, ["bash", "-c", script], timeout_s=timeout, user=user)
     assert result.exit_code == 0, (script, result.stdout, result.stderr)
     return result.stdout.decode()
 

@@ -21,7 +21,7 @@ from remotecli.drivers.base import HomeDisk, Inspection, Liveness, VmSpec
 from remotecli.drivers.fake import FAKE_VOLUME_MAGIC, FakeDriver
 from remotecli.errors import DriverError, WorkspaceBusy, WorkspaceUnavailable
 from remotecli.services import users as users_service
-from remotecli.services import vm_manager, workspaces
+from remotecli.services import vm_exec, vm_manager, workspaces
 from remotecli.services.transitions import set_vm_status
 from remotecli.services.users import Principal
 
@@ -428,7 +428,7 @@ def test_exec_starts_an_idle_stopped_vm(ctx: AppContext, alice: Principal, fake_
     _idle_for(ctx, vm.id, 601)
     Reconciler(ctx).run_once()
     assert vm_manager.get_vm(ctx, alice, vm.id).status == "stopped"
-    result = vm_manager.exec_in_vm(ctx, alice, vm.id, ["echo", "back"], timeout_s=5)
+    result = vm_exec.exec_in_vm(ctx, alice, vm.id, ["echo", "back"], timeout_s=5)
     assert result.exit_code == 0 and result.stdout == b"back\n"
     assert vm_manager.get_vm(ctx, alice, vm.id).status == "running"
 

@@ -14,6 +14,7 @@ from remotecli.domain.states import VM_STATUS_WORDS, VmStatus
 from remotecli.services import users as users_service
 from remotecli.services import vm_manager
 from remotecli.services.users import Principal
+from remotecli.services.vm_exec import exec_in_vm
 
 
 def _vm_dict(vm: Vm) -> dict[str, object]:
@@ -138,7 +139,7 @@ _action("rebuild", vm_manager.rebuild_cli_vm,
 def vm_exec(vm_id: str, argv: tuple[str, ...], timeout: float, as_user: str | None) -> None:
     """Run a command in the guest: remotecli vm exec VM_ID -- uname -r"""
     with app_context() as ctx:
-        result = vm_manager.exec_in_vm(ctx, None, vm_id, list(argv), timeout_s=timeout, user=as_user)
+        result = exec_in_vm(ctx, None, vm_id, list(argv), timeout_s=timeout, user=as_user)
     sys.stdout.buffer.write(result.stdout)
     sys.stderr.buffer.write(result.stderr)
     if result.timed_out:

@@ -17,7 +17,7 @@ from remotecli.context import AppContext
 from remotecli.db.models import Vm
 from remotecli.errors import RemotecliError, VmError
 from remotecli.logging import get_logger
-from remotecli.services import vm_manager
+from remotecli.services import vm_exec, vm_manager
 from remotecli.services.transitions import record_event
 from remotecli.services.users import Principal, get_user_by_name
 
@@ -33,7 +33,7 @@ def _principal(ctx: AppContext, name: str) -> Principal:
 
 
 def _run(ctx: AppContext, vm: Vm, argv: list[str], *, stdin: bytes | None = None, ok: tuple[int, ...] = (0,)) -> bytes:
-    result = vm_manager.exec_in_vm(ctx, None, vm.id, argv, timeout_s=_TIMEOUT_S, user="root", stdin=stdin)
+    result = vm_exec.exec_in_vm(ctx, None, vm.id, argv, timeout_s=_TIMEOUT_S, user="root", stdin=stdin)
     if result.exit_code not in ok or result.timed_out or result.stdout_truncated:
         raise VmError("The workspace could not be read or written in its VM; nothing was changed.",
                       log_detail=f"{argv[0]}: exit {result.exit_code}: {result.stderr[-500:]!r}")

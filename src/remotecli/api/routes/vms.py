@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response, status
 
 from remotecli.api.deps import Ctx, CurrentPrincipal
 from remotecli.api.schemas import ErrorOut, VmCreateIn, VmEnsureIn, VmExecIn, VmExecOut, VmListOut, VmOut
-from remotecli.services import vm_manager
+from remotecli.services import vm_exec, vm_manager
 from remotecli.services.vm_manager import VmView
 
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
@@ -90,6 +90,6 @@ def rebuild_vm(vm_id: str, ctx: Ctx, principal: CurrentPrincipal) -> VmOut:
 def exec_in_vm(vm_id: str, body: VmExecIn, ctx: Ctx, principal: CurrentPrincipal) -> VmExecOut:
     """Run a command in my running VM and wait for it (no shell: ``argv`` as given). A timeout is
     not an error: ``timed_out`` is true and the command was killed."""
-    result = vm_manager.exec_api(ctx, principal, vm_id, body.argv, timeout_s=body.timeout_s, user=body.user,
+    result = vm_exec.exec_api(ctx, principal, vm_id, body.argv, timeout_s=body.timeout_s, user=body.user,
                                  cwd=body.cwd, env=body.env, stdin_b64=body.stdin_b64)
     return VmExecOut.model_validate(result)
