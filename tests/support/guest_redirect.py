@@ -74,11 +74,14 @@ REDIRECTED_HOSTS = (
 GUEST_CA_PATH = "/usr/local/share/ca-certificates/remotecli-test-ca.crt"
 _FORWARDER_PATH = "/usr/local/lib/remotecli-test-forwarder.py"
 _FORWARDER_LOG = "/var/log/remotecli-test-forwarder.log"
+_FORWARDER_PID = "/run/remotecli-test-forwarder.pid"
 
 # The forwarder: 127.0.0.1:443 in the guest -> the IdP's HTTPS port on the host.
 _FORWARDER = r'''
-import socket, sys, threading, time
+import os, socket, sys, threading, time
 target = (sys.argv[1], int(sys.argv[2]))
+with open(sys.argv[3], "w") as pidfile:
+    pidfile.write(str(os.getpid()))
 listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind(("127.0.0.1", 443))
@@ -264,22 +267,36 @@ def install_redirect(ctx: AppContext, vm: Vm, *, idp_tls_port: int, ca_pem: byte
         agent.write_file(_FORWARDER_PATH, _FORWARDER.encode(), mode=0o755, owner="root")
     finally:
         agent.close()
-    script = (
-        "set -e\n"
-        # 1. only QEMU's own network (10.0.2.0/24) stays reachable
-        "ip route del default 2>/dev/null || true\n"
-        "! ip route get 1.1.1.1 >/dev/null 2>&1\n"
-        # 2. the providers' hosts -> loopback (once)
-        "grep -q remotecli-test-redirect /etc/hosts || cat /etc/remotecli-test-hosts >> /etc/hosts\n"
-        # 3. the test CA in the system bundle (Codex's rustls and curl read it)
+
+    def step(what: str, script: str, timeout_s: float = 60) -> None:
+        result = redirect.root(["sh", "-c", script], timeout_s=timeout_s)
+        if result.exit_code != 0 or result.timed_out:
+            log = redirect.root(["sh", "-c", f"cat {_FORWARDER_LOG} 2>&1; ip route; ss -ltn 2>&1 | head"]).stdout
+            raise AssertionError(f"guest redirect: {what} failed ({result.exit_code}, timed out: {result.timed_out}): "
+                                 f"{(result.stdout + result.stderr).decode('utf-8', 'replace')[-2000:]}\n"
+                                 f"{log.decode('utf-8', 'replace')[-2000:]}")
+
+    # The providers' hosts -> loopback, and the test CA in the system bundle (Codex's rustls, curl).
+    step("hosts and CA", (
+        "grep -q remotecli-test-redirect /etc/hosts || cat /etc/remotecli-test-hosts >> /etc/hosts; "
         f"grep -q \"$(sed -n 2p {GUEST_CA_PATH})\" /etc/ssl/certs/ca-certificates.crt || "
-        f"cat {GUEST_CA_PATH} >> /etc/ssl/certs/ca-certificates.crt\n"
-        # 4. the forwarder on 127.0.0.1:443 (once)
-        f"if ! pgrep -f {_FORWARDER_PATH} >/dev/null; then "
-        f"setsid -f python3 {_FORWARDER_PATH} 10.0.2.2 {idp_tls_port} </dev/null >>{_FORWARDER_LOG} 2>&1; fi\n"
-        "for i in $(seq 1 50); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 443), 1)' "
-        "2>/dev/null && exit 0; sleep 0.2; done; exit 1\n"
-    )
-    result = redirect.root(["sh", "-c", script])
-    assert result.exit_code == 0, (result.stdout + result.stderr).decode("utf-8", "replace")
+        f"cat {GUEST_CA_PATH} >> /etc/ssl/certs/ca-certificates.crt"))
+    # The forwarder on 127.0.0.1:443, detached (its own session, no inherited descriptors).
+    step("starting the forwarder", (
+        # (not pgrep -f: it would find this very shell, whose command line names the script)
+        f"kill -0 \"$(cat {_FORWARDER_PID} 2>/dev/null)\" 2>/dev/null || "
+        f"setsid -f python3 {_FORWARDER_PATH} 10.0.2.2 {idp_tls_port} {_FORWARDER_PID} "
+        f"</dev/null >>{_FORWARDER_LOG} 2>&1"))
+    step("waiting for the forwarder", (
+        "exec python3 -c 'import socket, time\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        "        socket.create_connection((\"127.0.0.1\", 443), 1).close(); break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.25)\n"
+        "else:\n"
+        "    raise SystemExit(1)'"), timeout_s=120)
+    # Last: no default route, so only QEMU's own network (10.0.2.0/24) stays reachable.
+    step("removing the default route",
+         "ip route del default 2>/dev/null || true; ! ip route get 1.1.1.1 >/dev/null 2>&1")
     return redirect
