@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import secrets
 import shutil
 import sys
@@ -61,14 +62,10 @@ def _small(driver: IncusDriver, count: int) -> list[str]:
 
 def _remove(driver: IncusDriver, names: list[str]) -> None:
     for name in names:
-        try:
+        with contextlib.suppress(Exception):
             in_ctl(driver.client.set_state, name, "stop", timeout=5, force=True)
-        except Exception:
-            pass
-        try:
+        with contextlib.suppress(Exception):
             in_ctl(driver.client.delete_instance, name)
-        except Exception:
-            pass
 
 
 def spread(count: int) -> None:

@@ -105,6 +105,8 @@ def cluster_settings(data_dir: Path, config: Any, **overrides: object) -> Settin
         "incus_storage_pool": ic.POOL, "member_unreachable_grace_s": GRACE_S,
         "cli_vm_memory_mib": 1024, "cli_vm_vcpus": 1, "vm_boot_timeout_s": 240, "browser_pool_size": 0,
         "reconciler_interval_s": 3600.0, "host_memory_mib": 64 * 1024,
+        # The project is shared with the harness's own tests: never remove their instances here.
+        "reconciler_orphan_grace_s": 3600.0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

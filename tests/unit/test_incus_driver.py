@@ -492,3 +492,14 @@ def test_reconciler_unknown_during_grace_then_failed_and_no_second_cli_vm(ctx: A
     assert home.attached_vm_id is None
     new, created = vm_manager.ensure_cli_vm(ctx, alice)
     assert created and new.id != vm.id
+
+
+def test_workspace_volume_paths_map_to_custom_volumes() -> None:
+    from remotecli.drivers.incus.driver import parse_volume_location, volume_location
+
+    assert parse_volume_location("/data/volumes/vol-1234.ext4", "homes") == ("homes", "home-vol-1234")
+    assert parse_volume_location(volume_location("ceph", "home-x")) == ("ceph", "home-x")
+    from remotecli.errors import DriverError
+
+    with pytest.raises(DriverError):
+        parse_volume_location("incus:nopool")
