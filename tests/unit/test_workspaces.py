@@ -305,6 +305,22 @@ def test_ext4_volume_file_is_sparse_and_never_formatted_twice(tmp_path: Path) ->
     assert [p.name for p in path.parent.iterdir()] == ["vol-1.ext4"]  # no temporary left
 
 
+def test_a_dead_makers_temporary_file_is_removed_by_the_next_maker(tmp_path: Path) -> None:
+    path = tmp_path / "volumes" / "vol-2.ext4"
+    path.parent.mkdir()
+    stale = path.with_name(f".{path.name}.deadbeef.tmp")  # a maker killed mid-mkfs left it
+    stale.write_bytes(b"half a filesystem")
+    os.utime(stale, (time.time() - 600, time.time() - 600))
+    recent = path.with_name(f".{path.name}.cafef00d.tmp")  # maybe a maker still at work: kept
+    recent.write_bytes(b"")
+    other = path.with_name(".vol-3.ext4.deadbeef.tmp")  # another volume's: not this maker's business
+    other.write_bytes(b"")
+    os.utime(other, (time.time() - 600, time.time() - 600))
+    host_volumes.create_ext4_file(path, 1024**3, owner_uid=1000)
+    assert host_volumes.file_problem(path) is None
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, recent.name, other.name])
+
+
 def test_volume_file_problems_in_words(tmp_path: Path) -> None:
     assert "missing" in (host_volumes.file_problem(tmp_path / "nope.ext4") or "")
     short = tmp_path / "short.ext4"

@@ -2,7 +2,8 @@
 
 A volume is a sparse file holding an ext4 filesystem, made with the host's ``mkfs.ext4``. It is
 written under a temporary name and linked into place, so a volume file either does not exist or
-is complete, and an existing volume is never formatted again: ``create_ext4_file`` refuses.
+is complete, and an existing volume is never formatted again: ``create_ext4_file`` refuses. A
+temporary file a maker that died left behind is removed by the volume's next maker.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +22,9 @@ EXT4_MAGIC = 0xEF53
 _SUPERBLOCK_OFFSET = 1024
 _MAGIC_OFFSET = _SUPERBLOCK_OFFSET + 0x38
 LABEL = "rc-home"
+#: A temporary file of a volume this old belongs to a maker that died mid-mkfs (mkfs of a sparse
+#: image takes about a second); the next maker of that volume removes it.
+STALE_TMP_S = 120.0
 
 
 def _mkfs() -> str:
@@ -48,6 +53,7 @@ def create_ext4_file(path: Path, size_bytes: int, *, owner_uid: int, owner_gid: 
             log_detail=f"refusing to create {path}: it exists",
         )
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -78,6 +84,15 @@ def create_ext4_file(path: Path, size_bytes: int, *, owner_uid: int, owner_gid: 
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by a maker that died mid-mkfs (older than ``STALE_TMP_S``)."""
+    now = time.time()
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_TMP_S:
+                stale.unlink()
 
 
 def file_problem(path: Path) -> str | None:
