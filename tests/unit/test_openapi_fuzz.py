@@ -47,6 +47,9 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     if case.method == "POST" and case.path == "/api/v1/auth-sessions":
         # Providers are configuration (any name matching a profile); an unknown one is a 422 by design.
         excluded.append(positive_data_acceptance)
+    if case.method == "POST" and case.path == "/api/v1/device-signins":
+        # As for auth-sessions: an unknown provider, or one whose CLI has no device sign-in, is a 422.
+        excluded.append(positive_data_acceptance)
     if case.method == "POST" and case.path == "/api/v1/credentials/keys":
         # Keys are checked by their provider's shape (malformed_key, key_provider_mismatch): 422 by design.
         excluded.append(positive_data_acceptance)
