@@ -72,8 +72,10 @@ def app_ctx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     users and objects, so tests do not see each other's)."""
     tmp = tmp_path_factory.mktemp("authz")
     with contextlib.contextmanager(_database)(request.param, tmp, migrated=True) as url:
+        # browser_clipboard_out: the VNC view's guest streams here are echoes, not RFB; the VNC
+        # clipboard filter has its own tests (test_ws_bridge.py).
         settings = Settings(data_dir=tmp / "data", database_url=url, driver="fake", vm_boot_timeout_s=10,
-                            metrics_token=METRICS_TOKEN)
+                            metrics_token=METRICS_TOKEN, browser_clipboard_out=True)
         context = AppContext.create(settings, driver=FakeDriver())
         try:
             yield context
