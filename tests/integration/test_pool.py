@@ -274,3 +274,60 @@ def test_claimed_vm_killed_while_the_user_logs_in_gets_words_and_another_vm(env:
     assert vm_manager.get_vm(ctx, None, first).status in (VmStatus.FAILED.value, VmStatus.DESTROYED.value,
                                                          VmStatus.DESTROYING.value)
     assert vm_manager.get_vm(ctx, None, after.browser_vm_id or "").status == VmStatus.RUNNING.value
+
+
+def test_vnc_clipboard_filter_follows_a_real_x11vnc_stream(env: Env) -> None:
+    """The bridge's RFB filter (on by default) through a handshake and a full screen update of the
+    Browser VM's real x11vnc, with noVNC's encodings asked for: it follows the stream to the end of
+    the update and passes the screen on (its ServerCutText dropping is unit-tested)."""
+    import asyncio
+
+    from remotecli.api.ws_bridge import RfbClipboardFilter
+
+    ctx = env.ctx
+    vm = next(v for v in vm_manager.list_vms(ctx, None, vm_type="browser", status="running"))
+    agent = ctx.agent(vm)
+
+    async def talk() -> tuple[int, str]:
+        reader, writer = await agent.open_tcp(ctx.settings.browser_vnc_port)
+        rfb = RfbClipboardFilter()
+        passed = 0
+        sent: set[str] = set()
+
+        def send(data: bytes) -> None:
+            writer.write(rfb.from_client(data))
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 2)
+            except TimeoutError:
+                data = b""
+            passed += len(rfb.from_server(data))
+            state = rfb._server_state
+            if state == "security" and "version" not in sent:
+                send(b"RFB 003.008\n")
+                sent.add("version")
+            elif state == "chosen" and "choice" not in sent:
+                send(b"\x01")
+                sent.add("choice")
+            elif state == "init" and "client_init" not in sent:
+                send(b"\x01")
+                sent.add("client_init")
+            elif state == "messages" and "requests" not in sent:
+                encodings = [7, 16, 6, 0, 1, -239, -223, -224, -308, -1063131698, -312, -313, -258]
+                send(b"\x02\0" + len(encodings).to_bytes(2, "big")
+                     + b"".join(e.to_bytes(4, "big", signed=True) for e in encodings))
+                send(b"\x03\x00\0\0\0\0" + (1280).to_bytes(2, "big") + (800).to_bytes(2, "big"))
+                sent.add("requests")
+            elif "requests" in sent and state == "messages" and passed > 1000 and not data:
+                break
+            await writer.drain()
+        writer.close()
+        return passed, rfb._server_state
+
+    try:
+        passed, state = asyncio.run(talk())
+    finally:
+        agent.close()
+    assert state == "messages" and passed > 1000  # handshake, ServerInit and a whole update followed
