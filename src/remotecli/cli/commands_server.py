@@ -246,8 +246,8 @@ def doctor(as_json: bool) -> None:
             from remotecli.services import forwarded
 
             checks.append(forwarded.doctor_check(ctx.settings))
-            checks.append(_drift_check(ctx))
             checks.append(_capacity_check(ctx))
+            checks.append(_drift_check(ctx))
     except RemotecliError as exc:
         checks.append(("controller", False, exc.message))
     except Exception as exc:
