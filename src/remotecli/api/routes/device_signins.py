@@ -15,7 +15,7 @@ from remotecli.services import device_signin
 
 router = APIRouter(prefix="/api/v1/device-signins", tags=["device-signins"])
 
-ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorOut} for code in (401, 404, 422)}
+ERRORS: dict[int | str, dict[str, object]] = {code: {"model": ErrorOut} for code in (400, 401, 404, 422, 429, 503)}
 
 
 class DeviceSigninIn(BaseModel):
