@@ -98,7 +98,9 @@ def cluster_settings(data_dir: Path, config: Any, **overrides: object) -> Settin
     values: dict[str, object] = {
         "data_dir": data_dir, "database_url": f"sqlite:///{data_dir / 'remotecli.db'}",
         "shared_images_dir": TEST_DATA_DIR / "images", "driver": "incus",
-        "incus_url": config.url, "incus_project": config.project, "incus_client_cert": config.cert,
+        # Every member's address: the driver goes on through another when one is cut off.
+        "incus_url": ",".join(f"https://{ic.MEMBER_ADDRESS[m]}:{ic.HTTPS_PORT}" for m in ic.MEMBERS),
+        "incus_project": config.project, "incus_client_cert": config.cert,
         "incus_client_key": config.key, "incus_server_cert": config.server_cert,
         "incus_runner_image": ic.IMAGE_ALIAS, "incus_member_images_dir": "/host/images",
         "incus_runner_disks": "/host/usr=/host/usr", "incus_runner_usr": "/host/usr", "incus_runner_loader": LOADER,
@@ -179,11 +181,28 @@ def _live_cli_vms(env: Env) -> list[Any]:
             if vm.vm_type == "cli" and vm.status not in ("failed", "destroying", "destroyed")]
 
 
+def _dump(env: Env, exc: BaseException) -> None:
+    """What a failed boot left: the VM rows' reasons, each instance's launcher and QEMU logs."""
+    print(f"\nboot failed: {exc!r} {getattr(exc, 'log_detail', '')}")
+    for vm in vm_manager.list_vms(env.ctx, None):
+        print(f"{vm.id} {vm.status}: {vm.status_reason}")
+        for path in ("/var/lib/remotecli-vm/vm/qemu.log", "/var/lib/remotecli-vm/vm/console.log"):
+            with contextlib.suppress(Exception):
+                print(f"--- {path}\n" + in_ctl(env.driver.client.read_file, vm.id, path).decode()[-3000:])
+        with contextlib.suppress(Exception):
+            print("--- console\n" + in_ctl(env.driver.client.get, f"/1.0/instances/{vm.id}/logs/lxc.log"))
+
+
 @pytest.fixture(scope="module")
 def first_vm(env: Env) -> str:
     started = time.monotonic()
-    vm, created = in_ctl(vm_manager.ensure_cli_vm, env.ctx, env.principal)
+    try:
+        vm, created = in_ctl(vm_manager.ensure_cli_vm, env.ctx, env.principal)
+    except Exception as exc:
+        _dump(env, exc)
+        raise
     env.timings["incus_create_to_agent_ready_s"] = time.monotonic() - started
+    print(f"\nincus create -> agent ready: {env.timings['incus_create_to_agent_ready_s']:.1f} s")
     assert created and vm.status == VmStatus.RUNNING.value
     return vm.id
 
@@ -221,12 +240,13 @@ def test_cli_guest_boots_through_incus_and_answers_over_tls(env: Env, first_vm: 
 def test_incusd_sigkill_loses_nothing(env: Env, first_vm: str) -> None:
     member = vm_manager.get_vm(env.ctx, None, first_vm).member
     assert member
+    other = next(m for m in ic.MEMBERS if m != member)
     ic.kill_incusd(member)
     try:
         assert _health(env, first_vm) == first_vm  # the guest keeps running without incusd
     finally:
         ic.start_incusd(member)
-    ic.wait_members({m: "ONLINE" for m in ic.MEMBERS}, timeout=120)
+    ic.wait_members({m: "ONLINE" for m in ic.MEMBERS}, timeout=120, via=other)
     spec = vm_manager.spec_of(env.ctx, vm_manager.get_vm(env.ctx, None, first_vm))
     deadline = time.monotonic() + 60
     while in_ctl(env.driver.inspect, spec).liveness is not Liveness.ALIVE and time.monotonic() < deadline:
@@ -261,9 +281,10 @@ def test_member_cut_is_unknown_then_replaced_and_fenced_on_return(env: Env) -> N
     vm = vm_manager.get_vm(env.ctx, None, vm_id)
     member = vm.member
     assert member
+    other = next(m for m in ic.MEMBERS if m != member)
     ic.cut_link(member)
     try:
-        ic.wait_members({member: "OFFLINE"}, timeout=90)
+        ic.wait_members({member: "OFFLINE"}, timeout=90, via=other)
         env.driver._members = None
         _reconcile(env)
         assert vm_manager.get_vm(env.ctx, None, vm_id).status == VmStatus.UNKNOWN.value
@@ -281,7 +302,7 @@ def test_member_cut_is_unknown_then_replaced_and_fenced_on_return(env: Env) -> N
         assert in_ctl(env.driver.fence, vm_manager.spec_of(env.ctx, vm)).liveness is not Liveness.DEAD
     finally:
         ic.restore_link(member)
-    ic.wait_members({m: "ONLINE" for m in ic.MEMBERS}, timeout=120)
+    ic.wait_members({m: "ONLINE" for m in ic.MEMBERS}, timeout=120, via=other)
     env.driver._members = None
     deadline = time.monotonic() + 90
     spec = vm_manager.spec_of(env.ctx, vm)

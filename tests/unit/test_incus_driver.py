@@ -503,3 +503,20 @@ def test_workspace_volume_paths_map_to_custom_volumes() -> None:
 
     with pytest.raises(DriverError):
         parse_volume_location("incus:nopool")
+
+
+def test_client_goes_on_through_another_member(fake: FakeIncus) -> None:
+    down = {"10.77.0.1"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host in down:
+            raise httpx.ConnectTimeout("cut off", request=request)
+        return fake(request)
+
+    client = IncusClient(Connection(url="https://10.77.0.1:8443,https://10.77.0.2:8443", project="remotecli"),
+                         transport=httpx.MockTransport(handler))
+    assert client.instances() == [] and client.current_url == "https://10.77.0.2:8443"
+    assert client.events_url().startswith("wss://10.77.0.2:8443/")
+    down.add("10.77.0.2")
+    with pytest.raises(IncusUnreachable):
+        client.instances()

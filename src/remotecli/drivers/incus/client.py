@@ -182,26 +182,41 @@ class IncusClient:
 
     def __init__(self, conn: Connection, *, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
+        """``conn.url`` may list several members (``https://A:8443,https://B:8443``): when one does
+        not answer, the next is used (any member serves the whole cluster's API)."""
         self.conn = conn
         self.project = conn.project
         self.timeout = timeout
-        verify: ssl.SSLContext | bool = True
-        if conn.is_unix:
-            base_url = "http://incus"
-            transport = transport or httpx.HTTPTransport(uds=conn.socket_path, retries=0)
-        else:
-            parts = urlsplit(conn.url)
-            if parts.scheme != "https":
-                raise DriverUnavailable("incus_url must be https://HOST:PORT or unix:///PATH (never plain http).")
-            base_url = f"https://{parts.netloc}"
-            if transport is None:
-                verify = conn.ssl_context()
-        self._http = httpx.Client(base_url=base_url, transport=transport, verify=verify, trust_env=False,
-                                  timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
+        self._clients: list[httpx.Client] = []
+        self._current = 0
+        for url in [u.strip() for u in conn.url.split(",") if u.strip()] or [conn.url]:
+            verify: ssl.SSLContext | bool = True
+            mine = transport
+            if url.startswith("unix:"):
+                base_url = "http://incus"
+                mine = mine or httpx.HTTPTransport(uds=Connection(url, conn.project).socket_path, retries=0)
+            else:
+                parts = urlsplit(url)
+                if parts.scheme != "https":
+                    raise DriverUnavailable("incus_url must be https://HOST:PORT or unix:///PATH (never plain http).")
+                base_url = f"https://{parts.netloc}"
+                if mine is None:
+                    verify = conn.ssl_context()
+            self._clients.append(httpx.Client(base_url=base_url, transport=mine, verify=verify, trust_env=False,
+                                              timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0))))
         self._lock = threading.Lock()
 
+    @property
+    def _http(self) -> httpx.Client:
+        return self._clients[self._current]
+
+    @property
+    def current_url(self) -> str:
+        return str(self._http.base_url).rstrip("/")
+
     def close(self) -> None:
-        self._http.close()
+        for client in self._clients:
+            client.close()
 
     # ------------------------------------------------------------------ raw requests
 
@@ -215,15 +230,26 @@ class IncusClient:
                 timeout: float | None = None) -> JsonObject:
         """One call; returns the envelope. Raises ``IncusNotFound`` (404), ``IncusError``,
         ``IncusUnreachable``."""
-        try:
-            response = self._http.request(
-                method, path, params=self._params(params, project=project),
-                json=body if content is None else None, content=content, headers=headers,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-            )
-        except httpx.TransportError as exc:
-            raise IncusUnreachable("The Incus API did not answer.",
-                                   log_detail=f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        failed: list[str] = []
+        for _ in range(len(self._clients)):
+            client = self._http
+            try:
+                response = client.request(
+                    method, path, params=self._params(params, project=project),
+                    json=body if content is None else None, content=content, headers=headers,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                )
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing sent: the next member may answer
+                failed.append(f"{client.base_url}: {type(exc).__name__}: {exc}")
+                with self._lock:
+                    if self._http is client:
+                        self._current = (self._current + 1) % len(self._clients)
+            except httpx.TransportError as exc:
+                raise IncusUnreachable("The Incus API did not answer.",
+                                       log_detail=f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        else:
+            raise IncusUnreachable("The Incus API did not answer.", log_detail=f"{method} {path}: {'; '.join(failed)}")
         try:
             doc = response.json()
         except ValueError:
@@ -412,7 +438,7 @@ class IncusClient:
         query = f"type=lifecycle&project={quote(self.project, safe='')}"
         if self.conn.is_unix:
             return f"ws://incus/1.0/events?{query}"
-        parts = urlsplit(self.conn.url)
+        parts = urlsplit(self.current_url)
         return f"wss://{parts.netloc}/1.0/events?{query}"
 
 

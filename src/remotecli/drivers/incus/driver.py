@@ -124,6 +124,7 @@ class IncusDriver(VmDriver):
         self._client = client
         self._project_ready = False
         self._members: tuple[float, dict[str, Member]] | None = None
+        self._targets: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     def _vol(self, location: str) -> tuple[str, str]:
@@ -572,7 +573,17 @@ class IncusDriver(VmDriver):
     def agent_target(self, endpoint: str, vm_id: str | None = None) -> tuple[str, str]:
         """(``tcp://ADDRESS:PORT`` of the VM's TLS forward, the pinned certificate PEM), from Incus."""
         name = vm_id or endpoint.removeprefix(f"{ENDPOINT_SCHEME}://")
-        instance = self.client.instance(name)
+        try:
+            instance = self.client.instance(name)
+        except IncusNotFound:
+            self._targets.pop(name, None)
+            raise
+        except IncusError:
+            # The API is down (its member, or incusd killed) but the guest may well run: the last
+            # target seen for it (its pin cannot change) is used; a moved VM just fails to answer.
+            if name in self._targets:
+                return self._targets[name]
+            raise
         cert = instance.config.get(CFG_CERT, "")
         port = instance.config.get(CFG_PORT, "")
         if not cert or not port.isdigit():
@@ -582,7 +593,8 @@ class IncusDriver(VmDriver):
             address = self.settings.incus_agent_address or "127.0.0.1"
         else:
             address = member.address
-        return f"tcp://{address}:{port}", cert
+        self._targets[name] = (f"tcp://{address}:{port}", cert)
+        return self._targets[name]
 
     def agent_client(self, endpoint: str, secret: str, *, timeout: float) -> GuestAgent:
         if not endpoint.startswith(f"{ENDPOINT_SCHEME}://"):
