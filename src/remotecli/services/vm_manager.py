@@ -361,10 +361,14 @@ def _boot(ctx: AppContext, vm: Vm, image: ImageRef | None, *, first_boot: bool, 
             raise StatusChanged(log_detail=f"{vm.id} became {fresh.status} while booting")
         fresh.endpoint = boot.endpoint
         fresh.updated_at = utcnow()
+        if boot.warning:  # a snapshot restore failed or did not fit: booted cold (ADR 0012)
+            record_event(session, module=MODULE, kind="vm.restore_fallback", message=boot.warning,
+                         user_id=vm.user_id, vm_id=vm.id, session_id=session_id)
         record_event(session, module=MODULE, kind="vm.booted",
-                     message="Hypervisor running; waiting for the guest agent",
+                     message="Restored from the snapshot; waiting for the guest agent" if boot.restored
+                     else "Hypervisor running; waiting for the guest agent",
                      user_id=vm.user_id, vm_id=vm.id, session_id=session_id,
-                     details={"accel": boot.accel, "driver": ctx.driver.name})
+                     details={"accel": boot.accel, "driver": ctx.driver.name, "restored": boot.restored})
     vm.endpoint = boot.endpoint
     remaining = max(1.0, ctx.settings.vm_boot_timeout_s - (time.monotonic() - started))
     home_problem: tuple[str, bool] | None = None
