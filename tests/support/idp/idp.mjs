@@ -29,7 +29,8 @@
 // code_verifier} (a real authorization code for redirect_uri <issuer>/deviceauth/callback, issuer as
 // the CLI sees it, i.e. the Host it called); GET /codex/device is the page a user opens;
 // POST /codex/device {user_code, username, password[, decision=deny]} approves (or denies) a code.
-// Google's GET /tokeninfo?access_token=... answers for this IdP's access tokens.
+// Google's /tokeninfo (GET ?access_token=, or POST as google-auth-library sends it) answers for this
+// IdP's access tokens.
 // Strict like the real providers: every authorization request needs `state` and PKCE with
 // code_challenge_method=S256 (anything else is refused with a 400 page), redirect URIs must be
 // registered (host and path; the loopback port is free, RFC 8252) and the token request must
@@ -625,8 +626,11 @@ async function main() {
   }
 
   // Google's tokeninfo for this IdP's access tokens.
-  async function tokenInfo(res, url) {
-    const value = url.searchParams.get('access_token') || '';
+  async function tokenInfo(req, res, url) {
+    // google-auth-library POSTs the token form-encoded (and as a Bearer header); GET ?access_token= too.
+    let value = url.searchParams.get('access_token') || '';
+    if (!value && req.method === 'POST') value = new URLSearchParams((await readBody(req)).toString('utf8')).get('access_token') || '';
+    if (!value && /^Bearer /i.test(req.headers.authorization || '')) value = req.headers.authorization.slice(7).trim();
     const token = value ? await provider.AccessToken.find(value) : undefined;
     if (!token) {
       sendJson(res, 400, { error: 'invalid_token', error_description: 'Invalid Value' });
@@ -671,7 +675,7 @@ async function main() {
       return;
     }
     if (url.pathname === '/tokeninfo') {
-      tokenInfo(res, url).catch(fail);
+      tokenInfo(req, res, url).catch(fail);
       return;
     }
     watchRedirects(res);
