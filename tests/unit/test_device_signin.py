@@ -5,6 +5,7 @@ tests/e2e/test_device_signin.py."""
 
 from __future__ import annotations
 
+import logging
 import shlex
 from typing import Any
 
@@ -75,13 +76,17 @@ def _run(ctx: AppContext, principal: Principal, guest: ScriptedGuest, monkeypatc
 
 
 def test_signed_in_keeps_the_code_and_runs_as_the_cli_user(ctx: AppContext, principal: Principal,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     guest = ScriptedGuest(["", CODEX_PROMPT, CODEX_PROMPT + "Successfully logged in\n"], exit_code=0)
     done = _run(ctx, principal, guest, monkeypatch)
     assert done.status == device_signin.DeviceStatus.SIGNED_IN, done
     assert (done.user_code, done.verification_uri) == ("3CMC-62J5", "https://auth.openai.com/codex/device")
     assert "Logged in using ChatGPT" in done.message and done.ended_at is not None and done.cli_vm_id
     assert {call["user"] for call in guest.calls} == {ctx.settings.cli_guest_user}
+    assert "device sign-in signed_in" in caplog.text
+    assert "3CMC-62J5" not in caplog.text  # the one-time code is the user's alone
 
 
 def test_a_cli_failure_ends_failed_with_its_words(ctx: AppContext, principal: Principal,

@@ -24,7 +24,8 @@ offers it too, with no Browser VM::
 What is kept: sessions live in the controller's memory (this process), like the exec slots; a
 restarted controller forgets a device sign-in in progress (the CLI in the guest gives up on its own
 when the code expires) and the user starts again. The CLI's output never reaches a log or an
-event (only the parsed code and link are kept, and they are the user's to see).
+event; the parsed code and link are kept for the user's own GET and not logged either (a device
+code is a phishing target: whoever enters it first signs the CLI in to their account).
 """
 
 from __future__ import annotations
@@ -159,8 +160,9 @@ def _move(ctx: AppContext, signin_id: str, to: DeviceStatus, message: str, **fie
             setattr(signin, name, value)
         if to in ENDED:
             signin.ended_at = utcnow()
-    log.info("device sign-in %s: %s", to.value, message,
-             extra={"user_id": signin.user_id, "device_signin_id": signin_id, "provider": signin.provider})
+    # The status only: the message may hold the one-time code, which is the user's alone to see.
+    log.info("device sign-in %s", to.value, extra={"user_id": signin.user_id, "device_signin_id": signin_id,
+                                                   "provider": signin.provider, "error": fields.get("error_code")})
     return True
 
 
