@@ -361,8 +361,10 @@ class IncusDriver(VmDriver):
             "devices": self._devices(spec, port),
             "start": False,
         }
-        if self.settings.incus_runner_usr.rstrip("/") != "/usr":
-            body["config"]["environment.PYTHONHOME"] = self.settings.incus_runner_usr
+        usr = self.settings.incus_runner_usr.rstrip("/")
+        if usr != "/usr":  # python3 and QEMU's modules (TCG is one in Debian's QEMU) from that /usr
+            body["config"]["environment.PYTHONHOME"] = usr
+            body["config"]["environment.QEMU_MODULE_DIR"] = f"{usr}/lib/x86_64-linux-gnu/qemu"
         target = None
         if spec.home is not None:
             target = self._volume_member(spec.home)
