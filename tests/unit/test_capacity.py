@@ -31,6 +31,9 @@ from remotecli.services import users as users_service
 from remotecli.services.signin_state import WAITING_FOR_CAPACITY
 from remotecli.services.users import Principal
 
+#: Reads and displays (not admission) need no second database: SQLite only, to keep CI short.
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
 TOKENS = {"access_token": "at-PLANTED-capacity", "refresh_token": "rt-PLANTED-capacity", "expires_in": 3600,
           "token_type": "Bearer"}
 
@@ -300,6 +303,7 @@ def fake_driver() -> FakeDriver:
     return _RemoteLikeDriver()
 
 
+@SQLITE_ONLY
 def test_selection_and_reconciler_ask_the_driver_whether_a_vm_still_exists(
     ctx: AppContext, alice: Principal, fake_driver: FakeDriver
 ) -> None:
@@ -317,6 +321,7 @@ def test_selection_and_reconciler_ask_the_driver_whether_a_vm_still_exists(
     assert vm_manager.get_vm(ctx, None, vm.id).status == VmStatus.FAILED.value
 
 
+@SQLITE_ONLY
 def test_vm_show_console_reads_through_the_driver(ctx: AppContext, alice: Principal, fake_driver: FakeDriver,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from remotecli.cli import commands_vm
@@ -340,6 +345,7 @@ def test_vm_show_console_reads_through_the_driver(ctx: AppContext, alice: Princi
 # Capacity used and free: /metrics, the admin page, doctor
 
 
+@SQLITE_ONLY
 def test_capacity_on_metrics_and_the_admin_page(ctx: AppContext, client: TestClient, alice: Principal) -> None:
     ctx.settings.host_memory_mib = 5000
     ctx.settings.host_vcpus = 2
@@ -362,6 +368,7 @@ def test_capacity_on_metrics_and_the_admin_page(ctx: AppContext, client: TestCli
     assert "Host capacity" in page and "5000 MiB" in page and "1500 MiB" in page and "3500 MiB" in page
 
 
+@SQLITE_ONLY
 def test_doctor_says_capacity_used_and_free(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REMOTECLI_DATA_DIR", str(tmp_path / "doctor"))
     monkeypatch.setenv("REMOTECLI_DATABASE_URL", db_url)
