@@ -83,7 +83,7 @@ def _one_signin(controller: Controller, provider: str, login: bool = False) -> t
         at = {e["to_status"]: dt.datetime.fromisoformat(e["at"]) for e in events if e["kind"] == "auth.status"}
         callback_to_done = (at["completed"] - at["exchanging"]).total_seconds()
     else:
-        controller.api("POST", f"/api/v1/auth-sessions/{session_id}/cancel")
+        controller.api("DELETE", f"/api/v1/auth-sessions/{session_id}")
     browser = auth.browser_vm_id or ""
     _until(lambda: vm_manager.get_vm(ctx, None, browser).status == "destroyed", 120, "the Browser VM to go")
     return took, callback_to_done
