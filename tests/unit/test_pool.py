@@ -252,3 +252,27 @@ def test_metrics_count_pool_vms(ctx: AppContext) -> None:
     assert 'remotecli_browser_pool_vms{state="claimed"} 1' in text
     assert "remotecli_browser_pool_size 2" in text
     assert 'remotecli_vms{status="running",type="browser"} 2' in text  # and with every VM
+
+
+def test_admin_page_and_vm_detail_show_pool_vms_as_pool(ctx: AppContext) -> None:
+    from fastapi.testclient import TestClient
+
+    from remotecli.app import create_app
+
+    users_service.create_user(ctx.db, "root", is_admin=True)
+    users_service.set_password(ctx.db, "root", "correct horse battery")
+    alice = _user(ctx, "alice")
+    pool.refill(ctx)
+    idle = _idle(ctx)[0]
+    with TestClient(create_app(ctx, background=False), raise_server_exceptions=False) as client:
+        page = client.get("/login")
+        token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+        client.post("/login", data={"username": "root", "password": "correct horse battery", "csrf_token": token,
+                                    "next": "/admin"}, follow_redirects=False)
+        admin = client.get("/admin").text
+        assert idle.id[:11] in admin and 'data-label="User">pool</td>' in admin
+        assert client.get(f"/admin/vms/{idle.id}").status_code == 200
+    # A user sees no pool VM, not even by id; the API shows its owner as null to admins only.
+    assert idle.id not in {vm.id for vm in vm_manager.list_vms(ctx, alice)}
+    with pytest.raises(vm_manager.VmNotFound):
+        vm_manager.get_vm(ctx, alice, idle.id)
