@@ -86,6 +86,20 @@ def serve_tls(cfg: dict[str, Any]) -> None:
         threading.Thread(target=handle, args=(context, client, cfg["hostfwd_port"]), daemon=True).start()
 
 
+def loopback_up() -> None:
+    """Bring the container's loopback up (no init system runs here to do it): QEMU's host forward
+    and the TLS forward meet on 127.0.0.1, and Incus' proxy device connects there."""
+    import fcntl
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock.fileno(), siocgifflags, request))[1]
+        if not flags & iff_up:
+            fcntl.ioctl(sock.fileno(), siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
 def qmp(command: str) -> None:
     path = f"{D}/vm/qmp.sock"
     try:
@@ -149,6 +163,10 @@ def boot(cfg: dict[str, Any]) -> subprocess.Popen[bytes] | None:
 def main() -> None:
     with open(f"{D}/launch.json") as handle:
         cfg: dict[str, Any] = json.load(handle)
+    try:
+        loopback_up()
+    except OSError as exc:
+        log(f"could not bring the loopback up: {exc}")
     threading.Thread(target=serve_tls, args=(cfg,), daemon=True).start()
     state: dict[str, subprocess.Popen[bytes] | None] = {"proc": None}
 
