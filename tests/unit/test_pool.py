@@ -276,3 +276,11 @@ def test_admin_page_and_vm_detail_show_pool_vms_as_pool(ctx: AppContext) -> None
     assert idle.id not in {vm.id for vm in vm_manager.list_vms(ctx, alice)}
     with pytest.raises(vm_manager.VmNotFound):
         vm_manager.get_vm(ctx, alice, idle.id)
+
+
+def test_refill_waits_while_a_signin_is_starting(ctx: AppContext) -> None:
+    alice = _user(ctx, "alice")
+    auth = auth_flow.start_session(ctx, alice, "claude_code")  # pending: on its way to the login page
+    assert pool.refill(ctx) == 0 and _pool_vms(ctx) == []
+    auth_flow.cancel_session(ctx, alice, auth.id)
+    assert pool.refill(ctx) == 2

@@ -16,7 +16,9 @@ agent waits for a flow. Such a VM belongs to no user (``vms.user_id`` NULL, ``vm
 * **One session, never reused**: a claimed VM is the session's Browser VM; the session's cleanup
   destroys it like any other (``signin_state.cleanup_browser``).
 * **Refill** (``refill``): after each claim (the keeper is woken) and on every pass, idle VMs are
-  counted and the missing ones booted, one at a time; idle VMs of an older image are retired.
+  counted and the missing ones booted, one at a time, but not while a sign-in is on its way to its
+  login page (``signin_starting``: a boot beside it would take its CPUs); idle VMs of an older
+  image are retired.
 * **Every VM rule holds**: status changes go through ``services.transitions`` (via
   ``vm_manager``); the reconciler checks pool VMs like any other (a dead one becomes ``failed``
   and the next refill replaces it); ``/metrics`` counts them; the admin page shows their owner as
@@ -28,6 +30,7 @@ agent waits for a flow. Such a VM belongs to no user (``vms.user_id`` NULL, ``vm
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from dataclasses import dataclass
 
@@ -36,8 +39,8 @@ from sqlalchemy.orm import aliased
 
 from remotecli.agent.protocol import OAuthBrowser
 from remotecli.context import AppContext
-from remotecli.db.models import Vm, utcnow
-from remotecli.domain.states import VM_ENDING, VmStatus, VmType
+from remotecli.db.models import AuthSession, Vm, utcnow
+from remotecli.domain.states import VM_ENDING, AuthStatus, VmStatus, VmType
 from remotecli.errors import AgentError, RemotecliError
 from remotecli.logging import get_logger, log_context
 from remotecli.notifier import Topic
@@ -262,9 +265,29 @@ def refill(ctx: AppContext, *, stopping: threading.Event | None = None) -> int:
     for _ in range(max(0, missing)):
         if stopping is not None and stopping.is_set():
             break
+        if signin_starting(ctx):
+            log.info("warm pool: a sign-in is starting; the refill waits for it")
+            break
         if boot_one(ctx) is not None:
             booted += 1
     return booted
+
+
+#: How long a sign-in that is starting holds the refill back (a bound, so a stream of sign-ins
+#: cannot keep the pool empty for ever).
+REFILL_DEFER_S = 60.0
+
+
+def signin_starting(ctx: AppContext) -> bool:
+    """A sign-in (started in the last ``REFILL_DEFER_S``) is still on its way to the login page. A
+    pool VM booting beside it takes the CPUs its Browser VM needs right then: on a 2-core TCG host a
+    refill started at the claim made the warm sign-in ten seconds slower (bench/auth.py)."""
+    since = utcnow() - dt.timedelta(seconds=REFILL_DEFER_S)
+    with ctx.db.read() as session:
+        count = session.scalar(select(func.count()).select_from(AuthSession).where(
+            AuthSession.status.in_([AuthStatus.PENDING.value, AuthStatus.PROVISIONING.value]),
+            AuthSession.created_at >= since))
+    return bool(count)
 
 
 def _unclaimed_age_s(vm: Vm) -> float:
