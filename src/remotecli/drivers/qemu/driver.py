@@ -201,6 +201,19 @@ def _is_vm_process(pid: int, directory: Path) -> bool:
     return True
 
 
+def _traversable(directory: Path) -> None:
+    """Let any uid pass through ``directory`` and its parents (o+x, never o+r), so a QEMU that
+    dropped to its own uid can reach its VM directory to reopen an image (snapshot restore). The
+    VM directories themselves stay closed (0700, or 0710 for the VM's own group)."""
+    for current in (directory, *directory.parents):
+        try:
+            mode = current.stat().st_mode
+        except OSError:
+            return
+        if not mode & 0o001:
+            os.chmod(current, (mode & 0o7777) | 0o001)
+
+
 def _qemu_processes() -> Iterator[tuple[int, list[str]]]:
     for pid in host.other_pids():
         argv = host.proc_cmdline(pid)
@@ -479,9 +492,10 @@ class QemuDriver(VmDriver):
         disk's bytes when they are not ``spec``'s own document (templates, restores).
 
         ``migrates``: this QEMU saves or loads its state (a template, a restore). QEMU then opens
-        ``disk.qcow2`` again after dropping to the VM's uid (inactivating or activating the image
-        around the migration), so the disk belongs to that uid and the directory lets its group in
-        (0710); a booted VM's QEMU opens its files as root before it drops."""
+        its images again after dropping to the VM's uid (it inactivates them at the end of a save
+        and activates them at the end of a load), so ``disk.qcow2`` belongs to that uid,
+        ``config.img`` is readable by its group (0640) and the directory lets the group in (0710);
+        a booted VM's QEMU opens its files as root before it drops."""
         if len(str(paths.qmp)) > MAX_SOCKET_PATH:
             raise DriverError(
                 "The VM directory path is too long for QEMU's control socket; use a shorter data directory.",
@@ -501,8 +515,12 @@ class QemuDriver(VmDriver):
                 if confined.uids is not None else None)
         if migrates and user is not None:
             os.chown(paths.disk, user.uid, user.gid)
+            # The config disk too (read-only): this QEMU serves its content to its guest anyway.
+            os.chown(paths.config, os.geteuid(), user.gid)
+            os.chmod(paths.config, 0o640)
             os.chown(paths.directory, os.geteuid(), user.gid)
             os.chmod(paths.directory, 0o710)
+            _traversable(paths.directory.parent)
         attempts = TCG_BOOT_ATTEMPTS if accel == "tcg" and not incoming else 1
         for attempt in range(1, attempts + 1):
             pid, port, argv = self._spawn(spec, paths, kernel, initrd, accel, previous, user, incoming,
