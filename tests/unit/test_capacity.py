@@ -26,7 +26,7 @@ from remotecli.domain.states import VmStatus
 from remotecli.drivers.base import HostResources, VmSpec
 from remotecli.drivers.fake import FakeDriver
 from remotecli.errors import HostAtCapacity, RemotecliError
-from remotecli.services import auth_flow, capacity, vm_manager
+from remotecli.services import auth_flow, capacity, transitions, vm_manager
 from remotecli.services import users as users_service
 from remotecli.services.signin_state import WAITING_FOR_CAPACITY
 from remotecli.services.users import Principal
@@ -101,6 +101,19 @@ def test_usage_counts_vms_whose_hypervisor_may_run(ctx: AppContext, alice: Princ
     vm_manager.destroy_vm(ctx, None, browser.id)
     vm_manager.fail_vm(ctx, paused.id, "test")
     assert capacity.usage(ctx).used_memory_mib == 0
+
+
+def test_a_vm_on_an_unreachable_member_keeps_its_capacity(ctx: AppContext, alice: Principal) -> None:
+    """An ``unknown`` VM (its Incus member cut off) may still run there: its memory stays counted, so a
+    replacement is not admitted into room the partitioned VM takes back when the member returns."""
+    ctx.settings.host_memory_mib = 10_000
+    ctx.settings.host_vcpus = 100
+    cli = vm_manager.create_vm(ctx, alice, "cli", vcpus=2, memory_mib=2048)
+    with ctx.db.transaction() as session:
+        vm = transitions.load_vm(session, cli.id)
+        transitions.set_vm_status(session, vm, VmStatus.UNKNOWN, module="test", message="member cut off",
+                                  expected=VmStatus.RUNNING)
+    assert capacity.usage(ctx).used_memory_mib == 2048
 
 
 def test_the_last_mib_and_the_last_vcpu_fit_and_one_more_does_not(ctx: AppContext, alice: Principal,

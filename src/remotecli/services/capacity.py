@@ -37,10 +37,12 @@ from remotecli.logging import get_logger
 
 log = get_logger("capacity")
 
-#: Statuses whose VM holds its memory and vCPUs on the host (its hypervisor may run).
+#: Statuses whose VM holds its memory and vCPUs on the host (its hypervisor may run). ``unknown``
+#: (its Incus member cut off) holds them too: the instance may well still run there, and counting it
+#: free would admit a replacement into memory the partitioned VM still uses when the member returns.
 HOLDING: frozenset[VmStatus] = frozenset({
     VmStatus.CREATING, VmStatus.STARTING, VmStatus.RUNNING, VmStatus.PAUSED, VmStatus.STOPPING,
-    VmStatus.DESTROYING,
+    VmStatus.DESTROYING, VmStatus.UNKNOWN,
 })
 
 #: The PostgreSQL advisory lock key of the host's capacity ("rcap").
