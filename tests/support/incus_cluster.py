@@ -62,6 +62,11 @@ HTTPS_PORT = 8443
 POOL = "local"
 PROJECT = "remotecli"
 IMAGE_ALIAS = "rc-busybox"
+# The guest images (remotecli images build), bind-mounted read-only at MEMBER_IMAGES_DIR in every
+# member, so the driver's containers get them as a read-only disk (incus_member_images_dir).
+TEST_DATA_DIR = Path(os.environ.get("REMOTECLI_TEST_DATA_DIR") or REPO / ".data" / "test-images")
+IMAGES_DIR = TEST_DATA_DIR / "images"
+MEMBER_IMAGES_DIR = "/host/images"
 OFFLINE_THRESHOLD_S = 12  # Incus' default is 20; the tests wait for OFFLINE, so shorter is cheaper
 
 # The member tree. Changing anything here changes the recipe hash, so a new tree is built.
@@ -298,6 +303,10 @@ def _member_setup_script(member: str, tree: Path) -> str:
         f"mkdir -p {merged}/host/usr",
         f"mount --bind /usr {merged}/host/usr",
         f"mount -o remount,bind,ro {merged}/host/usr",
+        # The guest images, read-only, for the driver's containers (its incus_member_images_dir).
+        f"mkdir -p {merged}{MEMBER_IMAGES_DIR}",
+        f"mount --bind {IMAGES_DIR} {merged}{MEMBER_IMAGES_DIR}",
+        f"mount -o remount,bind,ro {merged}{MEMBER_IMAGES_DIR}",
         # A real root (pivot_root, not chroot): the kernel refuses new user namespaces (unprivileged
         # containers) to a chrooted process. nsenter --mount lands in this root afterwards.
         f"mkdir -p {merged}/.oldroot",
@@ -350,31 +359,85 @@ def _hierarchies() -> list[_Hierarchy]:
     return found
 
 
+def _cgroup_name(member: str) -> str:
+    return f"{PREFIX}-{member}"
+
+
+def _cgroup_record(member: str) -> Path:
+    """Where the member's cgroups are recorded when they are made (one per hierarchy)."""
+    return RUN_DIR / "ns" / f"{member}.cgroups"
+
+
+def _find_cgroup_dirs(member: str, mount: Path | None = None, max_depth: int = 4) -> list[Path]:
+    """Directories named like the member's cgroup in the host's hierarchies (or in one), whoever
+    made them: where another process's up() put them, or what a lost run left."""
+    name = _cgroup_name(member)
+    found: list[Path] = []
+    for top in [mount] if mount is not None else [h.mount for h in _hierarchies()]:
+        level = [top]
+        for _ in range(max_depth):
+            below: list[Path] = []
+            for parent in level:
+                with contextlib.suppress(OSError):
+                    for entry in os.scandir(parent):
+                        if entry.is_dir(follow_symlinks=False):
+                            (found if entry.name == name else below).append(Path(entry.path))
+            level = below
+    return found
+
+
 def _cgroup_dirs(member: str) -> list[Path]:
-    """The member's cgroup in every hierarchy, under our own (the sandbox's limits still apply)."""
-    return [h.mount / h.own_path.lstrip("/") / f"{PREFIX}-{member}" for h in _hierarchies()]
+    """The member's cgroup in every hierarchy, under the cgroup of the process that made the cluster.
+
+    Recorded when the member's cgroups are made (RUN_DIR/ns/<member>.cgroups), so a process in
+    another cgroup (another test job, the CLI) enters, lists and removes the same ones. Without a
+    record (a cluster set up before records were kept), existing ones are found by name; a cgroup
+    not made yet goes under the caller's own."""
+    record = _cgroup_record(member)
+    with contextlib.suppress(OSError, ValueError):
+        recorded = [Path(p) for p in json.loads(record.read_text())]
+        if recorded:
+            return recorded
+    dirs = []
+    for h in _hierarchies():
+        existing = _find_cgroup_dirs(member, h.mount)
+        dirs.append(existing[0] if existing else h.mount / h.own_path.lstrip("/") / _cgroup_name(member))
+    return dirs
+
+
+def _record_cgroups(member: str, dirs: list[Path]) -> None:
+    record = _cgroup_record(member)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps([str(d) for d in dirs]))
 
 
 def _pids_cgroup(member: str) -> Path | None:
-    for h in _hierarchies():
+    for h, cg in zip(_hierarchies(), _cgroup_dirs(member), strict=False):
         if h.options == "pids" or (h.fstype == "cgroup2" and (h.mount / "cgroup.controllers").exists()
                                    and "pids" in (h.mount / "cgroup.controllers").read_text().split()):
-            return h.mount / h.own_path.lstrip("/") / f"{PREFIX}-{member}"
+            return cg
     return None
 
 
-def _make_member_cgroups(member: str) -> None:
-    for cg in _cgroup_dirs(member):
+def _make_member_cgroups(member: str) -> list[Path]:
+    """Make the member's cgroups (once) and record them; returns their ``cgroup.procs`` files."""
+    dirs = _cgroup_dirs(member)
+    for cg in dirs:
         cg.mkdir(exist_ok=True)
         for knob in ("cpuset.cpus", "cpuset.mems"):  # v1 cpuset starts empty: copy the parent's
             if (cg / knob).exists() and not (cg / knob).read_text().strip():
                 (cg / knob).write_text((cg.parent / knob).read_text())
+    if not _cgroup_record(member).exists():
+        _record_cgroups(member, dirs)
+    return [cg / "cgroup.procs" for cg in dirs]
 
 
-def _enter_member_cgroup(member: str) -> None:
+def _enter_cgroups(procs: list[Path]) -> None:
+    """preexec_fn: move the new process into the given cgroups (paths computed before the fork)."""
     pid = str(os.getpid())
-    for cg in _cgroup_dirs(member):
-        (cg / "cgroup.procs").write_text(pid)
+    for path in procs:
+        with open(path, "w") as handle:
+            handle.write(pid)
 
 
 def member_processes(member: str) -> list[int]:
@@ -438,6 +501,7 @@ def setup_member(member: str, tree: Path) -> None:
         if _mounted(ns_file):
             _run(["umount", str(ns_file)], check=False)
         ns_file.touch()
+    IMAGES_DIR.mkdir(parents=True, exist_ok=True)  # mounted even before the images are built
     upper = d / "upper"
     (upper / "usr/local/bin").mkdir(parents=True, exist_ok=True)
     wrapper = upper / "usr/local/bin/qemu-host"
@@ -446,7 +510,7 @@ def setup_member(member: str, tree: Path) -> None:
     (upper / "etc").mkdir(exist_ok=True)
     (upper / "etc/hostname").write_text(member + "\n")
     (upper / "var/log/incus").mkdir(parents=True, exist_ok=True)
-    _make_member_cgroups(member)
+    procs = _make_member_cgroups(member)
     argv = ["nsenter", f"--net={_netns_path(member_ns(member))}", "unshare",
             f"--mount={_mount_ns_file(member)}", f"--cgroup={_cgroup_ns_file(member)}",
             f"--pid={_pid_ns_file(member)}", "--fork", "--propagation", "private", "sh", "-c",
@@ -454,7 +518,7 @@ def setup_member(member: str, tree: Path) -> None:
     with open(d / "holder.out", "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True,
-                                preexec_fn=lambda: _enter_member_cgroup(member))
+                                preexec_fn=lambda: _enter_cgroups(procs))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -463,6 +527,14 @@ def setup_member(member: str, tree: Path) -> None:
             return
         time.sleep(0.1)
     raise ClusterError(f"{member}'s root was not ready in 60 s: {(d / 'holder.out').read_text()[-800:]}")
+
+
+def member_path(member: str, path: str) -> Path:
+    """A path inside a member's root, reachable from the root namespace (through its PID 1)."""
+    pid = holder_pid(member)
+    if pid is None:
+        raise ClusterError(f"{member} is not set up")
+    return Path(f"/proc/{pid}/root") / path.lstrip("/")
 
 
 def member_argv(member: str, argv: Sequence[str]) -> list[str]:
@@ -510,9 +582,12 @@ def start_incusd(member: str, timeout: float = 120) -> int:
         return pid
     d = member_dir(member)
     argv = member_argv(member, [INCUSD, "--logfile=/var/log/incus/incusd.log", *INCUSD_FLAGS])
+    # The member's recorded cgroups, not the caller's: restarting incusd from another process (a
+    # test that killed it, the CLI) puts it back where the cluster's starter put it.
+    procs = [cg / "cgroup.procs" for cg in _cgroup_dirs(member)]
     with open(d / "incusd.out", "ab") as out:
         subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True, preexec_fn=lambda: _enter_member_cgroup(member))
+                         start_new_session=True, preexec_fn=lambda: _enter_cgroups(procs))
     waited = member_run(member, [INCUSD, "waitready", f"--timeout={int(timeout)}"], check=False,
                         timeout=timeout + 10)
     pid = incusd_pid(member)
@@ -731,12 +806,12 @@ def ctl_forward(member: str = "m1", port: int = HTTPS_PORT, name: str | None = N
     if path.exists() and _connectable(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    _make_member_cgroups("ctl")
+    procs = _make_member_cgroups("ctl")
     argv = ctl_argv([sys.executable, "-m", "tests.support.incus_cluster", "forward", str(path),
                      MEMBER_ADDRESS[member], str(port)])
     with open(path.with_suffix(".out"), "ab") as out:
         subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True, preexec_fn=lambda: _enter_member_cgroup("ctl"))
+                         start_new_session=True, preexec_fn=lambda: _enter_cgroups(procs))
     for _ in range(100):
         if path.exists() and _connectable(path):
             return path
@@ -950,7 +1025,7 @@ def _kill_member_processes(member: str, timeout: float = 20) -> None:
 
 
 def _remove_cgroups(member: str) -> None:
-    for cg in _cgroup_dirs(member):
+    for cg in sorted({*_cgroup_dirs(member), *_find_cgroup_dirs(member)}):
         if cg.exists():
             for sub in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
                 with contextlib.suppress(OSError):
@@ -996,7 +1071,8 @@ def leftovers() -> list[str]:
     for member in (*MEMBERS, "ctl"):
         if member_processes(member):
             found.append(f"processes of {member}")
-        found.extend(f"cgroup {cg}" for cg in _cgroup_dirs(member) if cg.exists())
+        found.extend(f"cgroup {cg}" for cg in sorted({*_cgroup_dirs(member), *_find_cgroup_dirs(member)})
+                     if cg.exists())
     if any(str(RUN_DIR) in line for line in Path("/proc/self/mountinfo").read_text().splitlines()):
         found.append(f"mounts under {RUN_DIR}")
     for ns in (SWITCH_NS, CTL_NS, *(member_ns(m) for m in MEMBERS)):
