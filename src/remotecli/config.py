@@ -188,6 +188,15 @@ class Settings(BaseSettings):
     browser_pool_interval_s: float = Field(
         default=2.0, gt=0, description="Pause between the warm pool's passes (it is also woken after each claim)"
     )
+    browser_snapshot: bool = Field(
+        default=True,
+        description="Keep a snapshot of a booted Browser VM (Chromium started, no secret) for each Browser image and "
+        "QEMU version, built in the background, and restore new Browser VMs from it instead of a cold boot "
+        "(drivers that can; any failed restore boots cold with a warning)",
+    )
+    browser_snapshot_retry_s: float = Field(
+        default=600.0, gt=0, description="After a failed snapshot build, wait this long before building again"
+    )
     browser_clipboard_out: bool = Field(
         default=False,
         description="Let text copied inside the Browser VM reach the user's clipboard through noVNC (pasting "

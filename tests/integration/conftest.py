@@ -42,6 +42,9 @@ def qemu_settings(db_url: str, data_dir: Path | None = None, **overrides: object
         # No warm pool unless a test asks for one (tests/integration/test_pool.py): every pool VM
         # is a Browser VM booted on this 2-core TCG host.
         "browser_pool_size": 0,
+        # No Browser snapshot built in the background either (tests/integration/test_snapshot.py
+        # builds its own): a template VM is one more boot on this host.
+        "browser_snapshot": False,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

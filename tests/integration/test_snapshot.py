@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from remotecli import images
+from remotecli.background.pool import PoolKeeper
 from remotecli.context import AppContext
 from remotecli.db.models import Event
 from remotecli.drivers.base import BootInfo, SnapshotRef, VmSpec
@@ -68,7 +69,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     data_dir = Path(tempfile.mkdtemp(prefix="rc-"))
-    settings = qemu_settings(f"sqlite:///{data_dir}/db.sqlite", data_dir=data_dir)
+    settings = qemu_settings(f"sqlite:///{data_dir}/db.sqlite", data_dir=data_dir, browser_snapshot=True)
     require_images(settings, "browser")
     ctx = AppContext.create(settings)
     driver = ctx.driver
@@ -76,7 +77,9 @@ def env() -> Iterator[Env]:
     specs: list[VmSpec] = []
     try:
         started = time.monotonic()
-        ref = driver.prepare_snapshot("browser")
+        # The product's path: the pool's loop (pool size 0 here) builds the snapshot in the background.
+        assert PoolKeeper(ctx).run_once() == 0
+        ref = driver.prepare_snapshot("browser")  # fits now: returns at once
         assert ref is not None
         yield Env(ctx, driver, ref, time.monotonic() - started, specs)
     finally:
@@ -138,6 +141,18 @@ def test_restored_vms_have_their_own_secret_and_randomness(env: Env) -> None:
     record = json.loads((first.directory / "vm.json").read_text())
     assert record["restored_from"] == env.ref.key
     print(f"restore: {took1:.2f} s and {took2:.2f} s to the agent answering")
+
+
+def test_a_browser_vm_of_the_product_is_restored(env: Env) -> None:
+    """vm_manager's create (what a sign-in's cold path calls) restores from the snapshot the pool's
+    loop built, and records it on the VM's boot event."""
+    user = users_service.create_user(env.ctx.db, "restoreduser")
+    vm = vm_manager.create_vm(env.ctx, Principal(user.id, user.name, False), "browser")
+    with env.ctx.db.transaction() as session:
+        booted = next(e for e in session.scalars(select(Event).where(Event.vm_id == vm.id))
+                      if e.kind == "vm.booted")
+    assert vm.status == "running"
+    assert booted.details is not None and booted.details["restored"] is True
 
 
 def test_restore_is_faster_than_cold_boot(env: Env) -> None:

@@ -284,3 +284,45 @@ def test_refill_waits_while_a_signin_is_starting(ctx: AppContext) -> None:
     assert pool.refill(ctx) == 0 and _pool_vms(ctx) == []
     auth_flow.cancel_session(ctx, alice, auth.id)
     assert pool.refill(ctx) == 2
+
+
+class _SnapshotDriver(FakeDriver):
+    """A fake driver that says it can restore and counts snapshot builds (one fails, if asked)."""
+
+    capabilities = FakeDriver.capabilities.__class__(pause=True, snapshot=True, restart=True, guest_image=False)
+
+    def __init__(self, *, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.prepared: list[str] = []
+
+    def prepare_snapshot(self, vm_type: str) -> None:
+        self.prepared.append(vm_type)
+        if self.fail:
+            raise RuntimeError("template boot failed")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_pools_loop_keeps_the_browser_snapshot_and_backs_off_after_a_failure(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    settings.browser_pool_size = 0  # no pool VM: the snapshot is still kept for the cold path
+    settings.browser_snapshot = True
+    driver = _SnapshotDriver()
+    ctx = AppContext.create(settings, driver=driver)
+    try:
+        keeper = PoolKeeper(ctx)
+        keeper.run_once()
+        keeper.run_once()
+        assert driver.prepared == ["browser", "browser"]  # each pass checks (it returns at once while it fits)
+        settings.browser_snapshot = False
+        keeper.run_once()
+        assert len(driver.prepared) == 2
+        settings.browser_snapshot = True
+        driver.fail = True
+        keeper.run_once()  # fails: logged, and not tried again on the next passes
+        keeper.run_once()
+        keeper.run_once()
+        assert len(driver.prepared) == 3
+        assert any("browser snapshot could not be built" in r.getMessage() for r in caplog.records)
+    finally:
+        ctx.close()

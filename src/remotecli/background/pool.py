@@ -5,7 +5,13 @@ boots the missing ones, one after the other, each to the point where Chromium ru
 page. A claim wakes it (``Topic.BROWSER_POOL``), so the pool refills at once; a pool VM the
 reconciler failed (dead while idle) is replaced by the next pass. While it runs, the pool gives
 way to new VMs when the host is short of memory (``services.capacity.register_releaser`` with
-``services.pool.release_for_capacity``). With ``browser_pool_size`` 0 it does nothing.
+``services.pool.release_for_capacity``). With ``browser_pool_size`` 0 it boots no pool VM.
+
+The same loop keeps the Browser VM snapshot (ADR 0012, ``browser_snapshot``) fitting the current
+image and hypervisor: ``VmDriver.prepare_snapshot`` returns at once while it fits and builds it
+(a template VM boots, no secret in it) when it is missing or stale, after the pool is filled so a
+warm VM comes first. A failed build is logged and tried again after ``browser_snapshot_retry_s``,
+so a broken template cannot boot a VM on every pass. Cold-path Browser VMs restore from it.
 
 No database transaction is open while a VM boots or its browser starts (load → act → apply, as
 every loop). Several controllers on one database each keep the pool filled from their own passes:
@@ -15,6 +21,7 @@ two passes at the same moment may boot one VM too many, which the next pass reti
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from remotecli.background.common import LoopThread
@@ -35,6 +42,7 @@ class PoolKeeper:
         self._loop = LoopThread("pool", self.run_once, interval_s or ctx.settings.browser_pool_interval_s)
         self._unsubscribe: Callable[[], None] | None = None
         self._unregister: Callable[[], None] | None = None
+        self._snapshot_retry_at = 0.0
 
     def start(self) -> None:
         self._unregister = capacity.register_releaser(pool.release_for_capacity)
@@ -53,9 +61,26 @@ class PoolKeeper:
 
     def run_once(self) -> int:
         """One pass; returns how many pool VMs became ready."""
-        if self._stopping.is_set() or (self.ctx.settings.browser_pool_size <= 0 and not self._has_idle()):
+        if self._stopping.is_set():
             return 0
-        return pool.refill(self.ctx, stopping=self._stopping)
+        ready = 0
+        if self.ctx.settings.browser_pool_size > 0 or self._has_idle():
+            ready = pool.refill(self.ctx, stopping=self._stopping)
+        self._keep_snapshot()
+        return ready
+
+    def _keep_snapshot(self) -> None:
+        settings, driver = self.ctx.settings, self.ctx.driver
+        if (not settings.browser_snapshot or not driver.capabilities.snapshot or self._stopping.is_set()
+                or time.monotonic() < self._snapshot_retry_at):
+            return
+        try:
+            driver.prepare_snapshot("browser")
+        except Exception as exc:  # a broken template must not stop the pool; cold boots go on
+            self._snapshot_retry_at = time.monotonic() + settings.browser_snapshot_retry_s
+            log.warning("browser snapshot could not be built; Browser VMs boot cold",
+                        extra={"error": type(exc).__name__, "detail": str(exc)[-500:],
+                               "retry_in_s": settings.browser_snapshot_retry_s})
 
     def _has_idle(self) -> bool:
         state = pool.state(self.ctx)
