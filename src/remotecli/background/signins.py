@@ -66,6 +66,8 @@ log = get_logger(MODULE)
 
 #: How often a worker asks the OAuth agent where the user is.
 POLL_S = 0.5
+# While the sign-in page loads the agent is asked more often: the user waits for that moment.
+PAGE_POLL_S = 0.2
 #: How often a sign-in waiting for room on the host tries its VM again.
 CAPACITY_POLL_S = 1.0
 
@@ -263,7 +265,7 @@ def _provision(ctx: AppContext, auth: AuthSession, profile: ProviderProfile, own
                 raise SessionFailure("browser_failed", str(state.error_code))
             if _expired_or_ended(ctx, auth):
                 return
-            time.sleep(POLL_S)
+            time.sleep(PAGE_POLL_S)
         raise SessionFailure("browser_failed", "the sign-in page did not appear in time")
     except AgentError as exc:
         raise SessionFailure("browser_failed", exc.log_detail or exc.code) from exc

@@ -8,7 +8,9 @@ the one valid callback the code exchange at the token endpoint. The controller p
 ``DELETE``s the flow, which stops the listener and Chromium and forgets the result.
 
 A warm-pool Browser VM (ADR 0012) starts Chromium before any flow: ``POST /v1/oauth/browser``
-runs it on a blank page and answers once its page is up. The next flow with the same browser
+runs it on a near-blank page served over loopback HTTP by the agent itself (so Chromium's network
+stack, HTTP cache, cookie store, fonts and a renderer's parse-layout-paint path have all run once
+before the user waits) and answers once that page is loaded. The next flow with the same browser
 settings takes that browser over (it is then the flow's, stopped with it) and points its page at
 the authorize URL through the DevTools protocol, instead of starting Chromium then.
 
@@ -71,6 +73,10 @@ DEFAULT_PAGE_LOAD_TIMEOUT_S = 120.0
 TOKEN_TIMEOUT_S = 30.0
 MAX_TOKEN_RESPONSE = 1024 * 1024
 POLL_INTERVAL_S = 0.25
+# While the sign-in page loads, the page list is read more often: awaiting_user is what the user
+# waits for, and one read costs the browser a few milliseconds.
+PAGE_POLL_INTERVAL_S = 0.1
+WARM_TITLE = "Opening the sign-in page"
 CALLBACK_HEAD_LIMIT = 16 * 1024
 CALLBACK_READ_TIMEOUT_S = 10.0
 
@@ -264,6 +270,7 @@ class Flow:
         self._expiry = None
         self._started = time.monotonic()
         self._closed = False
+        self._warm_origin = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -360,10 +367,13 @@ class Flow:
         """Take over the warm browser and load the authorize URL in its page; False (the warm
         browser stopped and removed) when that did not work: the caller starts one as before."""
         self._process, self._debug_port, self._profile_dir = warm.process, warm.debug_port, warm.profile_dir
+        self._warm_origin = warm.origin  # its page is not the sign-in page
+        asked = time.monotonic()
         navigated = warm.process.poll() is None and await asyncio.to_thread(
             _navigate, warm.debug_port, self.authorize_url())
         if navigated:
-            log("oauth_browser_adopted", flow=self.flow_id, pid=warm.process.pid, debug_port=warm.debug_port)
+            log("oauth_browser_adopted", flow=self.flow_id, pid=warm.process.pid, debug_port=warm.debug_port,
+                navigate_s=round(time.monotonic() - asked, 3))
             return True
         log("oauth_warm_browser_unusable", level="warning", flow=self.flow_id)
         await self.stop_browser()
@@ -396,7 +406,7 @@ class Flow:
                     "The sign-in page did not load in time; check that the VM can reach the provider.",
                 )
                 return
-            await asyncio.sleep(POLL_INTERVAL_S)
+            await asyncio.sleep(PAGE_POLL_INTERVAL_S if self.status == PAGE_LOADING else POLL_INTERVAL_S)
 
     def _observe(self, pages):
         for page in pages:
@@ -407,6 +417,8 @@ class Flow:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https"):
                 continue
+            if self._warm_origin and f"{parts.scheme}://{parts.netloc}" == self._warm_origin:
+                continue  # the warm browser's own page, before the sign-in page commits
             self.page_url = _public_url(url)
             # While loading, Chromium shows the URL (or host/path) as the title.
             shown = bool(title) and title not in (url, f"{parts.netloc}{parts.path}", parts.netloc)
@@ -846,13 +858,33 @@ def _ws_message(sock, buffered):
     return buffered, payload.decode("utf-8", "replace")
 
 
-class WarmBrowser:
-    """Chromium started before any flow (warm pool), on a blank page; a flow takes it over."""
+async def _serve_warm_page(reader, writer):
+    """The warm browser's page (any other path: 404), one request per connection."""
+    try:
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CALLBACK_READ_TIMEOUT_S)
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            if len(parts) == 3 and parts[0] == b"GET" and parts[1] == b"/":
+                await _respond(writer, 200, WARM_TITLE, "The secure browser is ready.")
+            else:
+                await _respond(writer, 404, "Not found", "There is nothing here.")
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
 
-    def __init__(self, spec):
+
+class WarmBrowser:
+    """Chromium started before any flow (warm pool), on the agent's loopback page; a flow takes it over."""
+
+    def __init__(self, spec, url):
         self.key = spec.key
+        parts = urlsplit(url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
         self.process, self.debug_port, self.profile_dir = _spawn_browser(
-            spec, "--app=about:blank" if spec.app_window else "about:blank", "warm-")
+            spec, f"--app={url}" if spec.app_window else url, "warm-")
 
     def alive(self):
         return self.process.poll() is None
@@ -915,20 +947,27 @@ class OAuthFlows:
                 return 200, {"ready": True, "pid": self.warm.process.pid}
             await self._drop_warm()
             started = time.monotonic()
-            warm = WarmBrowser(spec)
-            while time.monotonic() - started < timeout_s:
-                if not warm.alive():
-                    await warm.close()
-                    raise HttpError(400, "spawn_failed", "The browser exited while starting.")
-                pages = await asyncio.to_thread(_devtools_pages, warm.debug_port)
-                if any(p.get("type") == "page" and p.get("webSocketDebuggerUrl") for p in pages):
-                    self.warm = warm
-                    log("oauth_browser_warm", pid=warm.process.pid, debug_port=warm.debug_port,
-                        elapsed_s=round(time.monotonic() - started, 3))
-                    return 201, {"ready": True, "pid": warm.process.pid}
-                await asyncio.sleep(POLL_INTERVAL_S)
-            await warm.close()
-            raise HttpError(504, "browser_timeout", "The browser did not show its page in time.")
+            # The page is served only while the browser loads it; the server is gone after.
+            server = await asyncio.start_server(_serve_warm_page, "127.0.0.1", 0, limit=CALLBACK_HEAD_LIMIT)
+            try:
+                port = server.sockets[0].getsockname()[1]
+                warm = WarmBrowser(spec, f"http://127.0.0.1:{port}/")
+                while time.monotonic() - started < timeout_s:
+                    if not warm.alive():
+                        await warm.close()
+                        raise HttpError(400, "spawn_failed", "The browser exited while starting.")
+                    pages = await asyncio.to_thread(_devtools_pages, warm.debug_port)
+                    if any(p.get("type") == "page" and p.get("webSocketDebuggerUrl")
+                           and p.get("title") == WARM_TITLE for p in pages):
+                        self.warm = warm
+                        log("oauth_browser_warm", pid=warm.process.pid, debug_port=warm.debug_port,
+                            elapsed_s=round(time.monotonic() - started, 3))
+                        return 201, {"ready": True, "pid": warm.process.pid}
+                    await asyncio.sleep(POLL_INTERVAL_S)
+                await warm.close()
+                raise HttpError(504, "browser_timeout", "The browser did not show its page in time.")
+            finally:
+                server.close()
 
     async def _drop_warm(self):
         warm, self.warm = self.warm, None
