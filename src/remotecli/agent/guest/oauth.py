@@ -420,8 +420,12 @@ class Flow:
             if self._warm_origin and f"{parts.scheme}://{parts.netloc}" == self._warm_origin:
                 continue  # the warm browser's own page, before the sign-in page commits
             self.page_url = _public_url(url)
-            # While loading, Chromium shows the URL (or host/path) as the title.
-            shown = bool(title) and title not in (url, f"{parts.netloc}{parts.path}", parts.netloc)
+            # While loading, and on its own error page (the provider unreachable), Chromium shows
+            # the URL (or host/path, with the query) as the title: that is no sign-in page, and
+            # the query holds the state.
+            bare = html.unescape(title)
+            shown = bool(title) and bare not in (url, f"{parts.netloc}{parts.path}", parts.netloc) and not (
+                bare.startswith(f"{parts.netloc}{parts.path}?") or bare.startswith(url))
             self.page_title = _short(title) if shown else None
             loopback = parts.port == self._callback_port() and parts.hostname in ("localhost", "127.0.0.1", "::1")
             if self.status == PAGE_LOADING and shown and not loopback:
