@@ -127,13 +127,15 @@ def boot() -> None:
     if image is None:
         sys.exit("the cli image is not built")
     publish_images(image)
+    driver = ctx.driver
+    assert isinstance(driver, IncusDriver)
     user = users_service.create_user(ctx.db, "bench")
     principal = Principal(user.id, user.name, False)
     try:
         started = time.monotonic()
         vm, _ = in_ctl(vm_manager.ensure_cli_vm, ctx, principal)
         incus_s = time.monotonic() - started
-        print(f"Incus: create -> agent ready {incus_s:.1f} s (member {in_ctl(ctx.driver.member_of, vm.id)})")
+        print(f"Incus: create -> agent ready {incus_s:.1f} s (member {in_ctl(driver.member_of, vm.id)})")
         in_ctl(vm_manager.destroy_vm, ctx, None, vm.id, reason="bench")
     finally:
         ctx.close()
