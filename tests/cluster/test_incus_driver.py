@@ -50,7 +50,7 @@ ic = pytest.importorskip("tests.support.incus_cluster")
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_DATA_DIR = Path(os.environ.get("REMOTECLI_TEST_DATA_DIR") or REPO / ".data" / "test-images")
+TEST_DATA_DIR = ic.TEST_DATA_DIR
 LOADER = "/host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu"
 GRACE_S = 25.0
 CLONE_NEWNET = 0x40000000
@@ -83,15 +83,14 @@ def in_ctl(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def publish_images(image: ImageRef) -> None:
-    """The guest image files, hard-linked into each member's root at /host/images (no copy)."""
+    """Check that every member sees the guest image files at /host/images (the harness bind-mounts
+    the test data dir's images directory there, read-only; no copy, no link)."""
     for member in ic.MEMBERS:
-        upper = ic.member_dir(member) / "upper" / "host" / "images"
         for path in (image.kernel, image.initrd, image.rootfs):
-            rel = path.resolve().relative_to((TEST_DATA_DIR / "images").resolve())
-            target = upper / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                os.link(path, target)
+            rel = path.resolve().relative_to(ic.IMAGES_DIR.resolve())
+            if not ic.member_path(member, f"{ic.MEMBER_IMAGES_DIR}/{rel}").exists():
+                pytest.fail(f"{member} does not see {rel} at {ic.MEMBER_IMAGES_DIR} (a cluster set up "
+                            "before the images mount, or another data dir): scripts/incus-cluster.sh down")
 
 
 def cluster_settings(data_dir: Path, config: Any, **overrides: object) -> Settings:
@@ -102,7 +101,7 @@ def cluster_settings(data_dir: Path, config: Any, **overrides: object) -> Settin
         "incus_url": ",".join(f"https://{ic.MEMBER_ADDRESS[m]}:{ic.HTTPS_PORT}" for m in ic.MEMBERS),
         "incus_project": config.project, "incus_client_cert": config.cert,
         "incus_client_key": config.key, "incus_server_cert": config.server_cert,
-        "incus_runner_image": ic.IMAGE_ALIAS, "incus_member_images_dir": "/host/images",
+        "incus_runner_image": ic.IMAGE_ALIAS, "incus_member_images_dir": ic.MEMBER_IMAGES_DIR,
         "incus_runner_disks": "/host/usr=/host/usr", "incus_runner_usr": "/host/usr", "incus_runner_loader": LOADER,
         "incus_storage_pool": ic.POOL, "member_unreachable_grace_s": GRACE_S,
         "cli_vm_memory_mib": 1024, "cli_vm_vcpus": 1, "vm_boot_timeout_s": 240, "browser_pool_size": 0,
@@ -237,24 +236,43 @@ def test_cli_guest_boots_through_incus_and_answers_over_tls(env: Env, first_vm: 
     assert "remotecli" in in_ctl(env.driver.console_tail, vm_manager.spec_of(env.ctx, vm), 200)
 
 
+HOME_FILE = "d=$(grep ' /home/' /proc/mounts | head -n 1 | cut -d ' ' -f 2); test -n \"$d\"; f=$d/.rc-incusd-kill"
+
+
 def test_incusd_sigkill_loses_nothing(env: Env, first_vm: str) -> None:
     member = vm_manager.get_vm(env.ctx, None, first_vm).member
     assert member
     other = next(m for m in ic.MEMBERS if m != member)
-    ic.kill_incusd(member)
+    token = f"written-before-the-kill-{time.time_ns()}"
+    # A file in the guest's home (the Incus custom volume), synced before incusd dies.
+    assert _exec(env, first_vm, ["sh", "-c", f"{HOME_FILE}; echo {token} > $f && sync && cat $f"]).strip() == token
+    killed = ic.kill_incusd(member)
     try:
-        assert _health(env, first_vm) == first_vm  # the guest keeps running without incusd
+        assert ic.incusd_pid(member) is None
+        # The guest keeps running and answering over TLS while its member's incusd is dead.
+        assert _health(env, first_vm) == first_vm
+        assert _exec(env, first_vm, ["sh", "-c", "echo still-here"]).strip() == "still-here"
     finally:
-        ic.start_incusd(member)
+        started = time.monotonic()
+        restarted = ic.start_incusd(member)  # from this process: the harness uses the member's own cgroups
+        env.timings["incusd_restart_s"] = time.monotonic() - started
+    assert restarted != killed
     ic.wait_members({m: "ONLINE" for m in ic.MEMBERS}, timeout=120, via=other)
     spec = vm_manager.spec_of(env.ctx, vm_manager.get_vm(env.ctx, None, first_vm))
     deadline = time.monotonic() + 60
     while in_ctl(env.driver.inspect, spec).liveness is not Liveness.ALIVE and time.monotonic() < deadline:
         time.sleep(2)
+    # The same instance, still running on the same member, as the restarted incusd reports it.
     assert in_ctl(env.driver.inspect, spec).liveness is Liveness.ALIVE
+    assert in_ctl(env.driver.member_of, first_vm) == member
+    listed = {str(i["name"]): i for i in ic.instances(via=member)}
+    assert listed[first_vm]["status"] == "Running" and listed[first_vm]["location"] == member
     _reconcile(env)
     assert vm_manager.get_vm(env.ctx, None, first_vm).status == VmStatus.RUNNING.value
+    assert [v.id for v in _live_cli_vms(env)] == [first_vm]  # exactly one live CLI VM, the same one
     assert _health(env, first_vm) == first_vm
+    # Nothing lost: the home file written before the kill is there.
+    assert _exec(env, first_vm, ["sh", "-c", f"{HOME_FILE}; cat $f"]).strip() == token
 
 
 def test_qemu_killed_in_the_container_fails_and_is_replaced(env: Env, first_vm: str) -> None:
