@@ -250,8 +250,12 @@ def test_login_sign_in_to_claude_code_over_novnc_then_read_the_file_in_the_termi
 
     # The dashboard now shows the sign-in (metadata only) and the CLI workspace.
     page.goto("/dashboard")
-    row = page.locator('.provider[data-provider="claude_code"]')
+    row = page.locator('ul.providers:not(.health) > .provider[data-provider="claude_code"]')
     assert "Signed in" in row.inner_text() and "alice@example.test" in row.inner_text()
+    # The health card reads the CLI's own file in the workspace now: signed in, same account.
+    health = page.locator('ul.providers.health > .provider[data-provider="claude_code"]')
+    assert health.get_attribute("data-state") == "signed_in"
+    assert "alice@example.test" in health.inner_text()
     assert page.locator("table.vms tr", has_text="CLI workspace").filter(has_text="Running").count() == 1
     browser.shot(page, "dashboard")
     browser.record_page_state(page)
