@@ -60,7 +60,10 @@ code or parent disagrees: add new error classes to this tree.
     │       ├── VmGone                  502 vm_gone                    [drivers/base.py]
     │       ├── NotSupported            409 not_supported              [drivers/base.py]
     │       ├── FirecrackerApiError     502 driver_error               [drivers/firecracker/api.py]
-    │       └── FirecrackerUnreachable  502 driver_error               [drivers/firecracker/api.py]
+    │       ├── FirecrackerUnreachable  502 driver_error               [drivers/firecracker/api.py]
+    │       └── IncusError              502 incus_error                [drivers/incus/client.py]
+    │           ├── IncusNotFound       502 incus_not_found            [drivers/incus/client.py]
+    │           └── IncusUnreachable    502 incus_unreachable          [drivers/incus/client.py]
     ├── AgentError                      502 agent_error
     │   ├── AgentUnreachable            502 agent_unreachable
     │   ├── AgentTimeout                504 agent_timeout
