@@ -222,14 +222,23 @@ def test_release_for_capacity_gives_up_idle_vms_only(ctx: AppContext) -> None:
 
 
 def test_keeper_registers_its_releaser_with_capacity(ctx: AppContext) -> None:
-    pool.refill(ctx)
-    keeper = PoolKeeper(ctx, interval_s=3600)
-    keeper.start()
+    # The releasers are process-wide: a controller an earlier test in this process left running
+    # would have registered the pool's releaser too, so this test sets them aside while it runs.
+    with capacity._releasers_lock:
+        others = list(capacity._releasers)
+        capacity._releasers.clear()
     try:
-        assert capacity.make_room(ctx, 1) > 0  # the capacity side reaches the pool only this way
+        pool.refill(ctx)
+        keeper = PoolKeeper(ctx, interval_s=3600)
+        keeper.start()
+        try:
+            assert capacity.make_room(ctx, 1) > 0  # the capacity side reaches the pool only this way
+        finally:
+            keeper.stop()
+        assert capacity.make_room(ctx, 1) == 0  # unregistered on stop
     finally:
-        keeper.stop()
-    assert capacity.make_room(ctx, 1) == 0  # unregistered on stop
+        with capacity._releasers_lock:
+            capacity._releasers.extend(others)
 
 
 def test_pool_vms_of_an_older_image_are_retired(ctx: AppContext) -> None:
